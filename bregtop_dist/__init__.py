@@ -1,0 +1,19 @@
+"""bregtop_dist: the BregTop family of Kronecker-factored optimizers for PyTorch."""
+
+from bregtop_dist.config import METHODS, PRESETS, BregTopConfig
+from bregtop_dist.core.precondition import kron_precondition
+from bregtop_dist.core.stats import kron_stats
+from bregtop_dist.grouping import param_groups
+from bregtop_dist.optimizer import BregTop, NonFiniteGradientError
+
+__all__ = [
+    "BregTop",
+    "BregTopConfig",
+    "METHODS",
+    "NonFiniteGradientError",
+    "PRESETS",
+    "kron_precondition",
+    "kron_stats",
+    "param_groups",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,145 @@
+"""Typed, validated settings of one BregTop parameter group, and the ten method presets.
+
+The presets are the columns of the paper's Table 4. Defaults follow appendix D (rho/q/c per
+family) and, where the paper defers to Lin et al., KL-Shampoo's public defaults
+(betas (0.9, 0.98), precondition_frequency 10, eps 1e-8).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Optional
+
+from bregtop_dist.core.stats import STATS_METHODS
+
+
+@dataclass(frozen=True)
+class MethodPreset:
+    """What a method name means: its STATS rule and its Algorithm 2 selection defaults."""
+
+    stats: str
+    rho: float
+    q: float
+    c: float
+
+    @property
+    def selects_top(self) -> bool:
+        """BregTop rows precondition a top set only; the baselines precondition every entry."""
+        return self.rho < 1.0
+
+
+_FULL = dict(rho=1.0, q=0.01, c=1.0)  # q and c are unused when every entry is in the top set
+_VN = dict(rho=0.06, q=0.01, c=3.0)  # appendix D, BregTop-VN
+_F = dict(rho=0.05, q=0.01, c=1.6)  # appendix D, BregTop-F
+
+PRESETS: dict[str, MethodPreset] = {
+    **{name: MethodPreset(stats=name, **_FULL) for name in STATS_METHODS},
+    "bregtop-vn-v1": MethodPreset(stats="vn-v1", **_VN),
+    "bregtop-vn-v2": MethodPreset(stats="vn-v2", **_VN),
+    "bregtop-f-v1": MethodPreset(stats="f-v1", **_F),
+    "bregtop-f-v2": MethodPreset(stats="f-v2", **_F),
+}
+METHODS = tuple(PRESETS)
+
+
+def _check_betas(name: str, betas: Any) -> tuple[float, float]:
+    try:
+        b1, b2 = (float(b) for b in betas)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={betas!r} must be a pair of floats in [0, 1)") from None
+    for i, b in enumerate((b1, b2)):
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"{name}[{i}]={b!r} is outside the allowed range [0, 1)")
+    return b1, b2
+
+
+@dataclass(frozen=True, kw_only=True)
+class BregTopConfig:
+    """Settings of one parameter group; every field is validated in ``__post_init__``."""
+
+    lr: float = 1e-3
+    """Learning rate of both the Kronecker blocks and the AdamW side (>= 0)."""
+    method: str = "bregtop-vn-v2"
+    """One of :data:`METHODS`, the paper's Table 4 rows."""
+    rho: Optional[float] = None
+    """Top-set fraction in (0, 1]; None takes the method's preset. Baselines need 1."""
+    q: Optional[float] = None
+    """Quantile of S^-1/2 over the bottom set, in [0, 1]; None takes the preset (0.01)."""
+    c: Optional[float] = None
+    """Bottom-set scale multiplier (> 0); None takes the preset (VN 3.0, F 1.6)."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    """(momentum, factor and eigenvalue EMA), each in [0, 1)."""
+    precondition_frequency: int = 10
+    """T: basis refresh (one warm-started QR power iteration) every T steps (>= 1)."""
+    eps: float = 1e-8
+    """Top-set scale is 1 / (sqrt(S) + eps) (>= 0; 0 is the paper's S^-1/2)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (>= 0), applied as p *= 1 - lr * weight_decay."""
+    max_precond_dim: int = 1024
+    """Dimensions above this are cut into blocks of at most this size (>= 1)."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """Betas of the AdamW side (embeddings, biases, norms, head, 1-D tensors)."""
+    adam_eps: float = 1e-8
+    """Epsilon of the AdamW side (>= 0)."""
+    stagger_refresh: bool = True
+    """Spread basis refreshes over the T steps (each block its own offset) instead of all
+    blocks refreshing on the same step; False is the paper's schedule."""
+    bregtop: bool = True
+    """False runs the whole group with AdamW (the paper's embedding/bias/norm/head group)."""
+
+    def __post_init__(self) -> None:
+        if self.method not in PRESETS:
+            raise ValueError(f"method={self.method!r} is unknown; allowed: {', '.join(METHODS)}")
+        preset = PRESETS[self.method]
+        if not (isinstance(self.lr, (int, float)) and self.lr >= 0.0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr={self.lr!r} is not allowed: lr must be a finite number >= 0")
+        if self.rho is not None:
+            if not 0.0 < self.rho <= 1.0:
+                raise ValueError(f"rho={self.rho!r} is outside the allowed range (0, 1]")
+            if not preset.selects_top and self.rho != 1.0:
+                raise ValueError(
+                    f"rho={self.rho!r} is not allowed for method={self.method!r}, which "
+                    "preconditions every entry (rho=1); use a bregtop-* method to select a top set"
+                )
+        if self.q is not None and not 0.0 <= self.q <= 1.0:
+            raise ValueError(f"q={self.q!r} is outside the allowed range [0, 1]")
+        if self.c is not None and not self.c > 0.0:
+            raise ValueError(f"c={self.c!r} is not allowed: c must be > 0")
+        object.__setattr__(self, "betas", _check_betas("betas", self.betas))
+        object.__setattr__(self, "adam_betas", _check_betas("adam_betas", self.adam_betas))
+        freq = self.precondition_frequency
+        if isinstance(freq, bool) or not isinstance(freq, int) or freq < 1:
+            raise ValueError(f"precondition_frequency={freq!r} is not allowed: it must be an integer >= 1")
+        dim = self.max_precond_dim
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"max_precond_dim={dim!r} is not allowed: it must be an integer >= 1")
+        for name in ("eps", "weight_decay", "adam_eps"):
+            value = getattr(self, name)
+            if not (value >= 0.0 and math.isfinite(value)):
+                raise ValueError(f"{name}={value!r} is not allowed: it must be a finite number >= 0")
+
+    @property
+    def stats(self) -> str:
+        return PRESETS[self.method].stats
+
+    @property
+    def resolved_rho(self) -> float:
+        return PRESETS[self.method].rho if self.rho is None else self.rho
+
+    @property
+    def resolved_q(self) -> float:
+        return PRESETS[self.method].q if self.q is None else self.q
+
+    @property
+    def resolved_c(self) -> float:
+        return PRESETS[self.method].c if self.c is None else self.c
+
+    @classmethod
+    def from_group(cls, group: Mapping[str, Any]) -> "BregTopConfig":
+        """The config of an optimizer param group (its non-settings keys are ignored)."""
+        names = cls.__dataclass_fields__.keys()
+        return cls(**{k: (tuple(v) if k.endswith("betas") else v) for k, v in group.items() if k in names})
+
+    def as_defaults(self) -> dict[str, Any]:
+        return asdict(self)

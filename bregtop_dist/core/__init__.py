@@ -1,0 +1,1 @@
+"""Pure block math of BregTop: no torch.distributed, no optimizer state management."""

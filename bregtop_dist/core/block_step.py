@@ -1,0 +1,205 @@
+"""Algorithm 1 of the paper on a stack of same-shape Kronecker blocks.
+
+State is float32 whatever the parameter dtype. The first gradient a block sees sets up its
+state (:func:`init_block_state`), then every step runs Algorithm 1 (:func:`kron_block_step`):
+
+1. ``M <- (1-b1) G + b1 M``
+2. ``(dL, dR) <- STATS(G, U_L, U_R, lam_L, lam_R)``
+3. ``L <- (1-b2) dL + b2 L``, ``R`` likewise
+4. ``lam <- (1-b2) diag(U^T dL U) + b2 lam``, from the rotated gradient (see ``stats``)
+5. on refresh steps ``U <- qr(L U)`` (one warm-started power iteration)
+6. ``update = KRONPRECOND(U_L, U_R, lam_L, lam_R, M, rho, q, c)``
+
+First basis and eigenvalues: the factors start from one application of STATS to the first
+gradient, taken from the identity state (U = I, lam = 1, L = I, R = I); the bases are the
+exact eigenvectors of those factors (``eigh``, eigenvalues descending) and the eigenvalue
+estimates are their eigenvalues raised to at least ``EIG_FLOOR`` times their mean (and to
+``TINY``). One gradient gives rank-deficient factors: their near-zero eigenvalues would make
+``S^-1/2`` explode on the first steps (two of them multiply in S). The floor is a uniform,
+scale-matched start in the spirit of KL-Shampoo's constant ``init_factor``; the eigenvalue
+EMA replaces it with the data's own spectrum over about 1/(1-beta2) steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+import torch
+from torch import Tensor
+
+from bregtop_dist.core.precondition import precondition_rotated
+from bregtop_dist.core.stats import kron_stats, rotated_diagonals
+
+EIG_FLOOR = 1.0
+"""First eigenvalue estimates are at least this multiple of their mean."""
+TINY = 1e-30
+"""Absolute floor of the first eigenvalue estimates (a zero first gradient)."""
+
+
+@dataclass
+class KronBlockState:
+    """Optimizer state of B same-shape blocks, each field stacked on dim 0 (float32)."""
+
+    momentum: Tensor  # (B, m, n)
+    L: Tensor  # (B, m, m)
+    R: Tensor  # (B, n, n)
+    U_L: Tensor  # (B, m, m), columns are eigenvector estimates
+    U_R: Tensor  # (B, n, n)
+    lam_L: Tensor  # (B, m), eigenvalue estimates in U_L's column order
+    lam_R: Tensor  # (B, n)
+    step: Tensor  # (B,) int64, steps taken
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def select(self, idx: Tensor) -> "KronBlockState":
+        """A copy holding the blocks ``idx``."""
+        return KronBlockState(**{k: v.index_select(0, idx) for k, v in self.tensors().items()})
+
+    def assign(self, idx: Tensor, part: "KronBlockState") -> None:
+        """Write ``part`` (from :meth:`select`) back into the blocks ``idx``."""
+        for k, v in self.tensors().items():
+            v.index_copy_(0, idx, getattr(part, k))
+
+
+@dataclass(frozen=True)
+class BlockHyper:
+    """The hyperparameters Algorithm 1 reads, resolved from a param group."""
+
+    stats: str
+    rho: float
+    q: float
+    c: float
+    beta1: float
+    beta2: float
+    eps: float
+    frequency: int
+
+
+def _eigh_descending(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(eigenvalues desc, eigenvectors, failed) of symmetric a (B, d, d), retried in float64.
+
+    Where both attempts fail the block keeps the identity basis and its diagonal.
+    """
+    vals = torch.diagonal(a, dim1=-2, dim2=-1).clone()
+    vecs = torch.eye(a.shape[-1], dtype=a.dtype).expand_as(a).clone()
+    todo = torch.ones(a.shape[0], dtype=torch.bool)
+    for dtype in (a.dtype, torch.float64):
+        try:
+            v, u = torch.linalg.eigh(a.to(dtype))
+        except RuntimeError:
+            continue
+        good = todo & torch.isfinite(v).all(-1) & torch.isfinite(u).all((-2, -1))
+        vals = torch.where(good[:, None], v.flip(-1).to(a.dtype), vals)
+        vecs = torch.where(good[:, None, None], u.flip(-1).to(a.dtype), vecs)
+        todo = todo & ~good
+        if not bool(todo.any()):
+            break
+    return vals, vecs, todo
+
+
+def power_qr(factor: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
+    """``qr(factor @ basis).Q`` per block, retried in float64; where both fail, the old basis.
+
+    Returns (new basis, failed) with failed a (B,) bool.
+    """
+    new = basis.clone()
+    todo = torch.ones(basis.shape[0], dtype=torch.bool)
+    for dtype in (basis.dtype, torch.float64):
+        try:
+            q = torch.linalg.qr(factor.to(dtype) @ basis.to(dtype)).Q.to(basis.dtype)
+        except RuntimeError:
+            continue
+        good = todo & torch.isfinite(q).all((-2, -1))
+        new = torch.where(good[:, None, None], q, new)
+        todo = todo & ~good
+        if not bool(todo.any()):
+            break
+    return new, todo
+
+
+def init_block_state(stats: str, grad: Tensor) -> tuple[KronBlockState, Tensor]:
+    """State of a stack from its first gradient (B, m, n) float32; also (B,) eigh failures."""
+    bsz, m, n = grad.shape
+    eye_l = torch.eye(m, dtype=grad.dtype).expand(bsz, m, m)
+    eye_r = torch.eye(n, dtype=grad.dtype).expand(bsz, n, n)
+    ones_l = torch.ones(bsz, m, dtype=grad.dtype)
+    ones_r = torch.ones(bsz, n, dtype=grad.dtype)
+    d_l, d_r = kron_stats(stats, grad, None, None, ones_l, ones_r, eye_l, eye_r)
+    lam_l, u_l, failed_l = _eigh_descending(d_l)
+    lam_r, u_r, failed_r = _eigh_descending(d_r)
+    state = KronBlockState(
+        momentum=torch.zeros_like(grad),
+        L=d_l.contiguous(),
+        R=d_r.contiguous(),
+        U_L=u_l.contiguous(),
+        U_R=u_r.contiguous(),
+        lam_L=_floor(lam_l),
+        lam_R=_floor(lam_r),
+        step=torch.zeros(bsz, dtype=torch.int64),
+    )
+    return state, failed_l | failed_r
+
+
+def _floor(lam: Tensor) -> Tensor:
+    floor = (EIG_FLOOR * lam.clamp_min(0).mean(-1, keepdim=True)).clamp_min(TINY)
+    return torch.maximum(lam, floor)
+
+
+def refresh_due(step: Tensor, offset: Tensor, frequency: int) -> Tensor:
+    """Which blocks refresh their bases at ``step`` (taken steps, after this one)."""
+    return torch.remainder(step - offset, frequency) == 0
+
+
+def kron_block_step(
+    state: KronBlockState, grad: Tensor, hyper: BlockHyper, offset: Tensor
+) -> tuple[Tensor, Tensor]:
+    """One step of Algorithm 1 on every block of ``state`` (updated in place).
+
+    ``grad`` is (B, m, n) float32, ``offset`` (B,) the blocks' refresh offsets.
+    Returns (update M_hat (B, m, n), (B,) QR failures that kept the previous basis).
+    """
+    s = state
+    b1, b2 = hyper.beta1, hyper.beta2
+    s.momentum.lerp_(grad, 1.0 - b1)
+    g_ur = grad @ s.U_R
+    gt = s.U_L.mT @ g_ur  # (B, m, n), the gradient in the current eigenbasis
+    d_l, d_r = kron_stats(hyper.stats, grad, s.U_L, s.U_R, s.lam_L, s.lam_R, s.L, s.R)
+    diag_l, diag_r = rotated_diagonals(
+        hyper.stats, gt, s.lam_L, s.lam_R, s.L, s.R, d_l, d_r, s.U_L, s.U_R
+    )
+    s.L.lerp_(d_l, 1.0 - b2)
+    s.R.lerp_(d_r, 1.0 - b2)
+    s.lam_L.lerp_(diag_l, 1.0 - b2)
+    s.lam_R.lerp_(diag_r, 1.0 - b2)
+    s.step += 1
+
+    failed = torch.zeros(grad.shape[0], dtype=torch.bool)
+    due = refresh_due(s.step, offset, hyper.frequency)
+    if bool(due.any()):
+        idx = due.nonzero().flatten()
+        new_l, failed_l = power_qr(s.L[idx], s.U_L[idx])
+        new_r, failed_r = power_qr(s.R[idx], s.U_R[idx])
+        s.U_L.index_copy_(0, idx, new_l)
+        s.U_R.index_copy_(0, idx, new_r)
+        failed[idx] = failed_l | failed_r
+
+    mt = s.U_L.mT @ s.momentum @ s.U_R
+    pre = precondition_rotated(mt, s.lam_L, s.lam_R, hyper.rho, hyper.q, hyper.c, hyper.eps)
+    return s.U_L @ pre @ s.U_R.mT, failed
+
+
+def lpt_refresh_offsets(costs: list[float], frequency: int, stagger: bool) -> list[int]:
+    """Refresh offset in [0, T) per block: greedy longest-processing-time over T step slots.
+
+    Each step then does about 1/T of the QR work. ``stagger=False`` puts every block on
+    offset 0 (the paper's schedule: all blocks refresh when step % T == 0).
+    """
+    if not stagger or frequency == 1:
+        return [0] * len(costs)
+    load = [0.0] * frequency
+    offsets = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        slot = min(range(frequency), key=lambda k: (load[k], k))
+        offsets[i] = slot
+        load[slot] += costs[i]
+    return offsets

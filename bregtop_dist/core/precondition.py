@@ -1,0 +1,173 @@
+"""Algorithm 2 of the paper (KRONPRECOND): masked eigenvalue preconditioning of one block.
+
+In the Kronecker eigenbasis the rotated momentum ``Mt = U_L^T M U_R`` is scaled entrywise
+by ``W``: the K = ceil(rho*m*n) largest entries of ``S = lam_L lam_R^T`` (the top set) get
+``S^-1/2``, every other entry gets ``chi = c * Quantile_q{S^-1/2 over the bottom set}``.
+With ``eps > 0`` every ``S^-1/2`` reads ``1 / (sqrt(S) + eps)``; ``eps = 0`` is the paper.
+
+Ties in S are broken by row-major position (the first K entries of a stable descending
+sort form the top set). The threshold and the quantile come from
+:mod:`bregtop_dist.core.selection`, never from sorting the m*n entries.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from bregtop_dist.core.selection import count_at_least, kth_largest_product
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def top_count(rho: float, m: int, n: int) -> int:
+    """K = ceil(rho * m * n), at least 1 (the size of the top set)."""
+    return max(1, math.ceil(rho * m * n))
+
+
+def inverse_sqrt(s: Tensor, eps: float) -> Tensor:
+    """The top-set scale ``S^-1/2`` (``1 / (sqrt(S) + eps)`` when eps > 0)."""
+    return torch.rsqrt(s) if eps == 0.0 else 1.0 / (torch.sqrt(s) + eps)
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """Eigenvalues and S are handled in float64 if any input is float64, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def precondition_weights(
+    lam_l: Tensor, lam_r: Tensor, rho: float, q: float, c: float, eps: float = 0.0
+) -> Tensor:
+    """The scaling matrix W of Algorithm 2 for a batch of blocks: (B, m, n) from (B, m), (B, n).
+
+    ``lam_*`` must be non-negative (positive when eps = 0) and of one float dtype.
+    """
+    bsz, m = lam_l.shape
+    n = lam_r.shape[-1]
+    s = lam_l[:, :, None] * lam_r[:, None, :]  # (B, m, n), the joint spectrum
+    scale_top = inverse_sqrt(s, eps)
+    k = top_count(rho, m, n)
+    n_bottom = m * n - k
+    if n_bottom == 0:
+        return scale_top
+
+    a_desc = torch.sort(lam_l, dim=-1, descending=True).values
+    b_asc = torch.sort(lam_r, dim=-1).values
+    # torch.quantile(v, q, interpolation="linear") over the n_bottom ascending values of
+    # S^-1/2: position q*(n_bottom-1) between two order statistics. Ascending S^-1/2 is
+    # descending S, and the bottom set starts at descending rank k.
+    pos = torch.tensor(q, dtype=s.dtype) * (n_bottom - 1)
+    below = int(pos.floor().item())
+    above = int(pos.ceil().item())
+    weight = (pos - below).to(s.dtype)
+    ranks = torch.tensor([k - 1, k + below, k + above], dtype=torch.int64)
+    stats = kth_largest_product(a_desc, b_asc, ranks.expand(bsz, 3).contiguous())
+    threshold = stats[:, 0]  # the K-th largest entry of S
+    v_below = inverse_sqrt(stats[:, 1], eps)
+    v_above = inverse_sqrt(stats[:, 2], eps)
+    chi = c * torch.lerp(v_below, v_above, weight)  # (B,)
+
+    thr = threshold[:, None, None]
+    top = s > thr
+    n_at_least = count_at_least(a_desc, b_asc, threshold[:, None])[:, 0]
+    if bool((n_at_least > k).any()):
+        # Entries equal to the threshold straddle the top/bottom boundary: the first
+        # (k - #greater) of them in row-major order join the top set.
+        tied = (s == thr).reshape(bsz, m * n)
+        n_greater = top.reshape(bsz, m * n).sum(-1, keepdim=True)
+        tie_rank = torch.cumsum(tied, dim=-1)
+        top = top | (tied & (tie_rank <= k - n_greater)).reshape(bsz, m, n)
+    else:
+        top = s >= thr
+    return torch.where(top, scale_top, chi[:, None, None].to(s.dtype))
+
+
+def precondition_rotated(
+    mt: Tensor, lam_l: Tensor, lam_r: Tensor, rho: float, q: float, c: float, eps: float
+) -> Tensor:
+    """``Mt * W`` for a batch of blocks already in the eigenbasis; (B, m, n) in mt's dtype."""
+    dtype = _compute_dtype(lam_l, lam_r)
+    w = precondition_weights(lam_l.to(dtype), lam_r.to(dtype), rho, q, c, eps)
+    return (mt.to(dtype) * w).to(mt.dtype)
+
+
+def _check_inputs(
+    m_mat: Tensor,
+    u_l: Optional[Tensor],
+    u_r: Optional[Tensor],
+    lam_l: Tensor,
+    lam_r: Tensor,
+    rho: float,
+    q: float,
+    c: float,
+    eps: float,
+    backend: str,
+) -> None:
+    if m_mat.ndim != 2:
+        raise ValueError(f"M must be a matrix (m, n), got shape {tuple(m_mat.shape)}")
+    m, n = m_mat.shape
+    if lam_l.shape != (m,) or lam_r.shape != (n,):
+        raise ValueError(
+            f"lam_L and lam_R must have shapes ({m},) and ({n},) for M of shape {(m, n)}, "
+            f"got {tuple(lam_l.shape)} and {tuple(lam_r.shape)}"
+        )
+    for name, u, d in (("U_L", u_l, m), ("U_R", u_r, n)):
+        if u is not None and u.shape != (d, d):
+            raise ValueError(f"{name} must have shape ({d}, {d}) or be None, got {tuple(u.shape)}")
+    if not 0.0 < rho <= 1.0:
+        raise ValueError(f"rho={rho!r} is outside the allowed range (0, 1]")
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"q={q!r} is outside the allowed range [0, 1]")
+    if not c > 0.0:
+        raise ValueError(f"c={c!r} is not allowed: c must be > 0")
+    if not eps >= 0.0:
+        raise ValueError(f"eps={eps!r} is not allowed: eps must be >= 0")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is unknown; allowed: {', '.join(BACKENDS)}")
+    for name, lam in (("lam_L", lam_l), ("lam_R", lam_r)):
+        bad = ~torch.isfinite(lam) | (lam < 0) | ((lam == 0) & (eps == 0.0))
+        if bool(bad.any()):
+            value = lam[bad][0].item()
+            allowed = "finite and >= 0" if eps > 0 else "finite and > 0 (eps=0)"
+            raise ValueError(f"{name} has the entry {value!r}; eigenvalues must be {allowed}")
+
+
+def kron_precondition(
+    M: Tensor,
+    U_L: Optional[Tensor],
+    U_R: Optional[Tensor],
+    lam_L: Tensor,
+    lam_R: Tensor,
+    rho: float,
+    q: float,
+    c: float,
+    eps: float = 0.0,
+    backend: str = "auto",
+) -> Tensor:
+    """Algorithm 2 on one block: ``U_L ((U_L^T M U_R) * W) U_R^T``.
+
+    ``U_L``/``U_R`` may be ``None`` (identity: ``M`` is already in the eigenbasis).
+    ``backend`` is ``auto`` (the torch path on every device until the Triton kernels
+    land), ``torch``, or ``triton`` (not available yet: raises).
+    Returns a tensor of M's shape and dtype.
+    """
+    _check_inputs(M, U_L, U_R, lam_L, lam_R, rho, q, c, eps, backend)
+    if backend == "triton":
+        raise NotImplementedError(
+            "backend='triton' is not available in this version; use backend='torch' or 'auto'"
+        )
+    dtype = _compute_dtype(M, lam_L, lam_R)
+    mt = M.to(dtype)
+    if U_L is not None:
+        mt = U_L.to(dtype).mT @ mt
+    if U_R is not None:
+        mt = mt @ U_R.to(dtype)
+    out = precondition_rotated(mt[None], lam_L[None], lam_R[None], rho, q, c, eps)[0]
+    if U_L is not None:
+        out = U_L.to(dtype) @ out
+    if U_R is not None:
+        out = out @ U_R.to(dtype).mT
+    return out.to(M.dtype)

@@ -1,0 +1,94 @@
+"""Order statistics of the joint Kronecker spectrum S = lam_L lam_R^T, without forming S.
+
+Algorithm 2 needs the K-th largest entry of S (the top-set threshold) and two order
+statistics of the bottom set (for the q-quantile). Sorting all m*n entries costs
+O(mn log mn) time and O(mn) memory; here every count of "entries >= t" is done from the
+two sorted eigenvalue vectors in O((m + n) log n), and an order statistic is found by
+bisection over the bit patterns of the floating-point type, so the result is the exact
+entry that sorting the materialised S (computed in the same dtype) would give.
+
+All functions take a leading batch dimension: ``a`` is (B, m), ``b`` is (B, n).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+def _row_counts_at_least(a_desc: Tensor, b_asc: Tensor, t: Tensor) -> Tensor:
+    """Per row i, #{j : fl(a_i * b_j) >= t}; returns (B, Q, m) for t of shape (B, Q).
+
+    ``fl(a_i * b)`` is monotone in ``b``, so the qualifying j form a suffix of the ascending
+    ``b``. A first guess from ``searchsorted(b, t / a_i)`` can be off where rounding puts
+    ``b_j`` on the wrong side of ``t / a_i``; it is then moved over whole blocks of equal
+    values, re-checking the exact product, until both neighbours agree.
+    """
+    bsz, m = a_desc.shape
+    n = b_asc.shape[-1]
+    q_count = t.shape[-1]
+    a = a_desc[:, None, :]  # (B, 1, m)
+    tt = t[:, :, None]  # (B, Q, 1)
+    with torch.no_grad():
+        ratio = torch.where(
+            a > 0, tt / a.clamp_min(torch.finfo(a.dtype).tiny),
+            torch.where(tt > 0, torch.inf, -torch.inf).to(a.dtype),
+        )
+        flat = ratio.reshape(bsz, q_count * m)
+        start = torch.searchsorted(b_asc, flat, side="left")  # first j with b_j >= t/a_i
+        a_flat = a.expand(bsz, q_count, m).reshape(bsz, q_count * m)
+        t_flat = tt.expand(bsz, q_count, m).reshape(bsz, q_count * m)
+        for _ in range(4 * n + 4):
+            # Element just below the boundary qualifies -> move left past its block.
+            left = (start - 1).clamp_min(0)
+            b_left = torch.gather(b_asc, 1, left)
+            move_left = (start > 0) & (a_flat * b_left >= t_flat)
+            # Element at the boundary fails -> move right past its block.
+            right = start.clamp_max(n - 1)
+            b_right = torch.gather(b_asc, 1, right)
+            move_right = (start < n) & ~(a_flat * b_right >= t_flat)
+            if not bool((move_left | move_right).any()):
+                break
+            new_left = torch.searchsorted(b_asc, b_left, side="left")
+            new_right = torch.searchsorted(b_asc, b_right, side="right")
+            start = torch.where(move_left, new_left, torch.where(move_right, new_right, start))
+        else:  # pragma: no cover - each pass crosses one block of equal values
+            raise RuntimeError("order-statistic boundary search did not converge")
+        return (n - start).reshape(bsz, q_count, m)
+
+
+def count_at_least(a_desc: Tensor, b_asc: Tensor, t: Tensor) -> Tensor:
+    """#{(i, j) : fl(a_i * b_j) >= t} for each batch row and query: (B, Q) int64.
+
+    ``a_desc`` (B, m) sorted descending and ``b_asc`` (B, n) sorted ascending, both >= 0.
+    """
+    return _row_counts_at_least(a_desc, b_asc, t).sum(-1)
+
+
+def kth_largest_product(a_desc: Tensor, b_asc: Tensor, rank: Tensor) -> Tensor:
+    """The ``rank``-th largest (0-based) entry of the outer product a b^T, per batch row.
+
+    ``rank`` is (B, Q) int64 with values in [0, m*n). Returns (B, Q) in a's dtype
+    (float32 or float64): the value ``sort(outer(a, b).flatten(), descending=True)[rank]``.
+    """
+    dtype = a_desc.dtype
+    if dtype not in _INT_VIEW:
+        raise TypeError(f"kth_largest_product needs float32 or float64, got {dtype}")
+    int_dtype = _INT_VIEW[dtype]
+    smallest = a_desc[:, -1:] * b_asc[:, :1]  # (B, 1)
+    largest = a_desc[:, :1] * b_asc[:, -1:]
+    q_count = rank.shape[-1]
+    # Non-negative floats order like their bit patterns read as signed integers.
+    lo = smallest.expand(-1, q_count).contiguous().view(int_dtype).to(torch.int64)
+    hi = largest.expand(-1, q_count).contiguous().view(int_dtype).to(torch.int64)
+    need = rank + 1
+    # Invariant: count(value(lo)) >= need; the answer is the largest such bit pattern.
+    while bool((lo < hi).any()):
+        mid = lo + (hi - lo + 1) // 2
+        mid_val = mid.to(int_dtype).view(dtype)
+        ok = count_at_least(a_desc, b_asc, mid_val) >= need
+        lo = torch.where(ok, mid, lo)
+        hi = torch.where(ok, hi, mid - 1)
+    return lo.to(int_dtype).view(dtype)

@@ -1,0 +1,57 @@
+"""The paper's parameter grouping: Kronecker blocks for the matrix weights, AdamW for
+embeddings, biases, normalisation parameters and the output head (appendix D)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional, Sequence
+
+from torch import nn
+
+DEFAULT_HEAD_PATTERN = r"(^|\.)(lm_head|head|classifier|score|output_layer)(\.|$)"
+"""Module names treated as the output head when ``head_names`` is not given."""
+
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase, nn.RMSNorm)
+
+
+def param_groups(
+    model: nn.Module,
+    head_names: Optional[Sequence[str]] = None,
+    **adamw_group_settings: Any,
+) -> list[dict[str, Any]]:
+    """Two param groups for :class:`~bregtop_dist.BregTop`: matrices, and the AdamW side.
+
+    The AdamW side (``bregtop=False``) holds every parameter of an ``nn.Embedding``, of a
+    normalisation layer, of a head module (``head_names``, or names matching
+    :data:`DEFAULT_HEAD_PATTERN`), every bias and every 1-D tensor. A parameter shared by
+    several modules (tied embeddings) is listed once, on the AdamW side if any owner puts
+    it there. ``adamw_group_settings`` (for example ``lr=3e-4``) go into the AdamW group.
+    Both groups carry ``param_names`` for error messages.
+    """
+    heads = set(head_names) if head_names is not None else None
+    adam_ids: set[int] = set()
+    for mod_name, module in model.named_modules():
+        is_head = (mod_name in heads) if heads is not None else bool(re.search(DEFAULT_HEAD_PATTERN, mod_name))
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag, *_NORMS)) or (is_head and mod_name):
+            adam_ids.update(id(p) for p in module.parameters())
+    if heads is not None:
+        known = {name for name, _ in model.named_modules()}
+        missing = sorted(heads - known)
+        if missing:
+            raise ValueError(f"head_names {missing} are not modules of the model; known: {sorted(known)[:20]}")
+
+    kron: dict[str, list[Any]] = {"params": [], "param_names": []}
+    adam: dict[str, list[Any]] = {"params": [], "param_names": []}
+    for name, p in model.named_parameters():  # shared parameters appear once
+        if not p.requires_grad:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        side = adam if (id(p) in adam_ids or p.ndim < 2 or leaf == "bias") else kron
+        side["params"].append(p)
+        side["param_names"].append(name)
+    groups: list[dict[str, Any]] = []
+    if kron["params"]:
+        groups.append({**kron, "bregtop": True})
+    if adam["params"]:
+        groups.append({**adam, "bregtop": False, **adamw_group_settings})
+    return groups
