@@ -21,6 +21,7 @@ _INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64}
 def _row_counts_at_least(a_desc: Tensor, b_asc: Tensor, t: Tensor) -> Tensor:
     """Per row i, #{j : fl(a_i * b_j) >= t}; returns (B, Q, m) for t of shape (B, Q).
 
+    The general path (float64 products, which are rounded).
     ``fl(a_i * b)`` is monotone in ``b``, so the qualifying j form a suffix of the ascending
     ``b``. A first guess from ``searchsorted(b, t / a_i)`` can be off where rounding puts
     ``b_j`` on the wrong side of ``t / a_i``; it is then moved over whole blocks of equal
@@ -59,11 +60,39 @@ def _row_counts_at_least(a_desc: Tensor, b_asc: Tensor, t: Tensor) -> Tensor:
         return (n - start).reshape(bsz, q_count, m)
 
 
+def _row_counts_at_least_f32(a_desc: Tensor, b_asc: Tensor, t: Tensor) -> Tensor:
+    """The float32 case of :func:`_row_counts_at_least` in one pass, with no correction.
+
+    A product of two float32 numbers is exact in float64, and ``fl32(x) >= t`` exactly when
+    x lies above the midpoint between t and its float32 predecessor (at the midpoint itself,
+    ties-to-even rounds up when t's last bit is even). An exact product differs from that
+    midpoint by far more than float64's rounding of ``midpoint / a_i``, so one
+    ``searchsorted`` per side decides every entry exactly.
+    """
+    bsz, m = a_desc.shape
+    q_count = t.shape[-1]
+    a = a_desc.double()[:, None, :]  # (B, 1, m)
+    b = b_asc.double()
+    pred = torch.nextafter(t, torch.zeros_like(t))
+    mid = ((t.double() + pred.double()) / 2)[:, :, None]  # (B, Q, 1), exact
+    ratio = torch.where(a > 0, mid / a.clamp_min(torch.finfo(torch.float64).tiny), torch.inf)
+    flat = ratio.reshape(bsz, q_count * m)
+    ge = torch.searchsorted(b, flat, side="left").reshape(bsz, q_count, m)
+    gt = torch.searchsorted(b, flat, side="right").reshape(bsz, q_count, m)
+    even = (t.view(torch.int32) & 1 == 0)[:, :, None]
+    start = torch.where(even, ge, gt)
+    counts = b.shape[-1] - start
+    return torch.where(t[:, :, None] <= 0, b.shape[-1], counts)
+
+
 def count_at_least(a_desc: Tensor, b_asc: Tensor, t: Tensor) -> Tensor:
     """#{(i, j) : fl(a_i * b_j) >= t} for each batch row and query: (B, Q) int64.
 
-    ``a_desc`` (B, m) sorted descending and ``b_asc`` (B, n) sorted ascending, both >= 0.
+    ``a_desc`` (B, m) sorted descending and ``b_asc`` (B, n) sorted ascending, both >= 0,
+    of one dtype (float32 or float64); ``t`` (B, Q) of that dtype.
     """
+    if a_desc.dtype == torch.float32:
+        return _row_counts_at_least_f32(a_desc, b_asc, t).sum(-1)
     return _row_counts_at_least(a_desc, b_asc, t).sum(-1)
 
 

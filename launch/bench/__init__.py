@@ -1,0 +1,46 @@
+"""Benchmarks, ``python -m launch.bench <suite>``, and the helpers every suite shares.
+
+Each suite module exposes ``HELP`` (one line), ``add_arguments(parser)`` and
+``run(args) -> int``; ``launch.bench.__main__`` turns them into subcommands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (the message names the bad value and what is allowed)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; allowed: an integer >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed; allowed: an integer >= 1")
+    return value
+
+
+def machine_info() -> dict[str, Any]:
+    """What a timing depends on: CPU, core count, torch build and threads, and when (UTC)."""
+    return {
+        "processor": platform.processor() or platform.machine(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_num_threads": torch.get_num_threads(),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as indented JSON, creating the parent folders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")

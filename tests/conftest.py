@@ -1,0 +1,34 @@
+"""Shared fixtures. Numerical tests draw fresh random inputs every run; the seed is in the
+test's report (and BREGTOP_TEST_SEED replays it)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import zlib
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/reference.py
+
+
+def _base_seed() -> int:
+    env = os.environ.get("BREGTOP_TEST_SEED")
+    return int(env) if env else int.from_bytes(os.urandom(4), "little")
+
+
+BASE_SEED = _base_seed()
+
+
+def pytest_report_header(config):
+    return f"bregtop test seed: BREGTOP_TEST_SEED={BASE_SEED}"
+
+
+@pytest.fixture
+def gen(request) -> torch.Generator:
+    """A generator seeded freshly per run and per test (the seed is printed on failure)."""
+    seed = (BASE_SEED + zlib.crc32(request.node.nodeid.encode())) % 2**31
+    request.node.user_properties.append(("seed", seed))
+    print(f"generator seed {seed} (BREGTOP_TEST_SEED={BASE_SEED})")
+    return torch.Generator().manual_seed(seed)

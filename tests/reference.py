@@ -1,0 +1,87 @@
+"""Slow, obvious references written straight from the paper (section 5, appendix B.3).
+
+Nothing here is clever: S is materialised, the top set comes from a stable descending sort,
+the quantile from torch.quantile, inverse factors from their eigen-approximation as in the
+KL-Shampoo code, and every diagonal from the explicit product U^T dL U.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def top_mask_ref(S: Tensor, rho: float) -> Tensor:
+    """Indicator E of the K = ceil(rho m n) largest entries (ties: row-major order first)."""
+    m, n = S.shape
+    k = max(1, math.ceil(rho * m * n))
+    order = torch.sort(S.flatten(), descending=True, stable=True).indices
+    mask = torch.zeros(m * n, dtype=torch.bool)
+    mask[order[:k]] = True
+    return mask.view(m, n)
+
+
+def chi_ref(S: Tensor, top: Tensor, q: float, c: float, eps: float = 0.0) -> Tensor:
+    inv = S**-0.5 if eps == 0 else 1.0 / (S.sqrt() + eps)
+    return c * torch.quantile(inv[~top], q, interpolation="linear")
+
+
+def kron_precondition_ref(M, U_L, U_R, lam_L, lam_R, rho, q, c, eps=0.0) -> Tensor:
+    """Algorithm 2, line by line."""
+    Mt = U_L.T @ M @ U_R
+    S = torch.outer(lam_L, lam_R)
+    top = top_mask_ref(S, rho)
+    inv = S**-0.5 if eps == 0 else 1.0 / (S.sqrt() + eps)
+    W = inv.clone()
+    if not bool(top.all()):
+        W[~top] = chi_ref(S, top, q, c, eps)
+    return U_L @ (Mt * W) @ U_R.T
+
+
+def kron_stats_ref(method, G, U_L, U_R, lam_L, lam_R, L, R) -> tuple[Tensor, Tensor]:
+    """Appendix B.3 (plus KL with the eigen-approximated inverse factors)."""
+    m, n = G.shape
+    if method == "shampoo":
+        return G @ G.T, G.T @ G
+    if method == "kl":
+        R_inv = U_R @ torch.diag(1.0 / lam_R) @ U_R.T
+        L_inv = U_L @ torch.diag(1.0 / lam_L) @ U_L.T
+        return G @ R_inv @ G.T / n, G.T @ L_inv @ G / m
+    if method == "vn-v1":
+        return G @ G.T / torch.trace(R), G.T @ G / torch.trace(L)
+    if method == "vn-v2":
+        return G @ G.T / lam_R.sum(), G.T @ G / lam_L.sum()
+    if method == "f-v1":
+        return G @ R @ G.T / torch.trace(R @ R), G.T @ L @ G / torch.trace(L @ L)
+    if method == "f-v2":
+        R_tilde = U_R @ torch.diag(lam_R) @ U_R.T
+        L_tilde = U_L @ torch.diag(lam_L) @ U_L.T
+        return G @ R_tilde @ G.T / (lam_R**2).sum(), G.T @ L_tilde @ G / (lam_L**2).sum()
+    raise ValueError(method)
+
+
+def algorithm1_ref(state: dict, G: Tensor, stats: str, beta1, beta2, refresh: bool, rho, q, c, eps):
+    """One step of Algorithm 1 on one block; returns (new state, M_hat). float64 in, out."""
+    s = {k: v.clone() for k, v in state.items()}
+    s["M"] = (1 - beta1) * G + beta1 * s["M"]
+    dL, dR = kron_stats_ref(stats, G, s["U_L"], s["U_R"], s["lam_L"], s["lam_R"], s["L"], s["R"])
+    s["L"] = (1 - beta2) * dL + beta2 * s["L"]
+    s["R"] = (1 - beta2) * dR + beta2 * s["R"]
+    s["lam_L"] = (1 - beta2) * torch.diag(s["U_L"].T @ dL @ s["U_L"]) + beta2 * s["lam_L"]
+    s["lam_R"] = (1 - beta2) * torch.diag(s["U_R"].T @ dR @ s["U_R"]) + beta2 * s["lam_R"]
+    if refresh:
+        s["U_L"] = torch.linalg.qr(s["L"] @ s["U_L"]).Q
+        s["U_R"] = torch.linalg.qr(s["R"] @ s["U_R"]).Q
+    M_hat = kron_precondition_ref(s["M"], s["U_L"], s["U_R"], s["lam_L"], s["lam_R"], rho, q, c, eps)
+    return s, M_hat
+
+
+def boundary_gap(lam_L: Tensor, lam_R: Tensor, rho: float) -> float:
+    """Relative gap between the K-th and (K+1)-th largest entries of S (inf if no bottom)."""
+    S = torch.outer(lam_L, lam_R).flatten().sort(descending=True).values
+    k = max(1, math.ceil(rho * S.numel()))
+    if k >= S.numel():
+        return math.inf
+    return float((S[k - 1] - S[k]) / S[k - 1])

@@ -1,0 +1,155 @@
+"""Algorithm 1 on stacked blocks against a float64 reference written from the paper."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import algorithm1_ref, boundary_gap, kron_stats_ref
+
+from bregtop_dist.config import PRESETS
+from bregtop_dist.core import block_step
+from bregtop_dist.core.block_step import (
+    EIG_FLOOR,
+    BlockHyper,
+    KronBlockState,
+    init_block_state,
+    kron_block_step,
+    lpt_refresh_offsets,
+    power_qr,
+    refresh_due,
+)
+
+
+def _spd(gen, d):
+    a = torch.randn(d, d, generator=gen, dtype=torch.float64)
+    return a @ a.T / d + 0.05 * torch.eye(d, dtype=torch.float64)
+
+
+def _random_state(gen, bsz, m, n) -> KronBlockState:
+    def orth(d):
+        return torch.stack([torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64)).Q for _ in range(bsz)])
+
+    return KronBlockState(
+        momentum=torch.randn(bsz, m, n, generator=gen, dtype=torch.float64).float(),
+        L=torch.stack([_spd(gen, m) for _ in range(bsz)]).float(),
+        R=torch.stack([_spd(gen, n) for _ in range(bsz)]).float(),
+        U_L=orth(m).float(),
+        U_R=orth(n).float(),
+        lam_L=(torch.rand(bsz, m, generator=gen, dtype=torch.float64) + 0.05).float(),
+        lam_R=(torch.rand(bsz, n, generator=gen, dtype=torch.float64) + 0.05).float(),
+        step=torch.full((bsz,), 6, dtype=torch.int64),
+    )
+
+
+def _as_ref(state: KronBlockState, k: int) -> dict:
+    names = {"momentum": "M"}
+    return {names.get(f, f): v[k].double() for f, v in state.tensors().items() if f != "step"}
+
+
+def _hyper(method: str) -> BlockHyper:
+    p = PRESETS[method]
+    return BlockHyper(stats=p.stats, rho=p.rho, q=p.q, c=p.c, beta1=0.9, beta2=0.95, eps=1e-8, frequency=4)
+
+
+def _close(got, want, tol=2e-4):
+    assert float((got.double() - want).abs().max()) <= tol * float(want.abs().max()), float(
+        (got.double() - want).abs().max() / want.abs().max()
+    )
+
+
+@pytest.mark.parametrize("method", list(PRESETS))
+@pytest.mark.parametrize("refresh", [False, True])
+def test_one_step_equals_algorithm1(gen, method, refresh):
+    hyper = _hyper(method)
+    bsz, m, n = 2, 7, 5
+    for _ in range(20):  # inputs whose top-set boundary is a near-tie are drawn again
+        state = _random_state(gen, bsz, m, n)
+        grad = torch.randn(bsz, m, n, generator=gen)
+        refs = [
+            algorithm1_ref(_as_ref(state, k), grad[k].double(), hyper.stats, hyper.beta1, hyper.beta2,
+                           refresh, hyper.rho, hyper.q, hyper.c, hyper.eps)
+            for k in range(bsz)
+        ]
+        if all(boundary_gap(r[0]["lam_L"], r[0]["lam_R"], hyper.rho) > 1e-3 for r in refs):
+            break
+    offset = torch.full((bsz,), 3 if refresh else 1, dtype=torch.int64)  # step 6 -> 7; 7-3 = 4 = T
+    update, failed = kron_block_step(state, grad, hyper, offset)
+    assert not failed.any()
+    assert state.step.tolist() == [7, 7]
+    for k, (ref_state, ref_update) in enumerate(refs):
+        for name in ("momentum", "L", "R", "lam_L", "lam_R"):
+            _close(getattr(state, name)[k], ref_state["M" if name == "momentum" else name])
+        for side in ("U_L", "U_R"):  # QR bases agree up to column signs
+            overlap = (getattr(state, side)[k].double().T @ ref_state[side]).abs()
+            _close(overlap, torch.eye(overlap.shape[0], dtype=torch.float64))
+        _close(update[k], ref_update)
+
+
+@pytest.mark.parametrize("method", list(PRESETS))
+def test_first_state_comes_from_the_first_gradient(gen, method):
+    stats = PRESETS[method].stats
+    m, n = 6, 4  # m > n: the first L is rank deficient
+    grad = torch.randn(2, m, n, generator=gen)
+    state, failed = init_block_state(stats, grad)
+    assert not failed.any() and state.step.tolist() == [0, 0]
+    assert torch.count_nonzero(state.momentum) == 0
+    for k in range(2):
+        G = grad[k].double()
+        eye_l, eye_r = torch.eye(m, dtype=torch.float64), torch.eye(n, dtype=torch.float64)
+        dL, dR = kron_stats_ref(stats, G, eye_l, eye_r, torch.ones(m, dtype=torch.float64),
+                                torch.ones(n, dtype=torch.float64), eye_l, eye_r)
+        for factor, want, U, lam in ((state.L[k], dL, state.U_L[k], state.lam_L[k]),
+                                     (state.R[k], dR, state.U_R[k], state.lam_R[k])):
+            _close(factor, want, 1e-5)
+            U = U.double()
+            _close(U.T @ U, torch.eye(U.shape[0], dtype=torch.float64), 1e-5)
+            eig = torch.diag(U.T @ want @ U)  # U diagonalises the first factor, descending
+            _close(U.T @ want @ U, torch.diag(eig), 1e-4)
+            assert torch.all(eig[:-1] >= eig[1:] - 1e-6 * eig[0])
+            floor = EIG_FLOOR * eig.clamp_min(0).mean()
+            _close(lam, torch.maximum(eig, floor), 1e-4)
+            assert float(lam.min()) >= float(floor) * (1 - 1e-5)
+
+
+def test_zero_first_gradient_gives_positive_estimates():
+    state, _ = init_block_state("kl", torch.zeros(1, 3, 2))
+    assert bool((state.lam_L > 0).all()) and bool((state.lam_R > 0).all())
+
+
+def test_refresh_due_follows_offsets():
+    step = torch.tensor([10, 10, 11, 13])
+    offset = torch.tensor([0, 3, 1, 3])
+    assert refresh_due(step, offset, 10).tolist() == [True, False, True, True]
+
+
+def test_lpt_offsets_balance_qr_work():
+    costs = [1000.0] * 6 + [64.0] * 30
+    offsets = lpt_refresh_offsets(costs, 10, stagger=True)
+    load = [sum(c for c, o in zip(costs, offsets) if o == slot) for slot in range(10)]
+    assert max(load) - min(load) <= max(costs)
+    assert set(offsets) == set(range(10))
+    assert lpt_refresh_offsets(costs, 10, stagger=False) == [0] * 36
+    assert lpt_refresh_offsets(costs, 1, stagger=True) == [0] * 36
+
+
+def test_power_qr_retries_in_float64_then_keeps_the_old_basis(gen, monkeypatch):
+    factor = torch.stack([_spd(gen, 4) for _ in range(2)]).float()
+    basis = torch.eye(4).repeat(2, 1, 1)
+    real_qr = torch.linalg.qr
+
+    def fails_in_float32(a):
+        if a.dtype == torch.float32:
+            raise RuntimeError("simulated LAPACK failure")
+        return real_qr(a)
+
+    monkeypatch.setattr(block_step.torch.linalg, "qr", fails_in_float32)
+    new, failed = power_qr(factor, basis)
+    assert not failed.any()
+    _close(new, real_qr(factor.double() @ basis.double()).Q, 1e-6)
+
+    def nan_always(a):
+        return torch.return_types.linalg_qr((torch.full_like(a, float("nan")), a))
+
+    monkeypatch.setattr(block_step.torch.linalg, "qr", nan_always)
+    new, failed = power_qr(factor, basis)
+    assert failed.all() and torch.equal(new, basis)

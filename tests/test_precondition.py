@@ -1,0 +1,158 @@
+"""kron_precondition (Algorithm 2) against the paper's definition, Theorem 4, and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from reference import chi_ref, kron_precondition_ref, top_mask_ref
+
+from bregtop_dist import kron_precondition
+from bregtop_dist.core.precondition import precondition_weights
+
+SHAPES = [(1, 1), (1, 12), (12, 1), (7, 3), (16, 16), (33, 65)]
+TOL = {torch.float32: 2e-5, torch.float64: 1e-11}
+
+
+def _orthogonal(gen, d, dtype):
+    return torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64)).Q.to(dtype)
+
+
+def _block(gen, m, n, dtype, ties=False):
+    M = torch.randn(m, n, generator=gen, dtype=dtype)
+    if ties:
+        lam_l = torch.randint(1, 4, (m,), generator=gen).to(dtype)
+        lam_r = torch.randint(1, 4, (n,), generator=gen).to(dtype)
+    else:
+        lam_l = torch.exp(2 * torch.randn(m, generator=gen, dtype=dtype))
+        lam_r = torch.exp(2 * torch.randn(n, generator=gen, dtype=dtype))
+    return M, _orthogonal(gen, m, dtype), _orthogonal(gen, n, dtype), lam_l, lam_r
+
+
+def _close(a, b, dtype):
+    tol = TOL[dtype]
+    scale = b.abs().max().clamp_min(1e-30)
+    assert float((a - b).abs().max() / scale) <= tol, float((a - b).abs().max() / scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("rho", [1e-4, 0.05, 0.3, 0.999, 1.0])
+@pytest.mark.parametrize("q", [0.0, 0.01, 0.37, 1.0])
+def test_equals_paper_definition(gen, dtype, shape, rho, q):
+    m, n = shape
+    M, U_L, U_R, lam_l, lam_r = _block(gen, m, n, dtype)
+    c = float(torch.empty(()).uniform_(0.5, 4.0, generator=gen))
+    got = kron_precondition(M, U_L, U_R, lam_l, lam_r, rho, q, c)
+    _close(got, kron_precondition_ref(M, U_L, U_R, lam_l, lam_r, rho, q, c), dtype)
+    assert got.dtype == dtype and got.shape == (m, n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rho", [0.1, 0.5, 0.77])
+def test_ties_follow_row_major_order(gen, dtype, rho):
+    """Few distinct eigenvalues: the top set boundary cuts through equal entries of S."""
+    m, n = 9, 7
+    lam_l = torch.randint(1, 3, (m,), generator=gen).to(dtype)
+    lam_r = torch.randint(1, 3, (n,), generator=gen).to(dtype)
+    W = precondition_weights(lam_l[None], lam_r[None], rho, 0.25, 2.0)[0]
+    S = torch.outer(lam_l, lam_r)
+    top = top_mask_ref(S, rho)
+    expected = torch.where(top, S**-0.5, chi_ref(S, top, 0.25, 2.0))
+    _close(W, expected, dtype)
+    assert int(top.sum()) == max(1, math.ceil(rho * m * n))
+
+
+def test_eps_replaces_inverse_square_root(gen):
+    M, U_L, U_R, lam_l, lam_r = _block(gen, 6, 5, torch.float64)
+    got = kron_precondition(M, U_L, U_R, lam_l, lam_r, 0.2, 0.1, 1.5, eps=0.3)
+    _close(got, kron_precondition_ref(M, U_L, U_R, lam_l, lam_r, 0.2, 0.1, 1.5, eps=0.3), torch.float64)
+
+
+def test_identity_bases_mean_already_rotated(gen):
+    M, _, _, lam_l, lam_r = _block(gen, 8, 4, torch.float64)
+    I_l, I_r = torch.eye(8, dtype=torch.float64), torch.eye(4, dtype=torch.float64)
+    got = kron_precondition(M, None, None, lam_l, lam_r, 0.2, 0.1, 1.5)
+    _close(got, kron_precondition(M, I_l, I_r, lam_l, lam_r, 0.2, 0.1, 1.5), torch.float64)
+
+
+def test_rho_one_is_full_eigenvalue_preconditioning(gen):
+    """rho = 1: U_L ((U_L^T M U_R) / sqrt(lam_L lam_R^T)) U_R^T = L^-1/2 M R^-1/2."""
+    M, U_L, U_R, lam_l, lam_r = _block(gen, 7, 5, torch.float64)
+    L_inv_sqrt = U_L @ torch.diag(lam_l**-0.5) @ U_L.T
+    R_inv_sqrt = U_R @ torch.diag(lam_r**-0.5) @ U_R.T
+    got = kron_precondition(M, U_L, U_R, lam_l, lam_r, 1.0, 0.5, 9.0)
+    _close(got, L_inv_sqrt @ M @ R_inv_sqrt, torch.float64)
+
+
+@pytest.mark.parametrize("rho", [0.02, 0.3, 0.9])
+def test_theorem4_decomposition(gen, rho):
+    """M_hat = U_L(Mt * E * S^-1/2)U_R^T + chi (M - P_top(M)), with P_top an orthogonal projector."""
+    M, U_L, U_R, lam_l, lam_r = _block(gen, 10, 6, torch.float64)
+    q, c = 0.05, 2.5
+    S = torch.outer(lam_l, lam_r)
+    E = top_mask_ref(S, rho).to(torch.float64)
+    chi = chi_ref(S, E.bool(), q, c)
+    Mt = U_L.T @ M @ U_R
+
+    def p_top(x):
+        return U_L @ ((U_L.T @ x @ U_R) * E) @ U_R.T
+
+    expected = U_L @ (Mt * E * S**-0.5) @ U_R.T + chi * (M - p_top(M))
+    _close(kron_precondition(M, U_L, U_R, lam_l, lam_r, rho, q, c), expected, torch.float64)
+    X = torch.randn(10, 6, generator=gen, dtype=torch.float64)
+    _close(p_top(p_top(X)), p_top(X), torch.float64)  # idempotent
+    assert abs(float((p_top(X) * (X - p_top(X))).sum())) < 1e-10 * float((X * X).sum())  # orthogonal
+
+
+def test_bfloat16_momentum_keeps_its_dtype(gen):
+    M, U_L, U_R, lam_l, lam_r = _block(gen, 6, 4, torch.float32)
+    got = kron_precondition(M.bfloat16(), U_L, U_R, lam_l, lam_r, 0.3, 0.1, 2.0)
+    assert got.dtype == torch.bfloat16
+    ref = kron_precondition_ref(M.bfloat16().float(), U_L, U_R, lam_l, lam_r, 0.3, 0.1, 2.0)
+    assert float((got.float() - ref).abs().max() / ref.abs().max()) < 1e-2
+
+
+BAD = [
+    (dict(rho=0.0), "rho=0.0 is outside the allowed range (0, 1]"),
+    (dict(rho=1.5), "rho=1.5 is outside the allowed range (0, 1]"),
+    (dict(q=-0.1), "q=-0.1 is outside the allowed range [0, 1]"),
+    (dict(q=1.01), "q=1.01 is outside the allowed range [0, 1]"),
+    (dict(c=0.0), "c=0.0 is not allowed: c must be > 0"),
+    (dict(eps=-1.0), "eps=-1.0 is not allowed: eps must be >= 0"),
+    (dict(backend="cuda"), "backend='cuda' is unknown; allowed: auto, torch, triton"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD)
+def test_bad_arguments_are_named(gen, override, message):
+    M, U_L, U_R, lam_l, lam_r = _block(gen, 4, 3, torch.float32)
+    kwargs = dict(rho=0.5, q=0.1, c=1.0, eps=0.0, backend="auto") | override
+    with pytest.raises(ValueError) as err:
+        kron_precondition(M, U_L, U_R, lam_l, lam_r, **kwargs)
+    assert message in str(err.value)
+
+
+def test_bad_shapes_and_eigenvalues_are_named(gen):
+    M, U_L, U_R, lam_l, lam_r = _block(gen, 4, 3, torch.float32)
+    with pytest.raises(ValueError, match=r"lam_L and lam_R must have shapes \(4,\) and \(3,\)"):
+        kron_precondition(M, U_L, U_R, lam_r, lam_l, 0.5, 0.1, 1.0)
+    with pytest.raises(ValueError, match=r"U_R must have shape \(3, 3\) or be None, got \(4, 4\)"):
+        kron_precondition(M, U_L, U_L, lam_l, lam_r, 0.5, 0.1, 1.0)
+    with pytest.raises(ValueError, match=r"M must be a matrix"):
+        kron_precondition(M[0], None, None, lam_l, lam_r, 0.5, 0.1, 1.0)
+    lam_l[1] = -2.0
+    with pytest.raises(ValueError, match=r"lam_L has the entry -2.0; eigenvalues must be finite and > 0"):
+        kron_precondition(M, U_L, U_R, lam_l, lam_r, 0.5, 0.1, 1.0)
+    lam_l[1] = 0.0
+    with pytest.raises(ValueError, match=r"lam_L has the entry 0.0"):
+        kron_precondition(M, U_L, U_R, lam_l, lam_r, 0.5, 0.1, 1.0)
+    # eps > 0 allows zero eigenvalues
+    kron_precondition(M, U_L, U_R, lam_l, lam_r, 0.5, 0.1, 1.0, eps=1e-3)
+
+
+def test_triton_backend_is_refused_until_it_exists(gen):
+    M, U_L, U_R, lam_l, lam_r = _block(gen, 4, 3, torch.float32)
+    with pytest.raises(NotImplementedError, match="backend='triton' is not available"):
+        kron_precondition(M, U_L, U_R, lam_l, lam_r, 0.5, 0.1, 1.0, backend="triton")
