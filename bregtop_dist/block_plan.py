@@ -5,7 +5,6 @@ how same-shape blocks are stacked so that one step runs a few batched kernels pe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -36,7 +35,7 @@ class BlockStack:
     shape: tuple[int, int]
     blocks: list[BlockRef]
     offsets: Tensor  # (B,) int64 refresh offsets
-    state: Optional[KronBlockState] = field(default=None)
+    state: KronBlockState | None = field(default=None)
 
     @property
     def key(self) -> str:

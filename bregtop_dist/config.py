@@ -8,8 +8,9 @@ family) and, where the paper defers to Lin et al., KL-Shampoo's public defaults
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from bregtop_dist.core.stats import STATS_METHODS
 
@@ -62,11 +63,11 @@ class BregTopConfig:
     """Learning rate of both the Kronecker blocks and the AdamW side (>= 0)."""
     method: str = "bregtop-vn-v2"
     """One of :data:`METHODS`, the paper's Table 4 rows."""
-    rho: Optional[float] = None
+    rho: float | None = None
     """Top-set fraction in (0, 1]; None takes the method's preset. Baselines need 1."""
-    q: Optional[float] = None
+    q: float | None = None
     """Quantile of S^-1/2 over the bottom set, in [0, 1]; None takes the preset (0.01)."""
-    c: Optional[float] = None
+    c: float | None = None
     """Bottom-set scale multiplier (> 0); None takes the preset (VN 3.0, F 1.6)."""
     betas: tuple[float, float] = (0.9, 0.98)
     """(momentum, factor and eigenvalue EMA), each in [0, 1)."""
@@ -136,7 +137,7 @@ class BregTopConfig:
         return PRESETS[self.method].c if self.c is None else self.c
 
     @classmethod
-    def from_group(cls, group: Mapping[str, Any]) -> "BregTopConfig":
+    def from_group(cls, group: Mapping[str, Any]) -> BregTopConfig:
         """The config of an optimizer param group (its non-settings keys are ignored)."""
         names = cls.__dataclass_fields__.keys()
         return cls(**{k: (tuple(v) if k.endswith("betas") else v) for k, v in group.items() if k in names})

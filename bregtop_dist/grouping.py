@@ -4,7 +4,8 @@ embeddings, biases, normalisation parameters and the output head (appendix D).""
 from __future__ import annotations
 
 import re
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
@@ -16,7 +17,7 @@ _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm
 
 def param_groups(
     model: nn.Module,
-    head_names: Optional[Sequence[str]] = None,
+    head_names: Sequence[str] | None = None,
     **adamw_group_settings: Any,
 ) -> list[dict[str, Any]]:
     """Two param groups for :class:`~bregtop_dist.BregTop`: matrices, and the AdamW side.

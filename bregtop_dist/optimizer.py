@@ -8,7 +8,8 @@ what the transformers Trainer and DeepSpeed expect.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Iterable, Optional, Union
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -18,7 +19,7 @@ from bregtop_dist.block_plan import BlockStack, is_kron_param, plan_group
 from bregtop_dist.config import BregTopConfig
 from bregtop_dist.core.block_step import BlockHyper, KronBlockState, init_block_state, kron_block_step
 
-ParamsT = Union[Iterable[Tensor], Iterable[dict[str, Any]]]
+ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 
 
 class NonFiniteGradientError(RuntimeError):
@@ -53,9 +54,9 @@ class BregTop(torch.optim.Optimizer):
         params: ParamsT,
         lr: float = 1e-3,
         method: str = "bregtop-vn-v2",
-        rho: Optional[float] = None,
-        q: Optional[float] = None,
-        c: Optional[float] = None,
+        rho: float | None = None,
+        q: float | None = None,
+        c: float | None = None,
         betas: tuple[float, float] = (0.9, 0.98),
         precondition_frequency: int = 10,
         eps: float = 1e-8,
@@ -123,7 +124,7 @@ class BregTop(torch.optim.Optimizer):
         )
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """One optimizer step; raises :class:`NonFiniteGradientError` before changing anything."""
         loss = None
         if closure is not None:

@@ -23,6 +23,7 @@ EMA replaces it with the data's own spectrum over about 1/(1-beta2) steps.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+
 import torch
 from torch import Tensor
 
@@ -51,11 +52,11 @@ class KronBlockState:
     def tensors(self) -> dict[str, Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
-    def select(self, idx: Tensor) -> "KronBlockState":
+    def select(self, idx: Tensor) -> KronBlockState:
         """A copy holding the blocks ``idx``."""
         return KronBlockState(**{k: v.index_select(0, idx) for k, v in self.tensors().items()})
 
-    def assign(self, idx: Tensor, part: "KronBlockState") -> None:
+    def assign(self, idx: Tensor, part: KronBlockState) -> None:
         """Write ``part`` (from :meth:`select`) back into the blocks ``idx``."""
         for k, v in self.tensors().items():
             v.index_copy_(0, idx, getattr(part, k))

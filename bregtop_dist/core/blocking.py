@@ -9,8 +9,8 @@ and same-shape blocks can be stacked.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 
 def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:

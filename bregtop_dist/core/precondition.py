@@ -13,7 +13,6 @@ sort form the top set). The threshold and the quantile come from
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -96,8 +95,8 @@ def precondition_rotated(
 
 def _check_inputs(
     m_mat: Tensor,
-    u_l: Optional[Tensor],
-    u_r: Optional[Tensor],
+    u_l: Tensor | None,
+    u_r: Tensor | None,
     lam_l: Tensor,
     lam_r: Tensor,
     rho: float,
@@ -137,8 +136,8 @@ def _check_inputs(
 
 def kron_precondition(
     M: Tensor,
-    U_L: Optional[Tensor],
-    U_R: Optional[Tensor],
+    U_L: Tensor | None,
+    U_R: Tensor | None,
     lam_L: Tensor,
     lam_R: Tensor,
     rho: float,

@@ -23,8 +23,6 @@ Every function accepts leading batch dimensions: G is (..., m, n).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -46,7 +44,7 @@ def _weighted_gram(x: Tensor, weight: Tensor) -> Tensor:
     return (x * weight[..., None, :]) @ x.mT
 
 
-def _check(method: str, lam_l: Tensor, lam_r: Tensor, L: Optional[Tensor], R: Optional[Tensor]) -> None:
+def _check(method: str, lam_l: Tensor, lam_r: Tensor, L: Tensor | None, R: Tensor | None) -> None:
     if method not in STATS_METHODS:
         raise ValueError(f"method={method!r} is unknown; allowed: {', '.join(STATS_METHODS)}")
     if method in _NEEDS_FACTORS and (L is None or R is None):
@@ -56,12 +54,12 @@ def _check(method: str, lam_l: Tensor, lam_r: Tensor, L: Optional[Tensor], R: Op
 def kron_stats(
     method: str,
     G: Tensor,
-    U_L: Optional[Tensor],
-    U_R: Optional[Tensor],
+    U_L: Tensor | None,
+    U_R: Tensor | None,
     lam_L: Tensor,
     lam_R: Tensor,
-    L: Optional[Tensor] = None,
-    R: Optional[Tensor] = None,
+    L: Tensor | None = None,
+    R: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The factor increments (dL, dR) of ``method`` for gradient G (..., m, n).
 
@@ -99,12 +97,12 @@ def rotated_diagonals(
     Gt: Tensor,
     lam_L: Tensor,
     lam_R: Tensor,
-    L: Optional[Tensor] = None,
-    R: Optional[Tensor] = None,
-    dL: Optional[Tensor] = None,
-    dR: Optional[Tensor] = None,
-    U_L: Optional[Tensor] = None,
-    U_R: Optional[Tensor] = None,
+    L: Tensor | None = None,
+    R: Tensor | None = None,
+    dL: Tensor | None = None,
+    dR: Tensor | None = None,
+    U_L: Tensor | None = None,
+    U_R: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(diag(U_L^T dL U_L), diag(U_R^T dR U_R))`` from ``Gt = U_L^T G U_R`` (..., m, n).
 

@@ -1,0 +1,68 @@
+"""The ``python -m launch.bench`` command line: a --quick optimizer run and its error messages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bregtop_dist import METHODS
+from launch.bench.__main__ import main
+
+ROW_KEYS = {
+    "name",
+    "family",
+    "optimizer",
+    "options",
+    "error",
+    "median_step_s",
+    "max_step_s",
+    "max_over_median",
+    "median_vs_adamw",
+    "repeat_median_step_s",
+    "state_bytes",
+    "state_bytes_per_param",
+}
+
+
+def test_quick_optimizer_bench_writes_json(tmp_path, capsys):
+    """A tiny run (heavyball left out: its torch.compile alone takes longer than this test
+    may) writes the machine, settings, one timed row per optimizer, selection and targets."""
+    out = tmp_path / "bench" / "optimizer.json"
+    only = ",".join([*METHODS, "pto-soap", "pto-shampoo"])
+    assert main(["optimizer", "--quick", "--steps", "3", "--only", only, "--out", str(out)]) == 0
+
+    result = json.loads(out.read_text())
+    assert set(result) == {"machine", "settings", "rows", "selection", "targets"}
+    assert {"processor", "cpu_count", "torch", "torch_num_threads", "date_utc"} <= set(result["machine"])
+    assert result["settings"]["steps"] == 3 and result["settings"]["quick"] is True
+    assert [r["name"] for r in result["rows"]] == ["adamw", *METHODS, "pto-soap", "pto-shampoo"]
+    for row in result["rows"]:
+        assert row["error"] is None, row
+        assert set(row) == ROW_KEYS
+        assert 0 < row["median_step_s"] <= row["max_step_s"]
+        assert row["state_bytes_per_param"] > 0
+    selection = result["selection"]
+    assert selection["kron_precondition_s"] > 0 and selection["naive_s"] > 0
+    assert selection["outputs_agree"] is True
+    assert set(result["targets"]) == {"selection_speedup", "bregtop_vs_fastest_peer", "bregtop_max_over_median"}
+    assert "median ms" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, names",
+    [
+        (["kernel"], "'kernel'"),
+        (["optimizer", "--steps", "0"], "--steps"),
+        (["optimizer", "--only", "adamw,sgd"], "'sgd'"),
+        (["optimizer", "--frobnicate"], "--frobnicate"),
+    ],
+)
+def test_bad_command_line_is_a_one_line_error(argv, names, capsys):
+    """Errors exit 2 with one stderr line that names the bad value; nothing is run."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("python -m launch.bench")
+    assert "error:" in err and names in err
