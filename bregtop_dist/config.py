@@ -140,7 +140,11 @@ class BregTopConfig:
     def from_group(cls, group: Mapping[str, Any]) -> BregTopConfig:
         """The config of an optimizer param group (its non-settings keys are ignored)."""
         names = cls.__dataclass_fields__.keys()
-        return cls(**{k: (tuple(v) if k.endswith("betas") else v) for k, v in group.items() if k in names})
+        settings: dict[str, Any] = {k: v for k, v in group.items() if k in names}
+        for key in ("betas", "adam_betas"):  # lists after a JSON round trip
+            if isinstance(settings.get(key), list):
+                settings[key] = tuple(settings[key])
+        return cls(**settings)
 
     def as_defaults(self) -> dict[str, Any]:
         return asdict(self)

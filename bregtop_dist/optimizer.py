@@ -146,10 +146,11 @@ class BregTop(torch.optim.Optimizer):
         return loss
 
     def _step_stack(self, stack: BlockStack, cfg: BregTopConfig) -> None:
-        active = [i for i, ref in enumerate(stack.blocks) if ref.param.grad is not None]
-        if not active:
+        pieces = {i: ref.of(g) for i, ref in enumerate(stack.blocks) if (g := ref.param.grad) is not None}
+        if not pieces:
             return
-        grad = torch.stack([stack.blocks[i].of(stack.blocks[i].param.grad) for i in active]).float()
+        active = list(pieces)
+        grad = torch.stack(list(pieces.values())).float()
         if stack.state is None:
             stack.state = stack.empty_state()
         whole = len(active) == len(stack.blocks)
