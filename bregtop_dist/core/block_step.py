@@ -3,12 +3,17 @@
 State is float32 whatever the parameter dtype. The first gradient a block sees sets up its
 state (:func:`init_block_state`), then every step runs Algorithm 1 (:func:`kron_block_step`):
 
-1. ``M <- (1-b1) G + b1 M``
+1. ``M <- (1-b1) G + b1 M``, kept in the eigenbasis: ``Mt = U_L^T M U_R`` (see below)
 2. ``(dL, dR) <- STATS(G, U_L, U_R, lam_L, lam_R)``
 3. ``L <- (1-b2) dL + b2 L``, ``R`` likewise
 4. ``lam <- (1-b2) diag(U^T dL U) + b2 lam``, from the rotated gradient (see ``stats``)
 5. on refresh steps ``U <- qr(L U)`` (one warm-started power iteration)
 6. ``update = KRONPRECOND(U_L, U_R, lam_L, lam_R, M, rho, q, c)``
+
+The momentum is stored rotated, ``Mt = U_L^T M U_R``: the rotated gradient is needed for the
+eigenvalue statistics anyway, so ``Mt <- (1-b1) Gt + b1 Mt`` saves the two products that
+rotate M every step; on a refresh ``Mt`` is carried into the new basis. This is Algorithm 1
+exactly (the bases are orthogonal), up to rounding.
 
 First basis and eigenvalues: the factors start from one application of STATS to the first
 gradient, taken from the identity state (U = I, lam = 1, L = I, R = I); the bases are the
@@ -40,7 +45,7 @@ TINY = 1e-30
 class KronBlockState:
     """Optimizer state of B same-shape blocks, each field stacked on dim 0 (float32)."""
 
-    momentum: Tensor  # (B, m, n)
+    momentum: Tensor  # (B, m, n), in the eigenbasis: U_L^T M U_R
     L: Tensor  # (B, m, m)
     R: Tensor  # (B, n, n)
     U_L: Tensor  # (B, m, m), columns are eigenvector estimates
@@ -98,6 +103,12 @@ def _eigh_descending(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return vals, vecs, todo
 
 
+def orthonormal_factor(a: Tensor) -> Tensor:
+    """Q of the Householder QR of ``a`` (batched), without forming R."""
+    reflectors, tau = torch.geqrf(a)
+    return torch.linalg.householder_product(reflectors, tau)
+
+
 def power_qr(factor: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
     """``qr(factor @ basis).Q`` per block, retried in float64; where both fail, the old basis.
 
@@ -107,7 +118,7 @@ def power_qr(factor: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
     todo = torch.ones(basis.shape[0], dtype=torch.bool)
     for dtype in (basis.dtype, torch.float64):
         try:
-            q = torch.linalg.qr(factor.to(dtype) @ basis.to(dtype)).Q.to(basis.dtype)
+            q = orthonormal_factor(factor.to(dtype) @ basis.to(dtype)).to(basis.dtype)
         except RuntimeError:
             continue
         good = todo & torch.isfinite(q).all((-2, -1))
@@ -161,9 +172,8 @@ def kron_block_step(
     """
     s = state
     b1, b2 = hyper.beta1, hyper.beta2
-    s.momentum.lerp_(grad, 1.0 - b1)
-    g_ur = grad @ s.U_R
-    gt = s.U_L.mT @ g_ur  # (B, m, n), the gradient in the current eigenbasis
+    gt = s.U_L.mT @ grad @ s.U_R  # (B, m, n), the gradient in the current eigenbasis
+    s.momentum.lerp_(gt, 1.0 - b1)
     d_l, d_r = kron_stats(hyper.stats, grad, s.U_L, s.U_R, s.lam_L, s.lam_R, s.L, s.R)
     diag_l, diag_r = rotated_diagonals(
         hyper.stats, gt, s.lam_L, s.lam_R, s.L, s.R, d_l, d_r, s.U_L, s.U_R
@@ -178,14 +188,17 @@ def kron_block_step(
     due = refresh_due(s.step, offset, hyper.frequency)
     if bool(due.any()):
         idx = due.nonzero().flatten()
-        new_l, failed_l = power_qr(s.L[idx], s.U_L[idx])
-        new_r, failed_r = power_qr(s.R[idx], s.U_R[idx])
+        old_l, old_r = s.U_L[idx], s.U_R[idx]
+        new_l, failed_l = power_qr(s.L[idx], old_l)
+        new_r, failed_r = power_qr(s.R[idx], old_r)
+        # Carry the rotated momentum into the new bases: U_new^T (U_old Mt U_old^T) U_new.
+        moved = (new_l.mT @ old_l) @ s.momentum[idx] @ (old_r.mT @ new_r)
+        s.momentum.index_copy_(0, idx, moved)
         s.U_L.index_copy_(0, idx, new_l)
         s.U_R.index_copy_(0, idx, new_r)
         failed[idx] = failed_l | failed_r
 
-    mt = s.U_L.mT @ s.momentum @ s.U_R
-    pre = precondition_rotated(mt, s.lam_L, s.lam_R, hyper.rho, hyper.q, hyper.c, hyper.eps)
+    pre = precondition_rotated(s.momentum, s.lam_L, s.lam_R, hyper.rho, hyper.q, hyper.c, hyper.eps)
     return s.U_L @ pre @ s.U_R.mT, failed
 
 

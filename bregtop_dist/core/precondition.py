@@ -32,6 +32,11 @@ def inverse_sqrt(s: Tensor, eps: float) -> Tensor:
     return torch.rsqrt(s) if eps == 0.0 else 1.0 / (torch.sqrt(s) + eps)
 
 
+def _inverse_sqrt_(s: Tensor, eps: float) -> Tensor:
+    """:func:`inverse_sqrt` in place (S is not needed afterwards)."""
+    return s.rsqrt_() if eps == 0.0 else s.sqrt_().add_(eps).reciprocal_()
+
+
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     """Eigenvalues and S are handled in float64 if any input is float64, else float32."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
@@ -47,11 +52,10 @@ def precondition_weights(
     bsz, m = lam_l.shape
     n = lam_r.shape[-1]
     s = lam_l[:, :, None] * lam_r[:, None, :]  # (B, m, n), the joint spectrum
-    scale_top = inverse_sqrt(s, eps)
     k = top_count(rho, m, n)
     n_bottom = m * n - k
     if n_bottom == 0:
-        return scale_top
+        return _inverse_sqrt_(s, eps)
 
     a_desc = torch.sort(lam_l, dim=-1, descending=True).values
     b_asc = torch.sort(lam_r, dim=-1).values
@@ -70,18 +74,16 @@ def precondition_weights(
     chi = c * torch.lerp(v_below, v_above, weight)  # (B,)
 
     thr = threshold[:, None, None]
-    top = s > thr
+    top = s >= thr
     n_at_least = count_at_least(a_desc, b_asc, threshold[:, None])[:, 0]
     if bool((n_at_least > k).any()):
         # Entries equal to the threshold straddle the top/bottom boundary: the first
-        # (k - #greater) of them in row-major order join the top set.
+        # (k - #greater) of them in row-major order stay in the top set.
         tied = (s == thr).reshape(bsz, m * n)
-        n_greater = top.reshape(bsz, m * n).sum(-1, keepdim=True)
+        n_greater = (n_at_least - tied.sum(-1))[:, None]
         tie_rank = torch.cumsum(tied, dim=-1)
-        top = top | (tied & (tie_rank <= k - n_greater)).reshape(bsz, m, n)
-    else:
-        top = s >= thr
-    return torch.where(top, scale_top, chi[:, None, None].to(s.dtype))
+        top &= ~(tied & (tie_rank > k - n_greater)).reshape(bsz, m, n)
+    return torch.where(top, _inverse_sqrt_(s, eps), chi[:, None, None].to(s.dtype))
 
 
 def precondition_rotated(
@@ -90,7 +92,7 @@ def precondition_rotated(
     """``Mt * W`` for a batch of blocks already in the eigenbasis; (B, m, n) in mt's dtype."""
     dtype = _compute_dtype(lam_l, lam_r)
     w = precondition_weights(lam_l.to(dtype), lam_r.to(dtype), rho, q, c, eps)
-    return (mt.to(dtype) * w).to(mt.dtype)
+    return w.mul_(mt).to(mt.dtype)
 
 
 def _check_inputs(

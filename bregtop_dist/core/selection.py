@@ -66,8 +66,9 @@ def _row_counts_at_least_f32(a_desc: Tensor, b_asc: Tensor, t: Tensor) -> Tensor
     A product of two float32 numbers is exact in float64, and ``fl32(x) >= t`` exactly when
     x lies above the midpoint between t and its float32 predecessor (at the midpoint itself,
     ties-to-even rounds up when t's last bit is even). An exact product differs from that
-    midpoint by far more than float64's rounding of ``midpoint / a_i``, so one
-    ``searchsorted`` per side decides every entry exactly.
+    midpoint by far more than float64's rounding of ``midpoint / a_i`` unless the two are
+    equal, in which case the quotient is exact; so one ``searchsorted`` decides every entry,
+    against the next float64 above the quotient where the comparison must be strict.
     """
     bsz, m = a_desc.shape
     q_count = t.shape[-1]
@@ -76,11 +77,9 @@ def _row_counts_at_least_f32(a_desc: Tensor, b_asc: Tensor, t: Tensor) -> Tensor
     pred = torch.nextafter(t, torch.zeros_like(t))
     mid = ((t.double() + pred.double()) / 2)[:, :, None]  # (B, Q, 1), exact
     ratio = torch.where(a > 0, mid / a.clamp_min(torch.finfo(torch.float64).tiny), torch.inf)
-    flat = ratio.reshape(bsz, q_count * m)
-    ge = torch.searchsorted(b, flat, side="left").reshape(bsz, q_count, m)
-    gt = torch.searchsorted(b, flat, side="right").reshape(bsz, q_count, m)
-    even = (t.view(torch.int32) & 1 == 0)[:, :, None]
-    start = torch.where(even, ge, gt)
+    strict = (t.view(torch.int32) & 1 == 1)[:, :, None]  # odd t: the midpoint rounds down
+    ratio = torch.where(strict, torch.nextafter(ratio, torch.full_like(ratio, torch.inf)), ratio)
+    start = torch.searchsorted(b, ratio.reshape(bsz, q_count * m), side="left").reshape(bsz, q_count, m)
     counts = b.shape[-1] - start
     return torch.where(t[:, :, None] <= 0, b.shape[-1], counts)
 
@@ -89,21 +88,34 @@ def count_at_least(a_desc: Tensor, b_asc: Tensor, t: Tensor) -> Tensor:
     """#{(i, j) : fl(a_i * b_j) >= t} for each batch row and query: (B, Q) int64.
 
     ``a_desc`` (B, m) sorted descending and ``b_asc`` (B, n) sorted ascending, both >= 0,
-    of one dtype (float32 or float64); ``t`` (B, Q) of that dtype.
+    of one dtype (float32 or float64); ``t`` (B, Q) of that dtype. The count runs over the
+    shorter of the two vectors (S and S^T have the same entries).
     """
+    if a_desc.shape[-1] > b_asc.shape[-1]:
+        a_desc, b_asc = b_asc.flip(-1), a_desc.flip(-1)
     if a_desc.dtype == torch.float32:
         return _row_counts_at_least_f32(a_desc, b_asc, t).sum(-1)
     return _row_counts_at_least(a_desc, b_asc, t).sum(-1)
 
 
-def kth_largest_product(a_desc: Tensor, b_asc: Tensor, rank: Tensor, ways: int = 16) -> Tensor:
+def search_ways(batch: int, queries: int, m: int, n: int) -> int:
+    """Probe thresholds per pass + 1: wide passes pay off while a count is cheap (small
+    blocks, where per-pass overhead dominates); large stacks do better with narrow ones."""
+    return 16 if batch * queries * min(m, n) < 2048 else 4
+
+
+def kth_largest_product(
+    a_desc: Tensor, b_asc: Tensor, rank: Tensor, ways: int | None = None
+) -> Tensor:
     """The ``rank``-th largest (0-based) entry of the outer product a b^T, per batch row.
 
     ``rank`` is (B, Q) int64 with values in [0, m*n). Returns (B, Q) in a's dtype
     (float32 or float64): the value ``sort(outer(a, b).flatten(), descending=True)[rank]``.
     A ``ways``-ary search over bit patterns: each pass counts ``ways - 1`` probe thresholds
-    at once and shrinks the bracket ``ways``-fold (about 8 passes for float32).
+    at once and shrinks the bracket ``ways``-fold (default: :func:`search_ways`).
     """
+    if ways is None:
+        ways = search_ways(rank.shape[0], rank.shape[1], a_desc.shape[-1], b_asc.shape[-1])
     dtype = a_desc.dtype
     if dtype not in _INT_VIEW:
         raise TypeError(f"kth_largest_product needs float32 or float64, got {dtype}")
