@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from bregtop_dist.core.precondition import precondition_rotated
-from bregtop_dist.core.stats import kron_stats, rotated_diagonals
+from bregtop_dist.core.stats import EIGEN_WEIGHTED, factor_weights, kron_stats, rotated_diagonals
 
 EIG_FLOOR = 1.0
 """First eigenvalue estimates are at least this multiple of their mean."""
@@ -172,14 +172,29 @@ def kron_block_step(
     """
     s = state
     b1, b2 = hyper.beta1, hyper.beta2
-    gt = s.U_L.mT @ grad @ s.U_R  # (B, m, n), the gradient in the current eigenbasis
+    if hyper.stats == "f-v1":
+        gt = s.U_L.mT @ grad @ s.U_R  # (B, m, n), the gradient in the current eigenbasis
+        d_l, d_r = kron_stats("f-v1", grad, s.U_L, s.U_R, s.lam_L, s.lam_R, s.L, s.R)
+        diag_l, diag_r = rotated_diagonals("f-v1", gt, s.lam_L, s.lam_R, s.L, s.R, d_l, d_r, s.U_L, s.U_R)
+        s.L.lerp_(d_l, 1.0 - b2)
+        s.R.lerp_(d_r, 1.0 - b2)
+    else:
+        # dL = X_L diag(w_L) X_L^T: the factor EMA is one fused product of pre-scaled X.
+        w_l, w_r = factor_weights(hyper.stats, s.lam_L, s.lam_R, s.L, s.R)
+        if hyper.stats in EIGEN_WEIGHTED:
+            x_r = s.U_L.mT @ grad  # (B, m, n)
+            x_l = grad @ s.U_R
+            gt = x_r @ s.U_R
+        else:
+            x_l = x_r = grad
+            gt = s.U_L.mT @ grad @ s.U_R
+        sq = gt * gt
+        diag_l, diag_r = (sq * w_l[:, None, :]).sum(-1), (sq * w_r[:, :, None]).sum(-2)
+        x_l = x_l * w_l.sqrt()[:, None, :]
+        x_r = x_r * w_r.sqrt()[:, :, None]
+        s.L.baddbmm_(x_l, x_l.mT, beta=b2, alpha=1.0 - b2)
+        s.R.baddbmm_(x_r.mT, x_r, beta=b2, alpha=1.0 - b2)
     s.momentum.lerp_(gt, 1.0 - b1)
-    d_l, d_r = kron_stats(hyper.stats, grad, s.U_L, s.U_R, s.lam_L, s.lam_R, s.L, s.R)
-    diag_l, diag_r = rotated_diagonals(
-        hyper.stats, gt, s.lam_L, s.lam_R, s.L, s.R, d_l, d_r, s.U_L, s.U_R
-    )
-    s.L.lerp_(d_l, 1.0 - b2)
-    s.R.lerp_(d_r, 1.0 - b2)
     s.lam_L.lerp_(diag_l, 1.0 - b2)
     s.lam_R.lerp_(diag_r, 1.0 - b2)
     s.step += 1
@@ -191,8 +206,10 @@ def kron_block_step(
         old_l, old_r = s.U_L[idx], s.U_R[idx]
         new_l, failed_l = power_qr(s.L[idx], old_l)
         new_r, failed_r = power_qr(s.R[idx], old_r)
-        # Carry the rotated momentum into the new bases: U_new^T (U_old Mt U_old^T) U_new.
-        moved = (new_l.mT @ old_l) @ s.momentum[idx] @ (old_r.mT @ new_r)
+        # Carry the rotated momentum into the new bases: U_new^T (U_old Mt U_old^T) U_new,
+        # four m x n products (cheaper than forming U_new^T U_old, an m^3 product).
+        momentum = old_l @ s.momentum[idx] @ old_r.mT
+        moved = new_l.mT @ momentum @ new_r
         s.momentum.index_copy_(0, idx, moved)
         s.U_L.index_copy_(0, idx, new_l)
         s.U_R.index_copy_(0, idx, new_r)

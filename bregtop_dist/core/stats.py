@@ -27,6 +27,8 @@ import torch
 from torch import Tensor
 
 STATS_METHODS = ("shampoo", "kl", "vn-v1", "vn-v2", "f-v1", "f-v2")
+EIGEN_WEIGHTED = ("kl", "f-v2")
+"""Methods whose weight is diagonal in the other factor's eigenbasis: X_L = G U_R, X_R = U_L^T G."""
 _NEEDS_FACTORS = ("vn-v1", "f-v1")
 
 
@@ -34,21 +36,42 @@ def _trace(x: Tensor) -> Tensor:
     return torch.diagonal(x, dim1=-2, dim2=-1).sum(-1)
 
 
-def _per_block(x: Tensor) -> Tensor:
-    """A per-block scalar (...,) made broadcastable against (..., d, d)."""
-    return x[..., None, None]
-
-
 def _weighted_gram(x: Tensor, weight: Tensor) -> Tensor:
-    """``x diag(weight) x^T`` for x (..., d, k), weight (..., k)."""
+    """``x diag(weight) x^T`` for x (..., d, k), weight (..., k) or (..., 1)."""
     return (x * weight[..., None, :]) @ x.mT
 
 
-def _check(method: str, lam_l: Tensor, lam_r: Tensor, L: Tensor | None, R: Tensor | None) -> None:
+def _check(method: str, L: Tensor | None, R: Tensor | None) -> None:
     if method not in STATS_METHODS:
         raise ValueError(f"method={method!r} is unknown; allowed: {', '.join(STATS_METHODS)}")
     if method in _NEEDS_FACTORS and (L is None or R is None):
         raise ValueError(f"method={method!r} needs the current factors L and R; got L or R = None")
+
+
+def factor_weights(
+    method: str, lam_L: Tensor, lam_R: Tensor, L: Tensor | None = None, R: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """(w_L, w_R) with ``dL = X_L diag(w_L) X_L^T`` and ``dR = X_R^T diag(w_R) X_R``.
+
+    ``X_L = X_R = G`` and the weights are per-block scalars (..., 1) for shampoo and vn-*;
+    ``X_L = G U_R``, ``X_R = U_L^T G`` and the weights are vectors (..., n), (..., m) for kl
+    and f-v2. f-v1 has no such form (its weight R is not diagonal in the eigenbasis).
+    """
+    _check(method, L, R)
+    m, n = lam_L.shape[-1], lam_R.shape[-1]
+    if method == "shampoo":
+        one = torch.ones_like(lam_L[..., :1])
+        return one, one
+    if method == "vn-v1":
+        assert L is not None and R is not None
+        return 1.0 / _trace(R)[..., None], 1.0 / _trace(L)[..., None]
+    if method == "vn-v2":
+        return 1.0 / lam_R.sum(-1, keepdim=True), 1.0 / lam_L.sum(-1, keepdim=True)
+    if method == "kl":
+        return 1.0 / (n * lam_R), 1.0 / (m * lam_L)
+    if method == "f-v2":
+        return lam_R / (lam_R**2).sum(-1, keepdim=True), lam_L / (lam_L**2).sum(-1, keepdim=True)
+    raise ValueError(f"method={method!r} has no diagonal factor weights")
 
 
 def kron_stats(
@@ -66,30 +89,18 @@ def kron_stats(
     ``U_L``/``U_R`` may be ``None`` (identity). ``L``/``R`` are the current factors, needed
     by vn-v1 and f-v1.
     """
-    _check(method, lam_L, lam_R, L, R)
-    m, n = G.shape[-2:]
-    if method in ("kl", "f-v2"):
-        g_ur = G if U_R is None else G @ U_R  # (..., m, n)
-        ul_g = G if U_L is None else U_L.mT @ G  # (..., m, n)
-        if method == "kl":
-            return _weighted_gram(g_ur, 1.0 / lam_R) / n, _weighted_gram(ul_g.mT, 1.0 / lam_L) / m
-        d_l = _weighted_gram(g_ur, lam_R) / _per_block((lam_R**2).sum(-1))
-        d_r = _weighted_gram(ul_g.mT, lam_L) / _per_block((lam_L**2).sum(-1))
-        return d_l, d_r
+    _check(method, L, R)
     if method == "f-v1":
         assert L is not None and R is not None
-        d_l = G @ R @ G.mT / _per_block((R * R).sum((-2, -1)))
-        d_r = G.mT @ L @ G / _per_block((L * L).sum((-2, -1)))
+        d_l = G @ R @ G.mT / (R * R).sum((-2, -1))[..., None, None]
+        d_r = G.mT @ L @ G / (L * L).sum((-2, -1))[..., None, None]
         return d_l, d_r
-    gram_l = G @ G.mT
-    gram_r = G.mT @ G
-    if method == "shampoo":
-        return gram_l, gram_r
-    if method == "vn-v1":
-        assert L is not None and R is not None
-        return gram_l / _per_block(_trace(R)), gram_r / _per_block(_trace(L))
-    # vn-v2
-    return gram_l / _per_block(lam_R.sum(-1)), gram_r / _per_block(lam_L.sum(-1))
+    w_l, w_r = factor_weights(method, lam_L, lam_R, L, R)
+    x_l, x_r = G, G
+    if method in EIGEN_WEIGHTED:
+        x_l = G if U_R is None else G @ U_R
+        x_r = G if U_L is None else U_L.mT @ G
+    return _weighted_gram(x_l, w_l), _weighted_gram(x_r.mT, w_r)
 
 
 def rotated_diagonals(
@@ -106,28 +117,17 @@ def rotated_diagonals(
 ) -> tuple[Tensor, Tensor]:
     """``(diag(U_L^T dL U_L), diag(U_R^T dR U_R))`` from ``Gt = U_L^T G U_R`` (..., m, n).
 
-    f-v1 is the one method whose weight is not diagonal in the eigenbasis: it reads
-    ``dL``, ``dR`` and the bases instead of ``Gt``.
+    With the weights of :func:`factor_weights` these are ``rowsum(Gt^2 w_L)`` and
+    ``colsum(Gt^2 w_R)``. f-v1, whose weight is not diagonal in the eigenbasis, reads
+    ``dL``, ``dR`` and the bases instead.
     """
-    _check(method, lam_L, lam_R, L, R)
-    m, n = Gt.shape[-2:]
+    _check(method, L, R)
     if method == "f-v1":
         if dL is None or dR is None:
             raise ValueError("method='f-v1' needs dL and dR to form the rotated diagonals")
         diag_l = torch.diagonal(dL, dim1=-2, dim2=-1) if U_L is None else (U_L * (dL @ U_L)).sum(-2)
         diag_r = torch.diagonal(dR, dim1=-2, dim2=-1) if U_R is None else (U_R * (dR @ U_R)).sum(-2)
         return diag_l, diag_r
+    w_l, w_r = factor_weights(method, lam_L, lam_R, L, R)
     sq = Gt * Gt
-    if method == "kl":
-        return (sq / lam_R[..., None, :]).sum(-1) / n, (sq / lam_L[..., :, None]).sum(-2) / m
-    if method == "f-v2":
-        diag_l = (sq * lam_R[..., None, :]).sum(-1) / (lam_R**2).sum(-1, keepdim=True)
-        diag_r = (sq * lam_L[..., :, None]).sum(-2) / (lam_L**2).sum(-1, keepdim=True)
-        return diag_l, diag_r
-    row, col = sq.sum(-1), sq.sum(-2)
-    if method == "shampoo":
-        return row, col
-    if method == "vn-v1":
-        assert L is not None and R is not None
-        return row / _trace(R)[..., None], col / _trace(L)[..., None]
-    return row / lam_R.sum(-1, keepdim=True), col / lam_L.sum(-1, keepdim=True)
+    return (sq * w_l[..., None, :]).sum(-1), (sq * w_r[..., :, None]).sum(-2)
