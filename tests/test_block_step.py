@@ -7,7 +7,7 @@ import torch
 from reference import algorithm1_ref, boundary_gap, kron_stats_ref
 
 from bregtop_dist.config import PRESETS
-from bregtop_dist.core import block_step
+from bregtop_dist.core import bases
 from bregtop_dist.core.block_step import (
     EIG_FLOOR,
     BlockHyper,
@@ -15,7 +15,6 @@ from bregtop_dist.core.block_step import (
     init_block_state,
     kron_block_step,
     lpt_refresh_offsets,
-    power_qr,
     refresh_due,
 )
 
@@ -146,19 +145,19 @@ def test_power_qr_retries_in_float64_then_keeps_the_old_basis(gen, monkeypatch):
             raise RuntimeError("simulated LAPACK failure")
         return real_qr(a).Q
 
-    monkeypatch.setattr(block_step, "orthonormal_factor", fails_in_float32)
-    new, failed = power_qr(factor, basis)
+    monkeypatch.setattr(bases, "orthonormal_factor", fails_in_float32)
+    new, failed = bases.power_qr(factor, basis)
     assert not failed.any()
     _close(new, real_qr(factor.double() @ basis.double()).Q, 1e-6)
 
     def nan_always(a):
         return torch.full_like(a, float("nan"))
 
-    monkeypatch.setattr(block_step, "orthonormal_factor", nan_always)
-    new, failed = power_qr(factor, basis)
+    monkeypatch.setattr(bases, "orthonormal_factor", nan_always)
+    new, failed = bases.power_qr(factor, basis)
     assert failed.all() and torch.equal(new, basis)
 
 
 def test_orthonormal_factor_is_the_q_of_qr(gen):
     a = torch.randn(3, 9, 9, generator=gen, dtype=torch.float64)
-    _close(block_step.orthonormal_factor(a), torch.linalg.qr(a).Q, 1e-12)
+    _close(bases.orthonormal_factor(a), torch.linalg.qr(a).Q, 1e-12)

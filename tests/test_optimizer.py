@@ -13,7 +13,7 @@ from torch import nn
 from bregtop_dist import METHODS, BregTop, NonFiniteGradientError, param_groups
 from bregtop_dist.block_plan import plan_group
 from bregtop_dist.config import PRESETS
-from bregtop_dist.core import block_step
+from bregtop_dist.core import bases
 from bregtop_dist.core.block_step import BlockHyper, init_block_state, kron_block_step
 
 
@@ -246,7 +246,7 @@ def test_failed_basis_refresh_warns_once_and_training_goes_on(gen, monkeypatch):
     def broken(a):
         raise RuntimeError("simulated LAPACK failure")
 
-    monkeypatch.setattr(block_step, "orthonormal_factor", broken)
+    monkeypatch.setattr(bases, "orthonormal_factor", broken)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _run(opt, params, _grads(gen, params, 3))

@@ -32,6 +32,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from bregtop_dist.core.bases import eigh_descending, power_qr
 from bregtop_dist.core.precondition import precondition_rotated
 from bregtop_dist.core.stats import EIGEN_WEIGHTED, factor_weights, kron_stats, rotated_diagonals
 
@@ -81,54 +82,6 @@ class BlockHyper:
     frequency: int
 
 
-def _eigh_descending(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(eigenvalues desc, eigenvectors, failed) of symmetric a (B, d, d), retried in float64.
-
-    Where both attempts fail the block keeps the identity basis and its diagonal.
-    """
-    vals = torch.diagonal(a, dim1=-2, dim2=-1).clone()
-    vecs = torch.eye(a.shape[-1], dtype=a.dtype).expand_as(a).clone()
-    todo = torch.ones(a.shape[0], dtype=torch.bool)
-    for dtype in (a.dtype, torch.float64):
-        try:
-            v, u = torch.linalg.eigh(a.to(dtype))
-        except RuntimeError:
-            continue
-        good = todo & torch.isfinite(v).all(-1) & torch.isfinite(u).all((-2, -1))
-        vals = torch.where(good[:, None], v.flip(-1).to(a.dtype), vals)
-        vecs = torch.where(good[:, None, None], u.flip(-1).to(a.dtype), vecs)
-        todo = todo & ~good
-        if not bool(todo.any()):
-            break
-    return vals, vecs, todo
-
-
-def orthonormal_factor(a: Tensor) -> Tensor:
-    """Q of the Householder QR of ``a`` (batched), without forming R."""
-    reflectors, tau = torch.geqrf(a)
-    return torch.linalg.householder_product(reflectors, tau)
-
-
-def power_qr(factor: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
-    """``qr(factor @ basis).Q`` per block, retried in float64; where both fail, the old basis.
-
-    Returns (new basis, failed) with failed a (B,) bool.
-    """
-    new = basis.clone()
-    todo = torch.ones(basis.shape[0], dtype=torch.bool)
-    for dtype in (basis.dtype, torch.float64):
-        try:
-            q = orthonormal_factor(factor.to(dtype) @ basis.to(dtype)).to(basis.dtype)
-        except RuntimeError:
-            continue
-        good = todo & torch.isfinite(q).all((-2, -1))
-        new = torch.where(good[:, None, None], q, new)
-        todo = todo & ~good
-        if not bool(todo.any()):
-            break
-    return new, todo
-
-
 def init_block_state(stats: str, grad: Tensor) -> tuple[KronBlockState, Tensor]:
     """State of a stack from its first gradient (B, m, n) float32; also (B,) eigh failures."""
     bsz, m, n = grad.shape
@@ -137,8 +90,8 @@ def init_block_state(stats: str, grad: Tensor) -> tuple[KronBlockState, Tensor]:
     ones_l = torch.ones(bsz, m, dtype=grad.dtype)
     ones_r = torch.ones(bsz, n, dtype=grad.dtype)
     d_l, d_r = kron_stats(stats, grad, None, None, ones_l, ones_r, eye_l, eye_r)
-    lam_l, u_l, failed_l = _eigh_descending(d_l)
-    lam_r, u_r, failed_r = _eigh_descending(d_r)
+    lam_l, u_l, failed_l = eigh_descending(d_l)
+    lam_r, u_r, failed_r = eigh_descending(d_r)
     state = KronBlockState(
         momentum=torch.zeros_like(grad),
         L=d_l.contiguous(),
@@ -162,15 +115,8 @@ def refresh_due(step: Tensor, offset: Tensor, frequency: int) -> Tensor:
     return torch.remainder(step - offset, frequency) == 0
 
 
-def kron_block_step(
-    state: KronBlockState, grad: Tensor, hyper: BlockHyper, offset: Tensor
-) -> tuple[Tensor, Tensor]:
-    """One step of Algorithm 1 on every block of ``state`` (updated in place).
-
-    ``grad`` is (B, m, n) float32, ``offset`` (B,) the blocks' refresh offsets.
-    Returns (update M_hat (B, m, n), (B,) QR failures that kept the previous basis).
-    """
-    s = state
+def _accumulate(s: KronBlockState, grad: Tensor, hyper: BlockHyper) -> None:
+    """Lines 1-5 of Algorithm 1 but the refresh: momentum, factor and eigenvalue EMAs."""
     b1, b2 = hyper.beta1, hyper.beta2
     if hyper.stats == "f-v1":
         gt = s.U_L.mT @ grad @ s.U_R  # (B, m, n), the gradient in the current eigenbasis
@@ -199,22 +145,39 @@ def kron_block_step(
     s.lam_R.lerp_(diag_r, 1.0 - b2)
     s.step += 1
 
+
+def _refresh(s: KronBlockState, idx: Tensor) -> Tensor:
+    """Line 7 for the blocks ``idx``: ``U <- qr(L U)``, the rotated momentum carried along.
+
+    Returns (len(idx),) bool: blocks whose QR failed and kept their previous basis.
+    """
+    old_l, old_r = s.U_L[idx], s.U_R[idx]
+    new_l, failed_l = power_qr(s.L[idx], old_l)
+    new_r, failed_r = power_qr(s.R[idx], old_r)
+    # U_new^T (U_old Mt U_old^T) U_new: four m x n products, cheaper than forming the m x m
+    # change of basis U_new^T U_old.
+    momentum = old_l @ s.momentum[idx] @ old_r.mT
+    s.momentum.index_copy_(0, idx, new_l.mT @ momentum @ new_r)
+    s.U_L.index_copy_(0, idx, new_l)
+    s.U_R.index_copy_(0, idx, new_r)
+    return failed_l | failed_r
+
+
+def kron_block_step(
+    state: KronBlockState, grad: Tensor, hyper: BlockHyper, offset: Tensor
+) -> tuple[Tensor, Tensor]:
+    """One step of Algorithm 1 on every block of ``state`` (updated in place).
+
+    ``grad`` is (B, m, n) float32, ``offset`` (B,) the blocks' refresh offsets.
+    Returns (update M_hat (B, m, n), (B,) QR failures that kept the previous basis).
+    """
+    _accumulate(state, grad, hyper)
     failed = torch.zeros(grad.shape[0], dtype=torch.bool)
-    due = refresh_due(s.step, offset, hyper.frequency)
+    due = refresh_due(state.step, offset, hyper.frequency)
     if bool(due.any()):
         idx = due.nonzero().flatten()
-        old_l, old_r = s.U_L[idx], s.U_R[idx]
-        new_l, failed_l = power_qr(s.L[idx], old_l)
-        new_r, failed_r = power_qr(s.R[idx], old_r)
-        # Carry the rotated momentum into the new bases: U_new^T (U_old Mt U_old^T) U_new,
-        # four m x n products (cheaper than forming U_new^T U_old, an m^3 product).
-        momentum = old_l @ s.momentum[idx] @ old_r.mT
-        moved = new_l.mT @ momentum @ new_r
-        s.momentum.index_copy_(0, idx, moved)
-        s.U_L.index_copy_(0, idx, new_l)
-        s.U_R.index_copy_(0, idx, new_r)
-        failed[idx] = failed_l | failed_r
-
+        failed[idx] = _refresh(state, idx)
+    s = state
     pre = precondition_rotated(s.momentum, s.lam_L, s.lam_R, hyper.rho, hyper.q, hyper.c, hyper.eps)
     return s.U_L @ pre @ s.U_R.mT, failed
 

@@ -1,0 +1,57 @@
+"""Eigenbases of the Kronecker factors: the first one by ``eigh``, later ones by one
+warm-started QR power iteration. A failed factorisation is retried in float64; where that
+fails too the block keeps its previous basis (the caller warns).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def eigh_descending(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(eigenvalues desc, eigenvectors, failed) of symmetric a (B, d, d), retried in float64.
+
+    Where both attempts fail the block keeps the identity basis and its diagonal.
+    """
+    vals = torch.diagonal(a, dim1=-2, dim2=-1).clone()
+    vecs = torch.eye(a.shape[-1], dtype=a.dtype).expand_as(a).clone()
+    todo = torch.ones(a.shape[0], dtype=torch.bool)
+    for dtype in (a.dtype, torch.float64):
+        try:
+            v, u = torch.linalg.eigh(a.to(dtype))
+        except RuntimeError:
+            continue
+        good = todo & torch.isfinite(v).all(-1) & torch.isfinite(u).all((-2, -1))
+        vals = torch.where(good[:, None], v.flip(-1).to(a.dtype), vals)
+        vecs = torch.where(good[:, None, None], u.flip(-1).to(a.dtype), vecs)
+        todo = todo & ~good
+        if not bool(todo.any()):
+            break
+    return vals, vecs, todo
+
+
+def orthonormal_factor(a: Tensor) -> Tensor:
+    """Q of the Householder QR of ``a`` (batched), without forming R."""
+    reflectors, tau = torch.geqrf(a)
+    return torch.linalg.householder_product(reflectors, tau)
+
+
+def power_qr(factor: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
+    """``qr(factor @ basis).Q`` per block, retried in float64; where both fail, the old basis.
+
+    Returns (new basis, failed) with failed a (B,) bool.
+    """
+    new = basis.clone()
+    todo = torch.ones(basis.shape[0], dtype=torch.bool)
+    for dtype in (basis.dtype, torch.float64):
+        try:
+            q = orthonormal_factor(factor.to(dtype) @ basis.to(dtype)).to(basis.dtype)
+        except RuntimeError:
+            continue
+        good = todo & torch.isfinite(q).all((-2, -1))
+        new = torch.where(good[:, None, None], q, new)
+        todo = todo & ~good
+        if not bool(todo.any()):
+            break
+    return new, todo
