@@ -15,12 +15,14 @@ ROW_KEYS = {
     "options",
     "error",
     "median_step_s",
+    "mean_step_s",
     "max_step_s",
     "max_over_median",
     "median_vs_adamw",
     "repeat_median_step_s",
     "state_bytes",
     "state_bytes_per_param",
+    "step_s",
 }
 
 
@@ -41,7 +43,8 @@ def test_quick_optimizer_bench_writes_json(tmp_path, capsys):
     for row in result["rows"]:
         assert row["error"] is None, row
         assert set(row) == ROW_KEYS
-        assert 0 < row["median_step_s"] <= row["max_step_s"]
+        assert 0 < row["median_step_s"] <= row["max_step_s"] and 0 < row["mean_step_s"] <= row["max_step_s"]
+        assert len(row["step_s"]) == 3
         assert row["state_bytes_per_param"] > 0
     selection = result["selection"]
     assert selection["kron_precondition_s"] > 0 and selection["naive_s"] > 0

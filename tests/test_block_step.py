@@ -161,3 +161,28 @@ def test_power_qr_retries_in_float64_then_keeps_the_old_basis(gen, monkeypatch):
 def test_orthonormal_factor_is_the_q_of_qr(gen):
     a = torch.randn(3, 9, 9, generator=gen, dtype=torch.float64)
     _close(bases.orthonormal_factor(a), torch.linalg.qr(a).Q, 1e-12)
+
+
+def test_first_basis_retries_eigh_in_float64_then_keeps_identity(gen, monkeypatch):
+    a = torch.stack([_spd(gen, 5) for _ in range(2)]).float()
+    real_eigh = torch.linalg.eigh
+
+    def fails_in_float32(x):
+        if x.dtype == torch.float32:
+            raise RuntimeError("simulated LAPACK failure")
+        return real_eigh(x)
+
+    monkeypatch.setattr(torch.linalg, "eigh", fails_in_float32)
+    vals, vecs, failed = bases.eigh_descending(a)
+    assert not failed.any() and vals.dtype == torch.float32
+    want = real_eigh(a.double()).eigenvalues.flip(-1)
+    _close(vals, want, 1e-6)
+
+    def always_fails(x):
+        raise RuntimeError("simulated LAPACK failure")
+
+    monkeypatch.setattr(torch.linalg, "eigh", always_fails)
+    vals, vecs, failed = bases.eigh_descending(a)
+    assert failed.all()
+    assert torch.equal(vecs, torch.eye(5).expand(2, 5, 5))
+    assert torch.equal(vals, torch.diagonal(a, dim1=-2, dim2=-1))
