@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,8 @@ def positive_int(text: str) -> int:
 
 
 def machine_info() -> dict[str, Any]:
-    """What a timing depends on: CPU, core count, torch build and threads, and when (UTC)."""
+    """What a timing depends on: CPU, core count, torch build and threads, when (UTC), and the
+    load average (1, 5, 15 min) when called: other processes on the machine skew timings."""
     return {
         "processor": platform.processor() or platform.machine(),
         "machine": platform.machine(),
@@ -37,7 +39,19 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_num_threads": torch.get_num_threads(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load_average": list(os.getloadavg()),
     }
+
+
+def code_version() -> str | None:
+    """``git describe --always --dirty`` of the checkout (the code being timed), or None."""
+    try:
+        done = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip()
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -1,0 +1,466 @@
+"""Step time, state memory and top-set selection time of BregTop against AdamW, SOAP and Shampoo.
+
+Every optimizer steps the matrices of a small transformer (per layer q, k, v, o and the
+MLP's up and down projections; no vectors, so this measures the Kronecker side). Each one
+is warmed up for two precondition periods (first-step set-up and at least one basis
+refresh done, torch.compile'd peers compiled), then only ``opt.step()`` is timed for
+``--steps`` steps, ``--repeats`` times. Gradients come from a pool generated once, so all
+optimizers see the same sequence; a fresh copy is put in ``.grad`` before each step,
+outside the timing. State memory is numel * element_size over every state tensor.
+Selection compares :func:`bregtop_dist.kron_precondition` with the straightforward
+materialise-S / topk / quantile reference on one block (1024 x 4096 unless --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bregtop_dist import METHODS, BregTop, kron_precondition
+from launch.bench import code_version, machine_info, positive_int, write_json
+
+HELP = "step time, state bytes/param and selection time of BregTop vs AdamW, SOAP and Shampoo"
+
+LR = 1e-3
+GRAD_POOL = 8
+"""Distinct random gradient sets, cycled (a fresh copy of one is assigned before each step)."""
+SEED = 0
+RHO, Q, C = 0.06, 0.01, 3.0
+"""Selection setting of the selection benchmark (BregTop-VN, appendix D)."""
+SELECTION_TARGET = 10.0
+"""kron_precondition should be at least this many times faster than the naive reference."""
+JITTER_TARGET = 1.5
+"""BregTop rows' max step / median step should stay below this."""
+DEFAULT_OUT = Path("runs/bench/optimizer.json")
+BASELINE = "adamw"
+PEERS = ("heavyball-soap", "pto-soap", "pto-shampoo")
+NAMES = (BASELINE, *METHODS, *PEERS)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much to run: timing, model shape, precondition period and selection block."""
+
+    steps: int
+    repeats: int
+    layers: int
+    dim: int
+    precondition_frequency: int
+    selection: tuple[int, int]
+
+
+FULL = Sizes(steps=60, repeats=3, layers=4, dim=256, precondition_frequency=10, selection=(1024, 4096))
+QUICK = Sizes(steps=6, repeats=1, layers=1, dim=32, precondition_frequency=2, selection=(64, 256))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One benchmarked optimizer: its row name, family, class (imported lazily, so a missing
+    optional package becomes an error row) and constructor keywords besides ``params``."""
+
+    name: str
+    family: str  # "baseline", "bregtop" or "peer"
+    load: Callable[[], type[torch.optim.Optimizer]]
+    options: dict[str, Any]
+
+
+def _heavyball_soap() -> type[torch.optim.Optimizer]:
+    import heavyball
+
+    cls: type[torch.optim.Optimizer] = heavyball.SOAP  # heavyball has no type hints
+    return cls
+
+
+def _pto_soap() -> type[torch.optim.Optimizer]:
+    import pytorch_optimizer
+
+    return pytorch_optimizer.SOAP
+
+
+def _pto_shampoo() -> type[torch.optim.Optimizer]:
+    import pytorch_optimizer
+
+    return pytorch_optimizer.Shampoo
+
+
+def candidates(frequency: int) -> list[Candidate]:
+    """AdamW, the ten BregTop methods and the peers, each Kronecker one refreshing every
+    ``frequency`` steps; every other setting is the library's default."""
+    kron = {"lr": LR, "precondition_frequency": frequency}
+    return [
+        Candidate(BASELINE, "baseline", lambda: torch.optim.AdamW, {"lr": LR}),
+        *(Candidate(m, "bregtop", lambda: BregTop, {**kron, "method": m}) for m in METHODS),
+        Candidate("heavyball-soap", "peer", _heavyball_soap, kron),
+        Candidate("pto-soap", "peer", _pto_soap, kron),
+        Candidate(
+            "pto-shampoo", "peer", _pto_shampoo, {"lr": LR, "preconditioning_compute_steps": frequency}
+        ),
+    ]
+
+
+# ------------------------------------------------------------------------------ step time
+def transformer_shapes(layers: int, dim: int) -> list[tuple[int, int]]:
+    """The matrices of ``layers`` transformer blocks as nn.Linear stores them (out x in):
+    q, k, v, o (dim x dim), MLP up (4 dim x dim) and down (dim x 4 dim)."""
+    return ([(dim, dim)] * 4 + [(4 * dim, dim), (dim, 4 * dim)]) * layers
+
+
+def make_params(shapes: list[tuple[int, int]], seed: int) -> list[nn.Parameter]:
+    """float32 parameters of ``shapes``, initialised like nn.Linear (std 1/sqrt(in))."""
+    gen = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(s, generator=gen) * s[1] ** -0.5) for s in shapes]
+
+
+def make_grad_pool(shapes: list[tuple[int, int]], size: int, seed: int) -> list[list[Tensor]]:
+    """``size`` sets of standard-normal gradients, one tensor per shape."""
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(s, generator=gen) for s in shapes] for _ in range(size)]
+
+
+def timed_steps(
+    opt: torch.optim.Optimizer, params: list[nn.Parameter], pool: list[list[Tensor]], first: int, count: int
+) -> list[float]:
+    """Seconds of ``opt.step()`` alone for steps ``first .. first+count-1``.
+
+    Before each step every ``.grad`` gets a fresh copy of the pool's next gradient set (a copy
+    because some optimizers modify the gradient in place); that is not timed.
+    """
+    times = []
+    for i in range(first, first + count):
+        for p, g in zip(params, pool[i % len(pool)], strict=True):
+            p.grad = g.clone()
+        start = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def tensor_bytes(obj: Any, seen: set[int]) -> int:
+    """numel * element_size over the tensors in ``obj`` and its nested dicts, lists and
+    tuples; a tensor already in ``seen`` (by id) is not counted again."""
+    if isinstance(obj, Tensor):
+        if id(obj) in seen:
+            return 0
+        seen.add(id(obj))
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v, seen) for v in obj)
+    return 0
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of all optimizer state: ``opt.state`` plus, for BregTop, its Kronecker block
+    stacks (``state_dict()["kron_blocks"]``, which live outside ``opt.state``)."""
+    seen: set[int] = set()
+    total = tensor_bytes(list(opt.state.values()), seen)
+    if isinstance(opt, BregTop):
+        total += tensor_bytes(opt.state_dict()["kron_blocks"], seen)
+    return total
+
+
+def measure(
+    cand: Candidate, sizes: Sizes, shapes: list[tuple[int, int]], pool: list[list[Tensor]]
+) -> dict[str, Any]:
+    """One optimizer's row: step-time statistics and state bytes per parameter, or, if it
+    cannot be built or its step raises, an error row with the exception's message."""
+    row: dict[str, Any] = {"name": cand.name, "family": cand.family, "options": cand.options}
+    try:
+        cls = cand.load()
+        row["optimizer"] = f"{cls.__module__}.{cls.__qualname__}"
+        params = make_params(shapes, SEED)
+        opt = cls(params, **cand.options)
+        warmup = 2 * sizes.precondition_frequency
+        timed_steps(opt, params, pool, 0, warmup)
+        windows = []
+        for r in range(sizes.repeats):
+            gc.collect()
+            gc.disable()  # a collection inside a window would be charged to the optimizer
+            try:
+                windows.append(timed_steps(opt, params, pool, warmup + r * sizes.steps, sizes.steps))
+            finally:
+                gc.enable()
+        nbytes = state_bytes(opt)
+    except Exception as exc:  # a broken peer must not stop the benchmark
+        return {**row, "error": f"{type(exc).__name__}: {' '.join(str(exc).split())}"}
+    times = [t for w in windows for t in w]
+    median = statistics.median(times)
+    return {
+        **row,
+        "error": None,
+        "median_step_s": median,
+        "mean_step_s": statistics.fmean(times),
+        "max_step_s": max(times),
+        "max_over_median": max(times) / median,
+        "repeat_median_step_s": [statistics.median(w) for w in windows],
+        "state_bytes": nbytes,
+        "state_bytes_per_param": nbytes / sum(p.numel() for p in params),
+        "step_s": times,
+    }
+
+
+def add_baseline_ratios(rows: list[dict[str, Any]]) -> None:
+    """Set each timed row's ``median_vs_adamw`` (None when AdamW itself failed)."""
+    base = next((r for r in rows if r["name"] == BASELINE and r["error"] is None), None)
+    for r in rows:
+        if r["error"] is None:
+            r["median_vs_adamw"] = r["median_step_s"] / base["median_step_s"] if base else None
+
+
+# ------------------------------------------------------------------------------ selection
+def naive_precondition(m: Tensor, lam_l: Tensor, lam_r: Tensor, rho: float, q: float, c: float) -> Tensor:
+    """Algorithm 2 with identity bases the straightforward way: materialise S = lam_L lam_R^T,
+    ``topk`` its K = ceil(rho m n) largest entries, ``torch.quantile`` the rest's S^-1/2."""
+    s = torch.outer(lam_l, lam_r)
+    k = math.ceil(rho * s.numel())
+    top = torch.zeros(s.numel(), dtype=torch.bool)
+    top[torch.topk(s.flatten(), k, sorted=False).indices] = True
+    top = top.view_as(s)
+    chi = c * torch.quantile(s[~top] ** -0.5, q, interpolation="linear")
+    return m * torch.where(top, s**-0.5, chi)
+
+
+def median_time(fn: Callable[[], Tensor], repeats: int) -> tuple[float, Tensor]:
+    """Median seconds of ``fn()`` over ``repeats`` calls after one untimed call; its output."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def bench_selection(shape: tuple[int, int], repeats: int) -> dict[str, Any]:
+    """Time kron_precondition (U = None) against :func:`naive_precondition` on one block
+    with log-normal eigenvalues, and check that the two outputs agree (rtol 1e-5)."""
+    m, n = shape
+    gen = torch.Generator().manual_seed(SEED)
+    mat = torch.randn(m, n, generator=gen)
+    lam_l = torch.randn(m, generator=gen).exp()
+    lam_r = torch.randn(n, generator=gen).exp()
+    fast_s, fast = median_time(
+        lambda: kron_precondition(mat, None, None, lam_l, lam_r, rho=RHO, q=Q, c=C), repeats
+    )
+    naive_s, naive = median_time(lambda: naive_precondition(mat, lam_l, lam_r, RHO, Q, C), repeats)
+    close = torch.isclose(fast, naive, rtol=1e-5)
+    return {
+        "shape": [m, n],
+        "rho": RHO,
+        "q": Q,
+        "c": C,
+        "top_count": math.ceil(RHO * m * n),
+        "repeats": repeats,
+        "kron_precondition_s": fast_s,
+        "naive_s": naive_s,
+        "speedup": naive_s / fast_s,
+        "outputs_agree": bool(close.all()),
+        "mismatched_entries": int((~close).sum()),
+    }
+
+
+# -------------------------------------------------------------------------------- targets
+def evaluate_targets(rows: list[dict[str, Any]], selection: dict[str, Any]) -> dict[str, Any]:
+    """Whether the measured numbers meet the targets; ``holds`` is None where nothing was measured."""
+    timed = [r for r in rows if r["error"] is None]
+    bregtop = [r for r in timed if r["family"] == "bregtop"]
+    fastest = min((r for r in timed if r["family"] == "peer"), key=lambda r: r["median_step_s"], default=None)
+    slower: dict[str, float] = {}
+    if fastest is not None:
+        slower = {
+            r["name"]: r["median_step_s"] / fastest["median_step_s"]
+            for r in bregtop
+            if r["median_step_s"] > fastest["median_step_s"]
+        }
+    jittery = {r["name"]: r["max_over_median"] for r in bregtop if r["max_over_median"] >= JITTER_TARGET}
+    return {
+        "selection_speedup": {
+            "target": f">= {SELECTION_TARGET:g}x",
+            "value": selection["speedup"],
+            "holds": selection["speedup"] >= SELECTION_TARGET,
+        },
+        "bregtop_vs_fastest_peer": {
+            "target": "BregTop median step <= the fastest peer's",
+            "fastest_peer": fastest["name"] if fastest else None,
+            "fastest_peer_median_step_s": fastest["median_step_s"] if fastest else None,
+            "slower_by": slower,
+            "holds": (not slower) if fastest and bregtop else None,
+        },
+        "bregtop_max_over_median": {
+            "target": f"< {JITTER_TARGET:g}",
+            "failing": jittery,
+            "holds": (not jittery) if bregtop else None,
+        },
+    }
+
+
+# --------------------------------------------------------------------------------- report
+def _verdict(holds: bool | None) -> str:
+    return {True: "holds", False: "DOES NOT HOLD", None: "not measured"}[holds]
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The step-time and memory table, one line per optimizer (error rows show the error).
+
+    The mean is shown beside the median because an optimizer that refreshes every block on
+    the same step has a low median and a high mean (its refresh cost is all in the max)."""
+    head = (
+        f"{'optimizer':<16}{'median ms':>11}{'mean ms':>10}{'max ms':>10}{'max/med':>9}{'vs AdamW':>10}"
+        f"{'state B/param':>15}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r["error"] is not None:
+            lines.append(f"{r['name']:<16}  error: {r['error'][:200]}")
+            continue
+        ratio = f"{r['median_vs_adamw']:.2f}" if r["median_vs_adamw"] is not None else "-"
+        lines.append(
+            f"{r['name']:<16}{r['median_step_s'] * 1e3:>11.2f}{r['mean_step_s'] * 1e3:>10.2f}"
+            f"{r['max_step_s'] * 1e3:>10.2f}"
+            f"{r['max_over_median']:>9.2f}{ratio:>10}{r['state_bytes_per_param']:>15.2f}"
+        )
+    return "\n".join(lines)
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """Everything a reader needs: machine and settings, the table, selection, targets."""
+    mc, st, sel, tg = result["machine"], result["settings"], result["selection"], result["targets"]
+    peer, jit, spd = tg["bregtop_vs_fastest_peer"], tg["bregtop_max_over_median"], tg["selection_speedup"]
+    n_bregtop = sum(r["family"] == "bregtop" and r["error"] is None for r in result["rows"])
+    fastest = (
+        f"{peer['fastest_peer']}, {peer['fastest_peer_median_step_s'] * 1e3:.2f} ms"
+        if peer["fastest_peer"]
+        else "none ran"
+    )
+    slower = ", ".join(f"{k} {v:.2f}x" for k, v in peer["slower_by"].items())
+    failing = ", ".join(f"{k} {v:.2f}" for k, v in jit["failing"].items())
+    return "\n".join(
+        [
+            f"machine: {mc['processor']} ({mc['machine']}), {mc['cpu_count']} CPUs, torch {mc['torch']}, "
+            f"{mc['torch_num_threads']} threads, {mc['date_utc']}; load average 1 min "
+            f"{mc['load_average'][0]:.2f} at start, {mc['load_average_end'][0]:.2f} at end",
+            f"model: layers={st['layers']}, dim={st['dim']} ({st['n_params']:,} matrix params); "
+            f"warm-up {st['warmup_steps']} steps, then {st['repeats']} x {st['steps']} timed steps; "
+            f"precondition frequency {st['precondition_frequency']}; code {st['code_version']}",
+            "",
+            format_table(result["rows"]),
+            "",
+            f"selection on {sel['shape'][0]}x{sel['shape'][1]} (rho={sel['rho']}, q={sel['q']}, c={sel['c']}, "
+            f"K={sel['top_count']:,}): kron_precondition {sel['kron_precondition_s'] * 1e3:.2f} ms, "
+            f"naive {sel['naive_s'] * 1e3:.2f} ms, speedup {sel['speedup']:.1f}x; outputs agree: "
+            f"{'yes' if sel['outputs_agree'] else 'NO'} ({sel['mismatched_entries']} entries differ at rtol 1e-5)",
+            "",
+            "targets:",
+            f"  selection {spd['target']} faster than naive: {spd['value']:.1f}x -> {_verdict(spd['holds'])}",
+            f"  BregTop median step <= fastest peer ({fastest}): "
+            f"{n_bregtop - len(peer['slower_by'])}/{n_bregtop} -> {_verdict(peer['holds'])}"
+            + (f"; slower: {slower}" if slower else ""),
+            f"  BregTop max/median {jit['target']}: {n_bregtop - len(jit['failing'])}/{n_bregtop} -> "
+            f"{_verdict(jit['holds'])}" + (f"; failing: {failing}" if failing else ""),
+        ]
+    )
+
+
+# ------------------------------------------------------------------------------------ CLI
+def optimizer_names(text: str) -> tuple[str, ...]:
+    """argparse type of ``--only``: comma-separated names, each one of :data:`NAMES`."""
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in NAMES]
+    if unknown or not names:
+        bad = repr(unknown[0]) if unknown else f"{text!r} names no optimizer"
+        raise argparse.ArgumentTypeError(f"unknown optimizer {bad}; allowed: {', '.join(NAMES)}")
+    return names
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``optimizer`` subcommand's options; unset sizes come from the full or --quick set."""
+    for flag, field, what in (
+        ("--steps", "steps", "timed steps per repeat"),
+        ("--repeats", "repeats", "timed windows per optimizer"),
+        ("--layers", "layers", "transformer layers"),
+        ("--dim", "dim", "model width"),
+    ):
+        parser.add_argument(
+            flag,
+            type=positive_int,
+            help=f"{what} (default {getattr(FULL, field)}; with --quick {getattr(QUICK, field)})",
+        )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        metavar="PATH.json",
+        help=f"JSON output (default {DEFAULT_OUT})",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke-test sizes: precondition frequency {QUICK.precondition_frequency} "
+        f"instead of {FULL.precondition_frequency}, selection block {QUICK.selection[0]}x{QUICK.selection[1]}, small model and few steps",
+    )
+    parser.add_argument(
+        "--only",
+        type=optimizer_names,
+        metavar="NAME[,NAME...]",
+        help=f"comma-separated subset of: {', '.join(NAMES)} (AdamW, the baseline, always runs)",
+    )
+
+
+def resolve_sizes(args: argparse.Namespace) -> Sizes:
+    """The full (or --quick) sizes with the options given on the command line."""
+    base = QUICK if args.quick else FULL
+    given = {
+        k: getattr(args, k) for k in ("steps", "repeats", "layers", "dim") if getattr(args, k) is not None
+    }
+    return replace(base, **given)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measure every selected optimizer and the selection, print the report, write the JSON."""
+    sizes = resolve_sizes(args)
+    machine = machine_info()
+    version = code_version()  # before timing: the code imported now is the code timed
+    names = {BASELINE, *(args.only or NAMES)}
+    shapes = transformer_shapes(sizes.layers, sizes.dim)
+    pool = make_grad_pool(shapes, GRAD_POOL, SEED + 1)
+    rows = []
+    for cand in candidates(sizes.precondition_frequency):
+        if cand.name in names:
+            print(f"[bench optimizer] timing {cand.name}", file=sys.stderr, flush=True)
+            rows.append(measure(cand, sizes, shapes, pool))
+    add_baseline_ratios(rows)
+    print("[bench optimizer] timing selection", file=sys.stderr, flush=True)
+    selection = bench_selection(sizes.selection, sizes.repeats)
+    machine["load_average_end"] = list(os.getloadavg())
+    result = {
+        "machine": machine,
+        "settings": {
+            **asdict(sizes),
+            "warmup_steps": 2 * sizes.precondition_frequency,
+            "quick": args.quick,
+            "code_version": version,
+            "lr": LR,
+            "grad_pool": GRAD_POOL,
+            "n_params": sum(math.prod(s) for s in shapes),
+        },
+        "rows": rows,
+        "selection": selection,
+        "targets": evaluate_targets(rows, selection),
+    }
+    write_json(args.out, result)
+    print(format_report(result))
+    print(f"wrote {args.out}")
+    return 0
