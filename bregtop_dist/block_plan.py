@@ -42,20 +42,36 @@ class BlockStack:
         m, n = self.shape
         return f"{self.group}:{m}x{n}"
 
-    def empty_state(self) -> KronBlockState:
+    def state_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """(shape, dtype) of every state field of this stack, as :meth:`empty_state` makes them."""
+        bsz = len(self.blocks)
+        m, n = self.shape
+        f32 = torch.float32
+        return {
+            "momentum": ((bsz, m, n), f32),
+            "L": ((bsz, m, m), f32),
+            "R": ((bsz, n, n), f32),
+            "U_L": ((bsz, m, m), f32),
+            "U_R": ((bsz, n, n), f32),
+            "lam_L": ((bsz, m), f32),
+            "lam_R": ((bsz, n), f32),
+            "step": ((bsz,), torch.int64),
+        }
+
+    def empty_state(self, device: torch.device | str = "cpu") -> KronBlockState:
         """Zero state for every block (step 0 marks a block not yet initialised)."""
         bsz = len(self.blocks)
         m, n = self.shape
         f32 = torch.float32
         return KronBlockState(
-            momentum=torch.zeros(bsz, m, n, dtype=f32),
-            L=torch.zeros(bsz, m, m, dtype=f32),
-            R=torch.zeros(bsz, n, n, dtype=f32),
-            U_L=torch.eye(m, dtype=f32).repeat(bsz, 1, 1),
-            U_R=torch.eye(n, dtype=f32).repeat(bsz, 1, 1),
-            lam_L=torch.ones(bsz, m, dtype=f32),
-            lam_R=torch.ones(bsz, n, dtype=f32),
-            step=torch.zeros(bsz, dtype=torch.int64),
+            momentum=torch.zeros(bsz, m, n, dtype=f32, device=device),
+            L=torch.zeros(bsz, m, m, dtype=f32, device=device),
+            R=torch.zeros(bsz, n, n, dtype=f32, device=device),
+            U_L=torch.eye(m, dtype=f32, device=device).repeat(bsz, 1, 1),
+            U_R=torch.eye(n, dtype=f32, device=device).repeat(bsz, 1, 1),
+            lam_L=torch.ones(bsz, m, dtype=f32, device=device),
+            lam_R=torch.ones(bsz, n, dtype=f32, device=device),
+            step=torch.zeros(bsz, dtype=torch.int64, device=device),
         )
 
 

@@ -146,22 +146,23 @@ class BregTop(torch.optim.Optimizer):
         return loss
 
     def _step_stack(self, stack: BlockStack, cfg: BregTopConfig) -> None:
-        pieces = {i: ref.of(g) for i, ref in enumerate(stack.blocks) if (g := ref.param.grad) is not None}
+        grads = {i: g.contiguous() for i, ref in enumerate(stack.blocks) if (g := ref.param.grad) is not None}
+        pieces = {i: stack.blocks[i].of(g) for i, g in grads.items()}
         if not pieces:
             return
         active = list(pieces)
         grad = torch.stack(list(pieces.values())).float()
         if stack.state is None:
-            stack.state = stack.empty_state()
+            stack.state = stack.empty_state(grad.device)
         whole = len(active) == len(stack.blocks)
-        idx = torch.tensor(active, dtype=torch.int64)
+        idx = torch.tensor(active, dtype=torch.int64, device=grad.device)
         state = stack.state if whole else stack.state.select(idx)
         fresh = (state.step == 0).nonzero().flatten()
         if fresh.numel():
             init, failed = init_block_state(cfg.stats, grad.index_select(0, fresh))
             state.assign(fresh, init)
             self._warn_basis(failed)
-        update, failed = kron_block_step(state, grad, _hyper(cfg), stack.offsets.index_select(0, idx))
+        update, failed = kron_block_step(state, grad, _hyper(cfg), stack.offsets.to(grad.device).index_select(0, idx))
         self._warn_basis(failed)
         if not whole:
             stack.state.assign(idx, state)
@@ -219,14 +220,11 @@ class BregTop(torch.optim.Optimizer):
             stack = self._stacks.get(key)
             if stack is None:
                 raise ValueError(f"the state dict has block stack {key!r}, unknown to this optimizer")
-            expected = stack.empty_state().tensors()
-            for name, ref in expected.items():
+            for name, (shape, _) in stack.state_shapes().items():
                 got = tensors.get(name)
-                if got is None or tuple(got.shape) != tuple(ref.shape):
-                    shape = None if got is None else tuple(got.shape)
-                    raise ValueError(
-                        f"block stack {key!r} field {name!r}: expected shape {tuple(ref.shape)}, got {shape}"
-                    )
+                if got is None or tuple(got.shape) != shape:
+                    found = None if got is None else tuple(got.shape)
+                    raise ValueError(f"block stack {key!r} field {name!r}: expected shape {shape}, got {found}")
 
         # Validated: now change state.
         for saved, group in zip(saved_groups, self.param_groups):
@@ -242,7 +240,10 @@ class BregTop(torch.optim.Optimizer):
             stack.state = None
         for key, tensors in kron.items():
             stack = self._stacks[key]
-            fields = stack.empty_state().tensors()
+            device = stack.blocks[0].param.device
             stack.state = KronBlockState(
-                **{k: tensors[k].detach().clone().to(dtype=v.dtype) for k, v in fields.items()}
+                **{
+                    name: tensors[name].detach().to(device=device, dtype=dtype, copy=True)
+                    for name, (_, dtype) in stack.state_shapes().items()
+                }
             )

@@ -306,3 +306,18 @@ def test_tied_embedding_is_listed_once_on_the_adamw_side():
     h = model.norm(model.mlp(model.attn(model.embed(ids))[..., :16]))
     model.head(h).sum().backward()
     opt.step()
+
+
+def test_state_shapes_describe_the_empty_state(gen):
+    params = _params(gen)
+    for stack in plan_group(0, [p for p in params if p.ndim >= 2], 16, 3, True):
+        fields = stack.empty_state().tensors()
+        assert {k: (tuple(v.shape), v.dtype) for k, v in fields.items()} == stack.state_shapes()
+
+
+def test_non_contiguous_gradients_are_accepted(gen):
+    p = nn.Parameter(torch.randn(6, 4, generator=gen))
+    opt = BregTop([p], lr=0.01)
+    p.grad = torch.randn(4, 6, generator=gen).T  # a transposed view
+    opt.step()
+    assert torch.isfinite(p).all()

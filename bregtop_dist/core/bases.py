@@ -15,8 +15,8 @@ def eigh_descending(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     Where both attempts fail the block keeps the identity basis and its diagonal.
     """
     vals = torch.diagonal(a, dim1=-2, dim2=-1).clone()
-    vecs = torch.eye(a.shape[-1], dtype=a.dtype).expand_as(a).clone()
-    todo = torch.ones(a.shape[0], dtype=torch.bool)
+    vecs = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).expand_as(a).clone()
+    todo = torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
     for dtype in (a.dtype, torch.float64):
         try:
             v, u = torch.linalg.eigh(a.to(dtype))
@@ -43,7 +43,7 @@ def power_qr(factor: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
     Returns (new basis, failed) with failed a (B,) bool.
     """
     new = basis.clone()
-    todo = torch.ones(basis.shape[0], dtype=torch.bool)
+    todo = torch.ones(basis.shape[0], dtype=torch.bool, device=basis.device)
     for dtype in (basis.dtype, torch.float64):
         try:
             q = orthonormal_factor(factor.to(dtype) @ basis.to(dtype)).to(basis.dtype)

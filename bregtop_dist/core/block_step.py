@@ -85,10 +85,10 @@ class BlockHyper:
 def init_block_state(stats: str, grad: Tensor) -> tuple[KronBlockState, Tensor]:
     """State of a stack from its first gradient (B, m, n) float32; also (B,) eigh failures."""
     bsz, m, n = grad.shape
-    eye_l = torch.eye(m, dtype=grad.dtype).expand(bsz, m, m)
-    eye_r = torch.eye(n, dtype=grad.dtype).expand(bsz, n, n)
-    ones_l = torch.ones(bsz, m, dtype=grad.dtype)
-    ones_r = torch.ones(bsz, n, dtype=grad.dtype)
+    eye_l = torch.eye(m, dtype=grad.dtype, device=grad.device).expand(bsz, m, m)
+    eye_r = torch.eye(n, dtype=grad.dtype, device=grad.device).expand(bsz, n, n)
+    ones_l = grad.new_ones(bsz, m)
+    ones_r = grad.new_ones(bsz, n)
     d_l, d_r = kron_stats(stats, grad, None, None, ones_l, ones_r, eye_l, eye_r)
     lam_l, u_l, failed_l = eigh_descending(d_l)
     lam_r, u_r, failed_r = eigh_descending(d_r)
@@ -100,7 +100,7 @@ def init_block_state(stats: str, grad: Tensor) -> tuple[KronBlockState, Tensor]:
         U_R=u_r.contiguous(),
         lam_L=_floor(lam_l),
         lam_R=_floor(lam_r),
-        step=torch.zeros(bsz, dtype=torch.int64),
+        step=torch.zeros(bsz, dtype=torch.int64, device=grad.device),
     )
     return state, failed_l | failed_r
 
@@ -172,7 +172,7 @@ def kron_block_step(
     Returns (update M_hat (B, m, n), (B,) QR failures that kept the previous basis).
     """
     _accumulate(state, grad, hyper)
-    failed = torch.zeros(grad.shape[0], dtype=torch.bool)
+    failed = torch.zeros(grad.shape[0], dtype=torch.bool, device=grad.device)
     due = refresh_due(state.step, offset, hyper.frequency)
     if bool(due.any()):
         idx = due.nonzero().flatten()

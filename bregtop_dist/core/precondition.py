@@ -65,8 +65,8 @@ def precondition_weights(
     pos = torch.tensor(q, dtype=s.dtype) * (n_bottom - 1)
     below = int(pos.floor().item())
     above = int(pos.ceil().item())
-    weight = (pos - below).to(s.dtype)
-    ranks = torch.tensor([k - 1, k + below, k + above], dtype=torch.int64)
+    weight = (pos - below).to(device=s.device, dtype=s.dtype)
+    ranks = torch.tensor([k - 1, k + below, k + above], dtype=torch.int64, device=s.device)
     stats = kth_largest_product(a_desc, b_asc, ranks.expand(bsz, 3).contiguous())
     threshold = stats[:, 0]  # the K-th largest entry of S
     v_below = inverse_sqrt(stats[:, 1], eps)

@@ -127,7 +127,7 @@ def kth_largest_product(
     lo = smallest.expand(-1, q_count).contiguous().view(int_dtype).to(torch.int64)
     hi = largest.expand(-1, q_count).contiguous().view(int_dtype).to(torch.int64)
     need = (rank + 1)[:, :, None]
-    probes = torch.arange(1, ways, dtype=torch.int64)  # (ways-1,)
+    probes = torch.arange(1, ways, dtype=torch.int64, device=rank.device)  # (ways-1,)
     # Invariant: count(value(lo)) >= need > count(value(hi + 1)); the answer is lo at the end.
     while bool((lo < hi).any()):
         step = ((hi - lo) // ways).clamp_min(1)[:, :, None]
