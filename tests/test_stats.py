@@ -49,11 +49,12 @@ def test_kron_stats_is_batched(gen, method):
 
 
 @pytest.mark.parametrize("method", STATS_METHODS)
-def test_rotated_diagonals_equal_explicit_products(gen, method):
-    G, U_L, U_R, lam_L, lam_R, L, R = _inputs(gen, 9, 7, torch.float64)
+@pytest.mark.parametrize("shape", [(9, 7), (20, 4), (4, 20)])  # square-ish, tall, wide
+def test_rotated_diagonals_equal_explicit_products(gen, method, shape):
+    G, U_L, U_R, lam_L, lam_R, L, R = _inputs(gen, *shape, torch.float64)
     dL, dR = kron_stats_ref(method, G, U_L, U_R, lam_L, lam_R, L, R)
     Gt = U_L.T @ G @ U_R
-    got_l, got_r = rotated_diagonals(method, Gt, lam_L, lam_R, L, R, dL, dR, U_L, U_R)
+    got_l, got_r = rotated_diagonals(method, Gt, lam_L, lam_R, L, R, dL, dR, U_L, U_R, G=G)
     assert torch.allclose(got_l, torch.diag(U_L.T @ dL @ U_L), rtol=1e-11)
     assert torch.allclose(got_r, torch.diag(U_R.T @ dR @ U_R), rtol=1e-11)
 

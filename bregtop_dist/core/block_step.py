@@ -121,7 +121,9 @@ def _accumulate(s: KronBlockState, grad: Tensor, hyper: BlockHyper) -> None:
     if hyper.stats == "f-v1":
         gt = s.U_L.mT @ grad @ s.U_R  # (B, m, n), the gradient in the current eigenbasis
         d_l, d_r = kron_stats("f-v1", grad, s.U_L, s.U_R, s.lam_L, s.lam_R, s.L, s.R)
-        diag_l, diag_r = rotated_diagonals("f-v1", gt, s.lam_L, s.lam_R, s.L, s.R, d_l, d_r, s.U_L, s.U_R)
+        diag_l, diag_r = rotated_diagonals(
+            "f-v1", gt, s.lam_L, s.lam_R, s.L, s.R, d_l, d_r, s.U_L, s.U_R, G=grad
+        )
         s.L.lerp_(d_l, 1.0 - b2)
         s.R.lerp_(d_r, 1.0 - b2)
     else:

@@ -74,6 +74,33 @@ def factor_weights(
     raise ValueError(f"method={method!r} has no diagonal factor weights")
 
 
+def _fv1_diagonals(
+    G: Tensor | None, U_L: Tensor | None, U_R: Tensor | None, L: Tensor, R: Tensor, dL: Tensor, dR: Tensor
+) -> tuple[Tensor, Tensor]:
+    """f-v1's ``diag(U^T dL U)``, ``diag(U^T dR U)``, each side by its cheaper product.
+
+    ``U_L^T dL U_L`` costs m^3; with ``Y = U_L^T G`` the same diagonal is
+    ``rowsum((Y R) * Y) / Tr(R^2)`` for m^2 n + m n^2, cheaper when n (m + n) < m^2 (the long
+    side of a rectangular block). Likewise ``colsum(Z * (L Z)) / Tr(L^2)`` with ``Z = G U_R``.
+    """
+    m, n = dL.shape[-1], dR.shape[-1]
+    if U_L is None:
+        diag_l = torch.diagonal(dL, dim1=-2, dim2=-1)
+    elif G is not None and n * (m + n) < m * m:
+        y = U_L.mT @ G
+        diag_l = ((y @ R) * y).sum(-1) / (R * R).sum((-2, -1))[..., None]
+    else:
+        diag_l = (U_L * (dL @ U_L)).sum(-2)
+    if U_R is None:
+        diag_r = torch.diagonal(dR, dim1=-2, dim2=-1)
+    elif G is not None and m * (m + n) < n * n:
+        z = G @ U_R
+        diag_r = (z * (L @ z)).sum(-2) / (L * L).sum((-2, -1))[..., None]
+    else:
+        diag_r = (U_R * (dR @ U_R)).sum(-2)
+    return diag_l, diag_r
+
+
 def kron_stats(
     method: str,
     G: Tensor,
@@ -114,20 +141,21 @@ def rotated_diagonals(
     dR: Tensor | None = None,
     U_L: Tensor | None = None,
     U_R: Tensor | None = None,
+    G: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(diag(U_L^T dL U_L), diag(U_R^T dR U_R))`` from ``Gt = U_L^T G U_R`` (..., m, n).
 
     With the weights of :func:`factor_weights` these are ``rowsum(Gt^2 w_L)`` and
     ``colsum(Gt^2 w_R)``. f-v1, whose weight is not diagonal in the eigenbasis, reads
-    ``dL``, ``dR`` and the bases instead.
+    ``dL``, ``dR`` and the bases instead, and on the longer side of a rectangular block the
+    gradient ``G`` (see :func:`_fv1_diagonals`).
     """
     _check(method, L, R)
     if method == "f-v1":
         if dL is None or dR is None:
             raise ValueError("method='f-v1' needs dL and dR to form the rotated diagonals")
-        diag_l = torch.diagonal(dL, dim1=-2, dim2=-1) if U_L is None else (U_L * (dL @ U_L)).sum(-2)
-        diag_r = torch.diagonal(dR, dim1=-2, dim2=-1) if U_R is None else (U_R * (dR @ U_R)).sum(-2)
-        return diag_l, diag_r
+        assert L is not None and R is not None
+        return _fv1_diagonals(G, U_L, U_R, L, R, dL, dR)
     w_l, w_r = factor_weights(method, lam_L, lam_R, L, R)
     sq = Gt * Gt
     return (sq * w_l[..., None, :]).sum(-1), (sq * w_r[..., :, None]).sum(-2)
