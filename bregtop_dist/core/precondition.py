@@ -13,6 +13,7 @@ sort form the top set). The threshold and the quantile come from
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -42,48 +43,83 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def precondition_weights(
-    lam_l: Tensor, lam_r: Tensor, rho: float, q: float, c: float, eps: float = 0.0
-) -> Tensor:
-    """The scaling matrix W of Algorithm 2 for a batch of blocks: (B, m, n) from (B, m), (B, n).
+@dataclass(frozen=True)
+class TopSet:
+    """Algorithm 2's selection for a batch of blocks, everything a kernel needs to apply it.
 
-    ``lam_*`` must be non-negative (positive when eps = 0) and of one float dtype.
+    An entry of S is in the top set when it exceeds ``threshold``, or equals it and its
+    row-major index is at most ``cutoff`` (ties at the K-th largest value join in row-major
+    order). Every other entry is scaled by ``chi``.
     """
+
+    threshold: Tensor  # (B,) the K-th largest entry of S (-inf: every entry is in the top set)
+    cutoff: Tensor  # (B,) int64 row-major index of the last tied entry admitted
+    chi: Tensor  # (B,) the bottom-set scale
+
+
+def select_top_set(lam_l: Tensor, lam_r: Tensor, rho: float, q: float, c: float, eps: float = 0.0) -> TopSet:
+    """The top set and chi of Algorithm 2 from (B, m), (B, n) non-negative eigenvalues of one
+    float dtype, found from the sorted vectors (S is formed only when ties straddle the cut)."""
     bsz, m = lam_l.shape
     n = lam_r.shape[-1]
-    s = lam_l[:, :, None] * lam_r[:, None, :]  # (B, m, n), the joint spectrum
     k = top_count(rho, m, n)
     n_bottom = m * n - k
+    everything = torch.full((bsz,), m * n - 1, dtype=torch.int64, device=lam_l.device)
     if n_bottom == 0:
-        return _inverse_sqrt_(s, eps)
+        none = torch.full((bsz,), -torch.inf, dtype=lam_l.dtype, device=lam_l.device)
+        return TopSet(threshold=none, cutoff=everything, chi=torch.zeros_like(none))
 
     a_desc = torch.sort(lam_l, dim=-1, descending=True).values
     b_asc = torch.sort(lam_r, dim=-1).values
     # torch.quantile(v, q, interpolation="linear") over the n_bottom ascending values of
     # S^-1/2: position q*(n_bottom-1) between two order statistics. Ascending S^-1/2 is
     # descending S, and the bottom set starts at descending rank k.
-    pos = torch.tensor(q, dtype=s.dtype) * (n_bottom - 1)
+    pos = torch.tensor(q, dtype=lam_l.dtype) * (n_bottom - 1)
     below = int(pos.floor().item())
     above = int(pos.ceil().item())
-    weight = (pos - below).to(device=s.device, dtype=s.dtype)
-    ranks = torch.tensor([k - 1, k + below, k + above], dtype=torch.int64, device=s.device)
+    weight = (pos - below).to(device=lam_l.device, dtype=lam_l.dtype)
+    ranks = torch.tensor([k - 1, k + below, k + above], dtype=torch.int64, device=lam_l.device)
     stats = kth_largest_product(a_desc, b_asc, ranks.expand(bsz, 3).contiguous())
-    threshold = stats[:, 0]  # the K-th largest entry of S
-    v_below = inverse_sqrt(stats[:, 1], eps)
-    v_above = inverse_sqrt(stats[:, 2], eps)
-    chi = c * torch.lerp(v_below, v_above, weight)  # (B,)
+    threshold = stats[:, 0]
+    chi = c * torch.lerp(inverse_sqrt(stats[:, 1], eps), inverse_sqrt(stats[:, 2], eps), weight)
 
-    thr = threshold[:, None, None]
-    top = s >= thr
     n_at_least = count_at_least(a_desc, b_asc, threshold[:, None])[:, 0]
+    cutoff = everything
     if bool((n_at_least > k).any()):
-        # Entries equal to the threshold straddle the top/bottom boundary: the first
-        # (k - #greater) of them in row-major order stay in the top set.
-        tied = (s == thr).reshape(bsz, m * n)
-        n_greater = (n_at_least - tied.sum(-1))[:, None]
-        tie_rank = torch.cumsum(tied, dim=-1)
-        top &= ~(tied & (tie_rank > k - n_greater)).reshape(bsz, m, n)
-    return torch.where(top, _inverse_sqrt_(s, eps), chi[:, None, None].to(s.dtype))
+        # Entries equal to the threshold straddle the cut: admit the first (k - #greater)
+        # of them in row-major order.
+        s = (lam_l[:, :, None] * lam_r[:, None, :]).reshape(bsz, m * n)
+        tied = s == threshold[:, None]
+        allowed = k - (n_at_least - tied.sum(-1))  # (B,) >= 1
+        rank = torch.cumsum(tied, dim=-1)
+        last = torch.argmax((tied & (rank == allowed[:, None])).to(torch.int8), dim=-1)
+        cutoff = torch.where(n_at_least > k, last, everything)
+    return TopSet(threshold=threshold, cutoff=cutoff, chi=chi)
+
+
+def apply_top_set(mt: Tensor, lam_l: Tensor, lam_r: Tensor, top: TopSet, eps: float) -> Tensor:
+    """``Mt * W`` (B, m, n): ``S^-1/2`` on the top set, chi elsewhere. The torch reference of
+    the fused Triton kernel ``triton_kernels.masked_scale``; computed in lam's dtype."""
+    bsz, m = lam_l.shape
+    n = lam_r.shape[-1]
+    s = lam_l[:, :, None] * lam_r[:, None, :]
+    thr = top.threshold[:, None, None]
+    if bool((top.cutoff < m * n - 1).any()):  # ties straddle the cut in some block
+        flat = torch.arange(m * n, device=s.device).view(1, m, n)
+        in_top = (s > thr) | ((s == thr) & (flat <= top.cutoff[:, None, None]))
+    else:
+        in_top = s >= thr
+    w = torch.where(in_top, _inverse_sqrt_(s, eps), top.chi[:, None, None].to(s.dtype))
+    return w.mul_(mt)
+
+
+def precondition_weights(
+    lam_l: Tensor, lam_r: Tensor, rho: float, q: float, c: float, eps: float = 0.0
+) -> Tensor:
+    """The scaling matrix W of Algorithm 2 for a batch of blocks: (B, m, n) from (B, m), (B, n)."""
+    top = select_top_set(lam_l, lam_r, rho, q, c, eps)
+    ones = lam_l.new_ones(lam_l.shape[0], lam_l.shape[1], lam_r.shape[-1])
+    return apply_top_set(ones, lam_l, lam_r, top, eps)
 
 
 def precondition_rotated(
@@ -91,8 +127,9 @@ def precondition_rotated(
 ) -> Tensor:
     """``Mt * W`` for a batch of blocks already in the eigenbasis; (B, m, n) in mt's dtype."""
     dtype = _compute_dtype(lam_l, lam_r)
-    w = precondition_weights(lam_l.to(dtype), lam_r.to(dtype), rho, q, c, eps)
-    return w.mul_(mt).to(mt.dtype)
+    lam_l, lam_r = lam_l.to(dtype), lam_r.to(dtype)
+    top = select_top_set(lam_l, lam_r, rho, q, c, eps)
+    return apply_top_set(mt.to(dtype), lam_l, lam_r, top, eps).to(mt.dtype)
 
 
 def _check_inputs(
