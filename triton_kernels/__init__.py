@@ -1,6 +1,10 @@
-"""GPU kernels for BregTop's masked preconditioning (Triton).
+"""GPU kernels for BregTop (Triton); each has a torch reference it is tested against.
 
-Empty in this version: the kernels, their dispatch and interpreter tests are the subject of
-the Triton-kernels issue. Until then ``kron_precondition(..., backend="triton")`` raises and
-``backend="auto"`` runs the torch path on every device.
+- :mod:`triton_kernels.masked_scale`: Algorithm 2's masked scaling ``Mt * W`` in one pass,
+  one launch per stack of same-shape blocks (reference:
+  ``bregtop_dist.core.precondition.apply_top_set``).
+
+On a CPU the tests run the kernels in Triton's interpreter (``TRITON_INTERPRET=1``). The
+optimizer does not dispatch to them yet: ``kron_precondition(..., backend="auto")`` runs the
+torch path on every device.
 """

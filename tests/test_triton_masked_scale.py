@@ -1,0 +1,81 @@
+"""The fused masked-scale kernel against its torch reference and the float64 definition.
+
+On a CPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py).
+Outputs are poisoned with NaN before each call, so an element the kernel fails to write fails.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from reference import boundary_gap, chi_ref, top_mask_ref
+
+from bregtop_dist.core.precondition import apply_top_set, select_top_set
+
+pytest.importorskip("triton")
+from triton_kernels.masked_scale import masked_scale  # noqa: E402
+
+SHAPES = [(2, 1, 37), (2, 29, 1), (3, 7, 3), (1, 129, 65), (2, 33, 70)]
+
+
+def _run_kernel(mt, lam_l, lam_r, top, eps):
+    out = torch.full_like(mt, float("nan"))
+    masked_scale(mt, lam_l, lam_r, top.threshold, top.cutoff, top.chi, eps, out=out)
+    return out
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("rho", [1e-3, 0.06, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("eps", [0.0, 1e-3])
+def test_kernel_equals_reference(gen, shape, rho, dtype, eps):
+    bsz, m, n = shape
+    mt = torch.randn(bsz, m, n, generator=gen).to(dtype)
+    lam_l = torch.exp(2 * torch.randn(bsz, m, generator=gen))
+    lam_r = torch.exp(2 * torch.randn(bsz, n, generator=gen))
+    top = select_top_set(lam_l, lam_r, rho, 0.01, 3.0, eps)
+    got = _run_kernel(mt, lam_l, lam_r, top, eps)
+    assert not torch.isnan(got).any() and got.dtype == dtype
+    want = apply_top_set(mt.float(), lam_l, lam_r, top, eps).to(dtype)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * float(want.float().abs().max()))
+
+    for k in range(bsz):  # the paper's definition in float64, away from near-ties at the cut
+        if boundary_gap(lam_l[k].double(), lam_r[k].double(), rho) < 1e-5:
+            continue
+        S = torch.outer(lam_l[k].double(), lam_r[k].double())
+        mask = top_mask_ref(S, rho)
+        inv = 1.0 / (S.sqrt() + eps)
+        W = inv if bool(mask.all()) else torch.where(mask, inv, chi_ref(S, mask, 0.01, 3.0, eps))
+        ref = mt[k].double() * W
+        assert torch.allclose(got[k].double(), ref, rtol=10 * tol, atol=10 * tol * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("rho", [0.1, 0.5, 0.77])
+def test_ties_at_the_cut_follow_row_major_order(gen, rho):
+    m, n = 9, 70  # more than one column tile
+    lam_l = torch.randint(1, 3, (2, m), generator=gen).float()
+    lam_r = torch.randint(1, 3, (2, n), generator=gen).float()
+    mt = torch.randn(2, m, n, generator=gen)
+    top = select_top_set(lam_l, lam_r, rho, 0.25, 2.0, 0.0)
+    got = _run_kernel(mt, lam_l, lam_r, top, 0.0)
+    for k in range(2):
+        S = torch.outer(lam_l[k], lam_r[k])
+        mask = top_mask_ref(S, rho)
+        assert int(mask.sum()) == max(1, math.ceil(rho * m * n))
+        W = torch.where(mask, S**-0.5, chi_ref(S, mask, 0.25, 2.0))
+        assert torch.allclose(got[k], mt[k] * W, rtol=1e-6)
+
+
+def test_bad_inputs_are_named(gen):
+    mt = torch.randn(2, 4, 3, generator=gen)
+    lam_l, lam_r = torch.rand(2, 4, generator=gen) + 0.1, torch.rand(2, 3, generator=gen) + 0.1
+    top = select_top_set(lam_l, lam_r, 0.5, 0.1, 1.0)
+    with pytest.raises(ValueError, match=r"lam_l and lam_r must have shapes \(2, 4\) and \(2, 3\)"):
+        masked_scale(mt, lam_r, lam_l, top.threshold, top.cutoff, top.chi, 0.0)
+    with pytest.raises(ValueError, match="unit stride along its last dimension"):
+        masked_scale(mt.mT.contiguous().mT, lam_l, lam_r, top.threshold, top.cutoff, top.chi, 0.0)
+    with pytest.raises(ValueError, match="lam_l must be float32, got torch.float64"):
+        masked_scale(mt, lam_l.double(), lam_r, top.threshold, top.cutoff, top.chi, 0.0)
