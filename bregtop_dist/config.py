@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from bregtop_dist.core.dispatch import BACKENDS
 from bregtop_dist.core.stats import STATS_METHODS
 
 
@@ -88,6 +89,9 @@ class BregTopConfig:
     blocks refreshing on the same step; False is the paper's schedule."""
     bregtop: bool = True
     """False runs the whole group with AdamW (the paper's embedding/bias/norm/head group)."""
+    backend: str = "auto"
+    """Masked scaling of Algorithm 2: ``auto`` (Triton on CUDA, torch otherwise), ``torch``
+    or ``triton``; see :mod:`bregtop_dist.core.dispatch`."""
 
     def __post_init__(self) -> None:
         if self.method not in PRESETS:
@@ -115,6 +119,8 @@ class BregTopConfig:
         dim = self.max_precond_dim
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"max_precond_dim={dim!r} is not allowed: it must be an integer >= 1")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r} is unknown; allowed: {', '.join(BACKENDS)}")
         for name in ("eps", "weight_decay", "adam_eps"):
             value = getattr(self, name)
             if not (value >= 0.0 and math.isfinite(value)):

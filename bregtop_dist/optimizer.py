@@ -36,6 +36,7 @@ def _hyper(cfg: BregTopConfig) -> BlockHyper:
         beta2=cfg.betas[1],
         eps=cfg.eps,
         frequency=cfg.precondition_frequency,
+        backend=cfg.backend,
     )
 
 
@@ -65,12 +66,13 @@ class BregTop(torch.optim.Optimizer):
         adam_betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
         stagger_refresh: bool = True,
+        backend: str = "auto",
     ) -> None:
         defaults = BregTopConfig(
             lr=lr, method=method, rho=rho, q=q, c=c, betas=betas,
             precondition_frequency=precondition_frequency, eps=eps, weight_decay=weight_decay,
             max_precond_dim=max_precond_dim, adam_betas=adam_betas, adam_eps=adam_eps,
-            stagger_refresh=stagger_refresh,
+            stagger_refresh=stagger_refresh, backend=backend,
         ).as_defaults()
         self._stacks: dict[str, BlockStack] = {}
         self._planned_groups = 0

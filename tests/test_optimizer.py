@@ -179,6 +179,7 @@ BAD_SETTINGS = [
     (dict(eps=-1.0), "eps=-1.0 is not allowed: it must be a finite number >= 0"),
     (dict(weight_decay=float("nan")), "weight_decay=nan is not allowed"),
     (dict(max_precond_dim=0), "max_precond_dim=0 is not allowed: it must be an integer >= 1"),
+    (dict(backend="cuda"), "backend='cuda' is unknown; allowed: auto, torch, triton"),
 ]
 
 

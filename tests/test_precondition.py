@@ -150,9 +150,3 @@ def test_bad_shapes_and_eigenvalues_are_named(gen):
         kron_precondition(M, U_L, U_R, lam_l, lam_r, 0.5, 0.1, 1.0)
     # eps > 0 allows zero eigenvalues
     kron_precondition(M, U_L, U_R, lam_l, lam_r, 0.5, 0.1, 1.0, eps=1e-3)
-
-
-def test_triton_backend_is_refused_until_it_exists(gen):
-    M, U_L, U_R, lam_l, lam_r = _block(gen, 4, 3, torch.float32)
-    with pytest.raises(NotImplementedError, match="backend='triton' is not available"):
-        kron_precondition(M, U_L, U_R, lam_l, lam_r, 0.5, 0.1, 1.0, backend="triton")

@@ -12,6 +12,8 @@ import pytest
 import torch
 from reference import boundary_gap, chi_ref, top_mask_ref
 
+from bregtop_dist import BregTop, kron_precondition
+from bregtop_dist.core.dispatch import resolve_backend
 from bregtop_dist.core.precondition import apply_top_set, select_top_set
 
 pytest.importorskip("triton")
@@ -79,3 +81,63 @@ def test_bad_inputs_are_named(gen):
         masked_scale(mt.mT.contiguous().mT, lam_l, lam_r, top.threshold, top.cutoff, top.chi, 0.0)
     with pytest.raises(ValueError, match="lam_l must be float32, got torch.float64"):
         masked_scale(mt, lam_l.double(), lam_r, top.threshold, top.cutoff, top.chi, 0.0)
+
+
+def test_kron_precondition_triton_backend_equals_torch(gen):
+    m, n = 20, 33
+    M = torch.randn(m, n, generator=gen)
+    U_L = torch.linalg.qr(torch.randn(m, m, generator=gen)).Q
+    U_R = torch.linalg.qr(torch.randn(n, n, generator=gen)).Q
+    lam_l, lam_r = torch.rand(m, generator=gen) + 0.05, torch.rand(n, generator=gen) + 0.05
+    args = (M, U_L, U_R, lam_l, lam_r, 0.06, 0.01, 3.0, 1e-8)
+    torch_out = kron_precondition(*args, backend="torch")
+    assert torch.allclose(kron_precondition(*args, backend="triton"), torch_out, rtol=1e-5, atol=1e-6)
+
+
+def test_backend_resolution(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("BREGTOP_BACKEND", raising=False)
+    assert resolve_backend("auto", cpu, torch.float32) == "torch"
+    assert resolve_backend("triton", cpu, torch.float32) == "triton"  # the interpreter is on
+    with pytest.raises(ValueError, match="backend='triton' needs float32 eigenvalues, got torch.float64"):
+        resolve_backend("triton", cpu, torch.float64)
+    monkeypatch.setenv("BREGTOP_BACKEND", "triton")
+    assert resolve_backend("auto", cpu, torch.float32) == "triton"
+    assert resolve_backend("torch", cpu, torch.float32) == "torch"  # an explicit choice wins
+    monkeypatch.setenv("BREGTOP_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="BREGTOP_BACKEND='cuda' is unknown; allowed: auto, torch, triton"):
+        resolve_backend("auto", cpu, torch.float32)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors .* got device cpu"):
+        resolve_backend("triton", cpu, torch.float32)
+
+
+def test_optimizer_with_triton_backend_follows_the_torch_one(gen):
+    shapes = [(12, 9), (40, 8)]
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(6)]
+    finals = []
+    for backend in ("torch", "triton"):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = BregTop(params, lr=0.01, precondition_frequency=2, max_precond_dim=32, backend=backend)
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+        finals.append(params)
+    for a, b in zip(*finals):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_fallback_is_logged_once(monkeypatch, caplog):
+    from bregtop_dist.core import dispatch
+
+    monkeypatch.delenv("BREGTOP_BACKEND", raising=False)
+    monkeypatch.setattr(dispatch, "triton_available", lambda: False)
+    monkeypatch.setattr(dispatch, "_logged", set())
+    cuda = torch.device("cuda")  # resolution only: nothing runs on the device
+    with caplog.at_level("WARNING", logger="bregtop_dist"):
+        assert dispatch.resolve_backend("auto", cuda, torch.float32) == "torch"
+        assert dispatch.resolve_backend("auto", cuda, torch.float32) == "torch"
+    messages = [r.getMessage() for r in caplog.records if "torch path" in r.getMessage()]
+    assert messages == ["BregTop: using the torch path for the masked scaling: triton is not installed"]

@@ -4,7 +4,6 @@
   one launch per stack of same-shape blocks (reference:
   ``bregtop_dist.core.precondition.apply_top_set``).
 
-On a CPU the tests run the kernels in Triton's interpreter (``TRITON_INTERPRET=1``). The
-optimizer does not dispatch to them yet: ``kron_precondition(..., backend="auto")`` runs the
-torch path on every device.
+On a CPU the tests run the kernels in Triton's interpreter (``TRITON_INTERPRET=1``).
+``bregtop_dist.core.dispatch`` decides when the optimizer and ``kron_precondition`` use them.
 """

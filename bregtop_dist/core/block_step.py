@@ -80,6 +80,7 @@ class BlockHyper:
     beta2: float
     eps: float
     frequency: int
+    backend: str = "auto"
 
 
 def init_block_state(stats: str, grad: Tensor) -> tuple[KronBlockState, Tensor]:
@@ -180,7 +181,9 @@ def kron_block_step(
         idx = due.nonzero().flatten()
         failed[idx] = _refresh(state, idx)
     s = state
-    pre = precondition_rotated(s.momentum, s.lam_L, s.lam_R, hyper.rho, hyper.q, hyper.c, hyper.eps)
+    pre = precondition_rotated(
+        s.momentum, s.lam_L, s.lam_R, hyper.rho, hyper.q, hyper.c, hyper.eps, hyper.backend
+    )
     return s.U_L @ pre @ s.U_R.mT, failed
 
 

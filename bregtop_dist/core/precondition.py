@@ -18,9 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from bregtop_dist.core.dispatch import BACKENDS, resolve_backend
 from bregtop_dist.core.selection import count_at_least, kth_largest_product
-
-BACKENDS = ("auto", "torch", "triton")
 
 
 def top_count(rho: float, m: int, n: int) -> int:
@@ -123,12 +122,28 @@ def precondition_weights(
 
 
 def precondition_rotated(
-    mt: Tensor, lam_l: Tensor, lam_r: Tensor, rho: float, q: float, c: float, eps: float
+    mt: Tensor,
+    lam_l: Tensor,
+    lam_r: Tensor,
+    rho: float,
+    q: float,
+    c: float,
+    eps: float,
+    backend: str = "auto",
 ) -> Tensor:
-    """``Mt * W`` for a batch of blocks already in the eigenbasis; (B, m, n) in mt's dtype."""
+    """``Mt * W`` for a batch of blocks already in the eigenbasis; (B, m, n) in mt's dtype.
+
+    ``backend`` picks the masked scaling (see :mod:`bregtop_dist.core.dispatch`).
+    """
     dtype = _compute_dtype(lam_l, lam_r)
     lam_l, lam_r = lam_l.to(dtype), lam_r.to(dtype)
     top = select_top_set(lam_l, lam_r, rho, q, c, eps)
+    if resolve_backend(backend, mt.device, dtype) == "triton":
+        from triton_kernels.masked_scale import masked_scale
+
+        scaled = mt if mt.dtype in (torch.float32, torch.bfloat16) else mt.float()
+        out = masked_scale(scaled.contiguous(), lam_l, lam_r, top.threshold, top.cutoff, top.chi, eps)
+        return out.to(mt.dtype)
     return apply_top_set(mt.to(dtype), lam_l, lam_r, top, eps).to(mt.dtype)
 
 
@@ -188,22 +203,17 @@ def kron_precondition(
     """Algorithm 2 on one block: ``U_L ((U_L^T M U_R) * W) U_R^T``.
 
     ``U_L``/``U_R`` may be ``None`` (identity: ``M`` is already in the eigenbasis).
-    ``backend`` is ``auto`` (the torch path on every device until the Triton kernels
-    land), ``torch``, or ``triton`` (not available yet: raises).
+    ``backend`` is ``auto``, ``torch`` or ``triton`` (see :mod:`bregtop_dist.core.dispatch`).
     Returns a tensor of M's shape and dtype.
     """
     _check_inputs(M, U_L, U_R, lam_L, lam_R, rho, q, c, eps, backend)
-    if backend == "triton":
-        raise NotImplementedError(
-            "backend='triton' is not available in this version; use backend='torch' or 'auto'"
-        )
     dtype = _compute_dtype(M, lam_L, lam_R)
     mt = M.to(dtype)
     if U_L is not None:
         mt = U_L.to(dtype).mT @ mt
     if U_R is not None:
         mt = mt @ U_R.to(dtype)
-    out = precondition_rotated(mt[None], lam_L[None], lam_R[None], rho, q, c, eps)[0]
+    out = precondition_rotated(mt[None], lam_L[None], lam_R[None], rho, q, c, eps, backend)[0]
     if U_L is not None:
         out = U_L.to(dtype) @ out
     if U_R is not None:
