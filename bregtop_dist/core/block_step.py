@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from bregtop_dist.core.bases import eigh_descending, power_qr
+from bregtop_dist.core.dispatch import resolve_backend
 from bregtop_dist.core.precondition import precondition_rotated
 from bregtop_dist.core.stats import EIGEN_WEIGHTED, factor_weights, kron_stats, rotated_diagonals
 
@@ -127,6 +128,7 @@ def _accumulate(s: KronBlockState, grad: Tensor, hyper: BlockHyper) -> None:
         )
         s.L.lerp_(d_l, 1.0 - b2)
         s.R.lerp_(d_r, 1.0 - b2)
+        s.momentum.lerp_(gt, 1.0 - b1)
     else:
         # dL = X_L diag(w_L) X_L^T: the factor EMA is one fused product of pre-scaled X.
         w_l, w_r = factor_weights(hyper.stats, s.lam_L, s.lam_R, s.L, s.R)
@@ -137,16 +139,28 @@ def _accumulate(s: KronBlockState, grad: Tensor, hyper: BlockHyper) -> None:
         else:
             x_l = x_r = grad
             gt = s.U_L.mT @ grad @ s.U_R
-        sq = gt * gt
-        diag_l, diag_r = (sq * w_l[:, None, :]).sum(-1), (sq * w_r[:, :, None]).sum(-2)
-        x_l = x_l * w_l.sqrt()[:, None, :]
-        x_r = x_r * w_r.sqrt()[:, :, None]
-        s.L.baddbmm_(x_l, x_l.mT, beta=b2, alpha=1.0 - b2)
-        s.R.baddbmm_(x_r.mT, x_r, beta=b2, alpha=1.0 - b2)
-    s.momentum.lerp_(gt, 1.0 - b1)
+        scaled_l = x_l * w_l.sqrt()[:, None, :]
+        scaled_r = x_r * w_r.sqrt()[:, :, None]
+        s.L.baddbmm_(scaled_l, scaled_l.mT, beta=b2, alpha=1.0 - b2)
+        s.R.baddbmm_(scaled_r.mT, scaled_r, beta=b2, alpha=1.0 - b2)
+        diag_l, diag_r = _weighted_sums_and_momentum(s, gt, w_l, w_r, b1, hyper.backend)
     s.lam_L.lerp_(diag_l, 1.0 - b2)
     s.lam_R.lerp_(diag_r, 1.0 - b2)
     s.step += 1
+
+
+def _weighted_sums_and_momentum(
+    s: KronBlockState, gt: Tensor, w_l: Tensor, w_r: Tensor, b1: float, backend: str
+) -> tuple[Tensor, Tensor]:
+    """``rowsum(Gt^2 w_L)``, ``colsum(Gt^2 w_R)`` and ``Mt <- lerp(Mt, Gt, 1 - b1)``: one fused
+    pass of the Triton kernel where the backend allows it, torch otherwise."""
+    if b1 > 0.5 and resolve_backend(backend, gt.device, torch.float32) == "triton":
+        from triton_kernels.rotated_stats import rotated_stats
+
+        return rotated_stats(gt.contiguous(), w_l, w_r, s.momentum, b1)
+    sq = gt * gt
+    s.momentum.lerp_(gt, 1.0 - b1)
+    return (sq * w_l[:, None, :]).sum(-1), (sq * w_r[:, :, None]).sum(-2)
 
 
 def _refresh(s: KronBlockState, idx: Tensor) -> Tensor:
