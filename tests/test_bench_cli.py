@@ -82,3 +82,15 @@ def test_steps_must_align_with_refresh_phase(capsys):
     assert main(["optimizer", "--steps", "7"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--steps=7 must be a multiple of the precondition frequency 10" in err
+
+
+def test_quick_kernels_bench_writes_json(tmp_path, capsys):
+    out = tmp_path / "kernels.json"
+    assert main(["kernels", "--quick", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result) == {"machine", "settings", "masked_scale", "rotated_stats", "training_step"}
+    for row in result["masked_scale"] + result["rotated_stats"]:
+        assert row["torch_reference_s"] > 0
+    step = result["training_step"]
+    assert step["forward_backward_s"] > 0 and step["bregtop_step_mean_s"] > 0 and step["adamw_step_s"] > 0
+    assert "BregTop adds" in capsys.readouterr().out

@@ -7,9 +7,9 @@ import sys
 from types import ModuleType
 from typing import NoReturn
 
-from launch.bench import optimizer
+from launch.bench import kernels, optimizer
 
-SUITES: dict[str, ModuleType] = {"optimizer": optimizer}
+SUITES: dict[str, ModuleType] = {"optimizer": optimizer, "kernels": kernels}
 """Subcommand name -> suite module (``HELP``, ``add_arguments``, ``run``)."""
 
 
