@@ -53,3 +53,15 @@ def test_rejects_half_precision():
     a = torch.ones(1, 2, dtype=torch.float16)
     with pytest.raises(TypeError, match="float32 or float64, got torch.float16"):
         kth_largest_product(a, a, torch.zeros(1, 1, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ways", [2, 4, 16])
+def test_fixed_pass_search_equals_early_exit(gen, dtype, ways):
+    """The sync-free schedule (what non-CPU devices run) finds the same entries."""
+    a, b = _vectors(gen, 17, 40, dtype, "spread")
+    ranks = torch.randint(0, 17 * 40, (2, 5), generator=gen)
+    fixed = kth_largest_product(a, b, ranks, ways=ways, fixed_passes=True)
+    assert torch.equal(fixed, kth_largest_product(a, b, ranks, ways=ways, fixed_passes=False))
+    S = (a[:, :, None] * b[:, None, :]).reshape(2, -1)
+    assert torch.equal(fixed, torch.gather(S.sort(-1, descending=True).values, 1, ranks))

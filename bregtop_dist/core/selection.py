@@ -12,6 +12,8 @@ All functions take a leading batch dimension: ``a`` is (B, m), ``b`` is (B, n).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -104,8 +106,15 @@ def search_ways(batch: int, queries: int, m: int, n: int) -> int:
     return 16 if batch * queries * min(m, n) < 2048 else 4
 
 
+def search_passes(dtype: torch.dtype, ways: int) -> int:
+    """Passes that always suffice: each shrinks a bracket of R bit patterns to at most
+    R / ways + 1, and a bracket narrower than ``ways`` closes in one pass."""
+    bits = 31 if dtype == torch.float32 else 63
+    return math.ceil(bits / math.log2(ways)) + 2
+
+
 def kth_largest_product(
-    a_desc: Tensor, b_asc: Tensor, rank: Tensor, ways: int | None = None
+    a_desc: Tensor, b_asc: Tensor, rank: Tensor, ways: int | None = None, fixed_passes: bool | None = None
 ) -> Tensor:
     """The ``rank``-th largest (0-based) entry of the outer product a b^T, per batch row.
 
@@ -113,9 +122,14 @@ def kth_largest_product(
     (float32 or float64): the value ``sort(outer(a, b).flatten(), descending=True)[rank]``.
     A ``ways``-ary search over bit patterns: each pass counts ``ways - 1`` probe thresholds
     at once and shrinks the bracket ``ways``-fold (default: :func:`search_ways`).
+    ``fixed_passes`` (default: on for non-CPU tensors) runs :func:`search_passes` passes
+    instead of stopping when every bracket has closed, so the device never waits for the
+    host; extra passes leave a closed bracket unchanged.
     """
     if ways is None:
         ways = search_ways(rank.shape[0], rank.shape[1], a_desc.shape[-1], b_asc.shape[-1])
+    if fixed_passes is None:
+        fixed_passes = a_desc.device.type != "cpu"
     dtype = a_desc.dtype
     if dtype not in _INT_VIEW:
         raise TypeError(f"kth_largest_product needs float32 or float64, got {dtype}")
@@ -129,7 +143,10 @@ def kth_largest_product(
     need = (rank + 1)[:, :, None]
     probes = torch.arange(1, ways, dtype=torch.int64, device=rank.device)  # (ways-1,)
     # Invariant: count(value(lo)) >= need > count(value(hi + 1)); the answer is lo at the end.
-    while bool((lo < hi).any()):
+    passes = search_passes(dtype, ways)
+    for _ in range(passes):
+        if not fixed_passes and not bool((lo < hi).any()):
+            break
         step = ((hi - lo) // ways).clamp_min(1)[:, :, None]
         cand = torch.minimum(lo[:, :, None] + step * probes, hi[:, :, None])  # (B, Q, ways-1)
         values = cand.to(int_dtype).view(dtype).reshape(bsz, -1)
