@@ -150,3 +150,22 @@ def test_bad_shapes_and_eigenvalues_are_named(gen):
         kron_precondition(M, U_L, U_R, lam_l, lam_r, 0.5, 0.1, 1.0)
     # eps > 0 allows zero eigenvalues
     kron_precondition(M, U_L, U_R, lam_l, lam_r, 0.5, 0.1, 1.0, eps=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tie_cutoff_matches_stable_sort_on_many_tie_patterns(gen, dtype):
+    """Few distinct eigenvalues, random shapes and rho: the top set is exactly the reference's."""
+    for _ in range(60):
+        m, n = (int(x) for x in torch.randint(1, 12, (2,), generator=gen))
+        lam_l = torch.randint(1, 4, (m,), generator=gen).to(dtype)
+        lam_r = torch.randint(1, 4, (n,), generator=gen).to(dtype)
+        rho = float(torch.rand((), generator=gen)) * 0.98 + 0.01
+        W = precondition_weights(lam_l[None], lam_r[None], rho, 0.3, 7.0)[0]
+        S = torch.outer(lam_l, lam_r)
+        top = top_mask_ref(S, rho)
+        if bool(top.all()):
+            continue
+        chi = chi_ref(S, top, 0.3, 7.0)
+        # chi = 7 * quantile(S^-1/2) exceeds every S^-1/2 <= 1 here: the mask is W > 1.
+        assert torch.equal(W > 1.0, ~top), (m, n, rho)
+        assert torch.allclose(W[~top], chi.expand(int((~top).sum())))

@@ -23,7 +23,7 @@ _INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64}
 def _row_counts_at_least(a_desc: Tensor, b_asc: Tensor, t: Tensor) -> Tensor:
     """Per row i, #{j : fl(a_i * b_j) >= t}; returns (B, Q, m) for t of shape (B, Q).
 
-    The general path (float64 products, which are rounded).
+    Rows need not be sorted. The general path (float64 products, which are rounded).
     ``fl(a_i * b)`` is monotone in ``b``, so the qualifying j form a suffix of the ascending
     ``b``. A first guess from ``searchsorted(b, t / a_i)`` can be off where rounding puts
     ``b_j`` on the wrong side of ``t / a_i``; it is then moved over whole blocks of equal
@@ -86,6 +86,13 @@ def _row_counts_at_least_f32(a_desc: Tensor, b_asc: Tensor, t: Tensor) -> Tensor
     return torch.where(t[:, :, None] <= 0, b.shape[-1], counts)
 
 
+def row_counts_at_least(a: Tensor, b_asc: Tensor, t: Tensor) -> Tensor:
+    """Per row i of ``a`` (any order), #{j : fl(a_i * b_j) >= t}: (B, Q, m) for t (B, Q)."""
+    if a.dtype == torch.float32:
+        return _row_counts_at_least_f32(a, b_asc, t)
+    return _row_counts_at_least(a, b_asc, t)
+
+
 def count_at_least(a_desc: Tensor, b_asc: Tensor, t: Tensor) -> Tensor:
     """#{(i, j) : fl(a_i * b_j) >= t} for each batch row and query: (B, Q) int64.
 
@@ -95,9 +102,7 @@ def count_at_least(a_desc: Tensor, b_asc: Tensor, t: Tensor) -> Tensor:
     """
     if a_desc.shape[-1] > b_asc.shape[-1]:
         a_desc, b_asc = b_asc.flip(-1), a_desc.flip(-1)
-    if a_desc.dtype == torch.float32:
-        return _row_counts_at_least_f32(a_desc, b_asc, t).sum(-1)
-    return _row_counts_at_least(a_desc, b_asc, t).sum(-1)
+    return row_counts_at_least(a_desc, b_asc, t).sum(-1)
 
 
 def search_ways(batch: int, queries: int, m: int, n: int) -> int:
