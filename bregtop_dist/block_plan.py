@@ -59,20 +59,16 @@ class BlockStack:
         }
 
     def empty_state(self, device: torch.device | str = "cpu") -> KronBlockState:
-        """Zero state for every block (step 0 marks a block not yet initialised)."""
-        bsz = len(self.blocks)
-        m, n = self.shape
-        f32 = torch.float32
-        return KronBlockState(
-            momentum=torch.zeros(bsz, m, n, dtype=f32, device=device),
-            L=torch.zeros(bsz, m, m, dtype=f32, device=device),
-            R=torch.zeros(bsz, n, n, dtype=f32, device=device),
-            U_L=torch.eye(m, dtype=f32, device=device).repeat(bsz, 1, 1),
-            U_R=torch.eye(n, dtype=f32, device=device).repeat(bsz, 1, 1),
-            lam_L=torch.ones(bsz, m, dtype=f32, device=device),
-            lam_R=torch.ones(bsz, n, dtype=f32, device=device),
-            step=torch.zeros(bsz, dtype=torch.int64, device=device),
-        )
+        """Zero state for every block (step 0 marks a block not yet initialised): identity
+        bases and unit eigenvalue estimates."""
+        fields = {
+            name: torch.zeros(shape, dtype=dtype, device=device) for name, (shape, dtype) in self.state_shapes().items()
+        }
+        for basis in ("U_L", "U_R"):
+            fields[basis] += torch.eye(fields[basis].shape[-1], device=device)
+        for lam in ("lam_L", "lam_R"):
+            fields[lam] += 1.0
+        return KronBlockState(**fields)
 
 
 def is_kron_param(param: Tensor, bregtop_group: bool) -> bool:

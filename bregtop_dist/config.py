@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from bregtop_dist.core.dispatch import BACKENDS
+from bregtop_dist.core.precondition import check_selection
 from bregtop_dist.core.stats import STATS_METHODS
 
 
@@ -99,18 +100,13 @@ class BregTopConfig:
         preset = PRESETS[self.method]
         if not (isinstance(self.lr, (int, float)) and self.lr >= 0.0 and math.isfinite(self.lr)):
             raise ValueError(f"lr={self.lr!r} is not allowed: lr must be a finite number >= 0")
+        check_selection(self.rho, self.q, self.c, self.eps)
         if self.rho is not None:
-            if not 0.0 < self.rho <= 1.0:
-                raise ValueError(f"rho={self.rho!r} is outside the allowed range (0, 1]")
             if not preset.selects_top and self.rho != 1.0:
                 raise ValueError(
                     f"rho={self.rho!r} is not allowed for method={self.method!r}, which "
                     "preconditions every entry (rho=1); use a bregtop-* method to select a top set"
                 )
-        if self.q is not None and not 0.0 <= self.q <= 1.0:
-            raise ValueError(f"q={self.q!r} is outside the allowed range [0, 1]")
-        if self.c is not None and not self.c > 0.0:
-            raise ValueError(f"c={self.c!r} is not allowed: c must be > 0")
         object.__setattr__(self, "betas", _check_betas("betas", self.betas))
         object.__setattr__(self, "adam_betas", _check_betas("adam_betas", self.adam_betas))
         freq = self.precondition_frequency
@@ -121,7 +117,7 @@ class BregTopConfig:
             raise ValueError(f"max_precond_dim={dim!r} is not allowed: it must be an integer >= 1")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} is unknown; allowed: {', '.join(BACKENDS)}")
-        for name in ("eps", "weight_decay", "adam_eps"):
+        for name in ("weight_decay", "adam_eps"):
             value = getattr(self, name)
             if not (value >= 0.0 and math.isfinite(value)):
                 raise ValueError(f"{name}={value!r} is not allowed: it must be a finite number >= 0")

@@ -120,7 +120,7 @@ BAD = [
     (dict(q=-0.1), "q=-0.1 is outside the allowed range [0, 1]"),
     (dict(q=1.01), "q=1.01 is outside the allowed range [0, 1]"),
     (dict(c=0.0), "c=0.0 is not allowed: c must be > 0"),
-    (dict(eps=-1.0), "eps=-1.0 is not allowed: eps must be >= 0"),
+    (dict(eps=-1.0), "eps=-1.0 is not allowed: it must be a finite number >= 0"),
     (dict(backend="cuda"), "backend='cuda' is unknown; allowed: auto, torch, triton"),
 ]
 

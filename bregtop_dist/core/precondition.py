@@ -160,6 +160,18 @@ def precondition_rotated(
     return apply_top_set(mt.to(dtype), lam_l, lam_r, top, eps).to(mt.dtype)
 
 
+def check_selection(rho: float | None, q: float | None, c: float | None, eps: float | None) -> None:
+    """ValueError naming the first of rho, q, c, eps outside its range (None is not checked)."""
+    if rho is not None and not 0.0 < rho <= 1.0:
+        raise ValueError(f"rho={rho!r} is outside the allowed range (0, 1]")
+    if q is not None and not 0.0 <= q <= 1.0:
+        raise ValueError(f"q={q!r} is outside the allowed range [0, 1]")
+    if c is not None and not c > 0.0:
+        raise ValueError(f"c={c!r} is not allowed: c must be > 0")
+    if eps is not None and not (eps >= 0.0 and math.isfinite(eps)):
+        raise ValueError(f"eps={eps!r} is not allowed: it must be a finite number >= 0")
+
+
 def _check_inputs(
     m_mat: Tensor,
     u_l: Tensor | None,
@@ -183,14 +195,7 @@ def _check_inputs(
     for name, u, d in (("U_L", u_l, m), ("U_R", u_r, n)):
         if u is not None and u.shape != (d, d):
             raise ValueError(f"{name} must have shape ({d}, {d}) or be None, got {tuple(u.shape)}")
-    if not 0.0 < rho <= 1.0:
-        raise ValueError(f"rho={rho!r} is outside the allowed range (0, 1]")
-    if not 0.0 <= q <= 1.0:
-        raise ValueError(f"q={q!r} is outside the allowed range [0, 1]")
-    if not c > 0.0:
-        raise ValueError(f"c={c!r} is not allowed: c must be > 0")
-    if not eps >= 0.0:
-        raise ValueError(f"eps={eps!r} is not allowed: eps must be >= 0")
+    check_selection(rho, q, c, eps)
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is unknown; allowed: {', '.join(BACKENDS)}")
     for name, lam in (("lam_L", lam_l), ("lam_R", lam_r)):
