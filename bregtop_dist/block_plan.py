@@ -62,7 +62,8 @@ class BlockStack:
         """Zero state for every block (step 0 marks a block not yet initialised): identity
         bases and unit eigenvalue estimates."""
         fields = {
-            name: torch.zeros(shape, dtype=dtype, device=device) for name, (shape, dtype) in self.state_shapes().items()
+            name: torch.zeros(shape, dtype=dtype, device="cpu" if name == "step" else device)
+            for name, (shape, dtype) in self.state_shapes().items()
         }
         for basis in ("U_L", "U_R"):
             fields[basis] += torch.eye(fields[basis].shape[-1], device=device)

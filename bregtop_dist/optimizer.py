@@ -157,15 +157,15 @@ class BregTop(torch.optim.Optimizer):
         if stack.state is None:
             stack.state = stack.empty_state(grad.device)
         whole = len(active) == len(stack.blocks)
-        idx = torch.tensor(active, dtype=torch.int64, device=grad.device)
+        idx = torch.tensor(active, dtype=torch.int64)  # CPU, like the step counts
         state = stack.state if whole else stack.state.select(idx)
         fresh = (state.step == 0).nonzero().flatten()
         if fresh.numel():
-            init, failed = init_block_state(cfg.stats, grad.index_select(0, fresh))
+            init, eigh_failed = init_block_state(cfg.stats, grad.index_select(0, fresh.to(grad.device)))
             state.assign(fresh, init)
-            self._warn_basis(failed)
-        update, failed = kron_block_step(state, grad, _hyper(cfg), stack.offsets.to(grad.device).index_select(0, idx))
-        self._warn_basis(failed)
+            self._warn_basis(eigh_failed)
+        update, qr_failed = kron_block_step(state, grad, _hyper(cfg), stack.offsets.index_select(0, idx))
+        self._warn_basis(qr_failed)
         if not whole:
             stack.state.assign(idx, state)
 
@@ -177,8 +177,8 @@ class BregTop(torch.optim.Optimizer):
                 piece.mul_(1.0 - cfg.lr * cfg.weight_decay)
             piece.add_(update[k].to(piece.dtype), alpha=-cfg.lr)
 
-    def _warn_basis(self, failed: Tensor) -> None:
-        if self._warned_basis or not bool(failed.any()):
+    def _warn_basis(self, failed: Tensor | None) -> None:
+        if failed is None or self._warned_basis or not bool(failed.any()):
             return
         self._warned_basis = True
         warnings.warn(
@@ -245,7 +245,7 @@ class BregTop(torch.optim.Optimizer):
             device = stack.blocks[0].param.device
             stack.state = KronBlockState(
                 **{
-                    name: tensors[name].detach().to(device=device, dtype=dtype, copy=True)
+                    name: tensors[name].detach().to(device="cpu" if name == "step" else device, dtype=dtype, copy=True)
                     for name, (_, dtype) in stack.state_shapes().items()
                 }
             )

@@ -54,19 +54,20 @@ class KronBlockState:
     U_R: Tensor  # (B, n, n)
     lam_L: Tensor  # (B, m), eigenvalue estimates in U_L's column order
     lam_R: Tensor  # (B, n)
-    step: Tensor  # (B,) int64, steps taken
+    step: Tensor  # (B,) int64 steps taken, on the CPU whatever the device: the host schedules
+    # refreshes from it without waiting for the device
 
     def tensors(self) -> dict[str, Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def select(self, idx: Tensor) -> KronBlockState:
         """A copy holding the blocks ``idx``."""
-        return KronBlockState(**{k: v.index_select(0, idx) for k, v in self.tensors().items()})
+        return KronBlockState(**{k: v.index_select(0, idx.to(v.device)) for k, v in self.tensors().items()})
 
     def assign(self, idx: Tensor, part: KronBlockState) -> None:
         """Write ``part`` (from :meth:`select`) back into the blocks ``idx``."""
         for k, v in self.tensors().items():
-            v.index_copy_(0, idx, getattr(part, k))
+            v.index_copy_(0, idx.to(v.device), getattr(part, k))
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def init_block_state(stats: str, grad: Tensor) -> tuple[KronBlockState, Tensor]:
         U_R=u_r.contiguous(),
         lam_L=_floor(lam_l),
         lam_R=_floor(lam_r),
-        step=torch.zeros(bsz, dtype=torch.int64, device=grad.device),
+        step=torch.zeros(bsz, dtype=torch.int64),
     )
     return state, failed_l | failed_r
 
@@ -182,17 +183,19 @@ def _refresh(s: KronBlockState, idx: Tensor) -> Tensor:
 
 def kron_block_step(
     state: KronBlockState, grad: Tensor, hyper: BlockHyper, offset: Tensor
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor | None]:
     """One step of Algorithm 1 on every block of ``state`` (updated in place).
 
-    ``grad`` is (B, m, n) float32, ``offset`` (B,) the blocks' refresh offsets.
-    Returns (update M_hat (B, m, n), (B,) QR failures that kept the previous basis).
+    ``grad`` is (B, m, n) float32, ``offset`` (B,) the blocks' refresh offsets (CPU, as
+    ``state.step``). Returns (update M_hat (B, m, n), failures): ``failures`` is None when no
+    block refreshed, else (B,) bool, the blocks whose QR failed and kept their basis.
     """
     _accumulate(state, grad, hyper)
-    failed = torch.zeros(grad.shape[0], dtype=torch.bool, device=grad.device)
-    due = refresh_due(state.step, offset, hyper.frequency)
+    failed = None
+    due = refresh_due(state.step, offset, hyper.frequency)  # on the host: no device sync
     if bool(due.any()):
-        idx = due.nonzero().flatten()
+        idx = due.nonzero().flatten().to(grad.device)
+        failed = torch.zeros(grad.shape[0], dtype=torch.bool, device=grad.device)
         failed[idx] = _refresh(state, idx)
     s = state
     pre = precondition_rotated(
