@@ -11,7 +11,10 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,3 +61,26 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write ``data`` as indented JSON, creating the parent folders."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
+    """Seconds of one call of a function, synchronising the device around it."""
+
+    def run(fn: Callable[[], Any]) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    return run
+
+
+def median_seconds(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    """Median seconds of ``fn`` over ``repeats`` calls after two untimed ones."""
+    fn()
+    fn()
+    run = timer(device)
+    return statistics.median(run(fn) for _ in range(repeats))

@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ from torch import Tensor, nn
 
 from bregtop_dist import BregTop, param_groups
 from bregtop_dist.core.precondition import apply_top_set, select_top_set
-from launch.bench import code_version, machine_info, positive_int, write_json
+from launch.bench import code_version, machine_info, median_seconds, positive_int, timer, write_json
 
 HELP = "Triton kernels vs torch references (bandwidth, speedup) and BregTop's share of a training step"
 DEFAULT_OUT = Path("runs/bench/kernels.json")
@@ -53,29 +51,6 @@ GPU = KernelSizes(stacks=((48, 768, 768), (12, 1024, 3072), (4, 4096, 4096)), la
                   batch=8, repeats=20)
 CPU = KernelSizes(stacks=((8, 256, 256), (4, 1024, 256)), layers=2, dim=256, seq=128, batch=4, repeats=5)
 QUICK = KernelSizes(stacks=((2, 32, 48),), layers=1, dim=32, seq=16, batch=2, repeats=2)
-
-
-def timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
-    """Seconds of one call of a function, synchronising the device around it."""
-
-    def run(fn: Callable[[], Any]) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    return run
-
-
-def median_seconds(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
-    """Median seconds of ``fn`` over ``repeats`` calls after two untimed ones."""
-    fn()
-    fn()
-    run = timer(device)
-    return statistics.median(run(fn) for _ in range(repeats))
 
 
 def bench_masked_scale(shape: tuple[int, int, int], device: torch.device, repeats: int) -> dict[str, Any]:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from bregtop_dist import METHODS, BregTop, kron_precondition
-from launch.bench import code_version, machine_info, positive_int, write_json
+from launch.bench import code_version, machine_info, median_seconds, positive_int, write_json
 
 HELP = "step time, state bytes/param and selection time of BregTop vs AdamW, SOAP and Shampoo"
 
@@ -270,17 +270,6 @@ def naive_precondition(m: Tensor, lam_l: Tensor, lam_r: Tensor, rho: float, q: f
     return m * torch.where(top, s**-0.5, chi)
 
 
-def median_time(fn: Callable[[], Tensor], repeats: int) -> tuple[float, Tensor]:
-    """Median seconds of ``fn()`` over ``repeats`` calls after one untimed call; its output."""
-    out = fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
-
-
 def bench_selection(shape: tuple[int, int], repeats: int) -> dict[str, Any]:
     """Time kron_precondition (U = None) against :func:`naive_precondition` on one block
     with log-normal eigenvalues, and check that the two outputs agree (rtol 1e-5)."""
@@ -289,10 +278,15 @@ def bench_selection(shape: tuple[int, int], repeats: int) -> dict[str, Any]:
     mat = torch.randn(m, n, generator=gen)
     lam_l = torch.randn(m, generator=gen).exp()
     lam_r = torch.randn(n, generator=gen).exp()
-    fast_s, fast = median_time(
-        lambda: kron_precondition(mat, None, None, lam_l, lam_r, rho=RHO, q=Q, c=C), repeats
-    )
-    naive_s, naive = median_time(lambda: naive_precondition(mat, lam_l, lam_r, RHO, Q, C), repeats)
+    def fast_fn() -> Tensor:
+        return kron_precondition(mat, None, None, lam_l, lam_r, rho=RHO, q=Q, c=C)
+
+    def naive_fn() -> Tensor:
+        return naive_precondition(mat, lam_l, lam_r, RHO, Q, C)
+
+    fast_s = median_seconds(fast_fn, mat.device, repeats)
+    naive_s = median_seconds(naive_fn, mat.device, repeats)
+    fast, naive = fast_fn(), naive_fn()
     close = torch.isclose(fast, naive, rtol=1e-5)
     return {
         "shape": [m, n],
