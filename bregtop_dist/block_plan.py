@@ -1,50 +1,40 @@
-"""Which parameters of a group are Kronecker-preconditioned, cut into which blocks, and
-how same-shape blocks are stacked so that one step runs a few batched kernels per shape.
+"""A param group's Kronecker work as this rank runs it: every block of the group (with its
+owner and refresh offset), the communication that feeds the owners, and this rank's owned
+blocks stacked by shape so that one step runs a few batched kernels per shape.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from bregtop_dist.core.block_step import KronBlockState, lpt_refresh_offsets
-from bregtop_dist.core.blocking import BlockSlice, block_slices, matrix_shape
-
-
-@dataclass(frozen=True)
-class BlockRef:
-    """One block: the parameter it lives in, its 2-D view shape and its slice of that view."""
-
-    param: Tensor
-    view: tuple[int, int]
-    block: BlockSlice
-
-    def of(self, tensor: Tensor) -> Tensor:
-        """This block's piece of ``tensor`` (the parameter or its gradient), as a view."""
-        r, c = self.view
-        return tensor.view(r, c)[self.block.r0 : self.block.r1, self.block.c0 : self.block.c1]
+from bregtop_dist.core.block_step import KronBlockState
+from bregtop_dist.distributed.assignment import Block, plan_blocks
+from bregtop_dist.distributed.exchange import Exchange
+from bregtop_dist.distributed.layout import ParamShard
 
 
 @dataclass
 class BlockStack:
-    """All blocks of one param group that share a shape, with their stacked state."""
+    """This rank's owned blocks of one plan that share a shape, with their stacked state."""
 
-    group: int
+    plan: str
     shape: tuple[int, int]
-    blocks: list[BlockRef]
-    offsets: Tensor  # (B,) int64 refresh offsets
+    block_ids: list[int]  # indices into the plan's blocks
+    offsets: Tensor  # (B,) int64 refresh offsets, on the CPU
     state: KronBlockState | None = field(default=None)
 
     @property
     def key(self) -> str:
         m, n = self.shape
-        return f"{self.group}:{m}x{n}"
+        return f"{self.plan}:{m}x{n}"
 
     def state_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """(shape, dtype) of every state field of this stack, as :meth:`empty_state` makes them."""
-        bsz = len(self.blocks)
+        bsz = len(self.block_ids)
         m, n = self.shape
         f32 = torch.float32
         return {
@@ -72,33 +62,36 @@ class BlockStack:
         return KronBlockState(**fields)
 
 
-def is_kron_param(param: Tensor, bregtop_group: bool) -> bool:
+@dataclass
+class KronPlan:
+    """All blocks of one group's Kronecker parameters and this rank's part in them."""
+
+    key: str
+    blocks: list[Block]
+    exchange: Exchange
+    stacks: dict[tuple[int, int], BlockStack]
+    device: torch.device  # where the state and the exchanged gradients live
+
+
+def is_kron_shape(shape: tuple[int, ...], bregtop_group: bool) -> bool:
     """Matrices (ndim >= 2) of a BregTop group; everything else runs on the AdamW side."""
-    return bregtop_group and param.ndim >= 2
+    return bregtop_group and len(shape) >= 2
 
 
-def plan_group(
-    group_index: int, params: list[Tensor], max_dim: int, frequency: int, stagger: bool
-) -> list[BlockStack]:
-    """Cut the Kronecker params of one group into blocks, stacked by shape.
-
-    Refresh offsets are balanced over the whole group by the QR cost m^3 + n^3.
-    """
-    refs: list[BlockRef] = []
-    for p in params:
-        view = matrix_shape(p.shape)
-        refs.extend(BlockRef(p, view, b) for b in block_slices(*view, max_dim))
-    costs = [float(r.block.shape[0] ** 3 + r.block.shape[1] ** 3) for r in refs]
-    offsets = lpt_refresh_offsets(costs, frequency, stagger)
+def build_plan(
+    key: str, shards: list[ParamShard], max_dim: int, frequency: int, stagger: bool,
+    rank: int, world: int,
+) -> KronPlan:
+    """Cut ``shards`` into blocks, pick owners, and stack this rank's owned blocks by shape."""
+    blocks = plan_blocks([s.shape for s in shards], max_dim, frequency, stagger, world)
+    replicated = all(r == (0, math.prod(s.shape)) for s in shards for r in s.ranges)
+    exchange = Exchange.build(blocks, [s.ranges for s in shards], rank, world, replicated)
     by_shape: dict[tuple[int, int], list[int]] = {}
-    for i, r in enumerate(refs):
-        by_shape.setdefault(r.block.shape, []).append(i)
-    return [
-        BlockStack(
-            group=group_index,
-            shape=shape,
-            blocks=[refs[i] for i in idx],
-            offsets=torch.tensor([offsets[i] for i in idx], dtype=torch.int64),
-        )
-        for shape, idx in by_shape.items()
-    ]
+    for i, blk in enumerate(blocks):
+        if blk.owner == rank:
+            by_shape.setdefault(blk.shape, []).append(i)
+    stacks = {
+        shape: BlockStack(key, shape, ids, torch.tensor([blocks[i].offset for i in ids], dtype=torch.int64))
+        for shape, ids in by_shape.items()
+    }
+    return KronPlan(key, blocks, exchange, stacks, shards[0].value.device)

@@ -2,28 +2,43 @@
 
 Matrices of BregTop groups run Algorithm 1 (per block, stacked by shape); groups with
 ``bregtop=False`` and every 1-D tensor run AdamW inside the same optimizer object, which is
-what the transformers Trainer and DeepSpeed expect.
+what the transformers Trainer and DeepSpeed expect. Under an initialised process group the
+Kronecker blocks are shared out among the ranks: each block's state lives on one owner, which
+receives the block's gradient and sends its update back (see ``bregtop_dist.distributed``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from bregtop_dist.adamw import adamw_step
-from bregtop_dist.block_plan import BlockStack, is_kron_param, plan_group
+from bregtop_dist.block_plan import BlockStack, KronPlan, build_plan, is_kron_shape
 from bregtop_dist.config import BregTopConfig
 from bregtop_dist.core.block_step import BlockHyper, KronBlockState, init_block_state, kron_block_step
+from bregtop_dist.distributed.checks import check_same_on_all_ranks, grad_verdict
+from bregtop_dist.distributed.layout import (
+    GroupShards,
+    ParamShard,
+    dtensor_shard,
+    is_dtensor,
+    replicated_shard,
+)
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
+ShardSource = Callable[[bool], list[GroupShards]]
+
+COMM_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
 class NonFiniteGradientError(RuntimeError):
-    """A gradient holds NaN or inf; raised before any state or parameter changes."""
+    """A gradient holds NaN or inf; raised on every rank before any state or parameter changes."""
 
 
 def _hyper(cfg: BregTopConfig) -> BlockHyper:
@@ -40,6 +55,18 @@ def _hyper(cfg: BregTopConfig) -> BlockHyper:
     )
 
 
+def _comm_dtype(value: str | torch.dtype) -> torch.dtype:
+    if isinstance(value, torch.dtype) and value in COMM_DTYPES.values():
+        return value
+    if isinstance(value, str) and value in COMM_DTYPES:
+        return COMM_DTYPES[value]
+    raise ValueError(f"comm_dtype={value!r} is not allowed; use one of {sorted(COMM_DTYPES)} or torch.float32/bfloat16")
+
+
+def _global_shape(p: Tensor) -> tuple[int, ...]:
+    return tuple(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 parameter keeps its shape in ds_shape
+
+
 class BregTop(torch.optim.Optimizer):
     """Kronecker-factored optimizer of the BregTop family (Liu, Zhou, Zhao, 2026).
 
@@ -48,6 +75,13 @@ class BregTop(torch.optim.Optimizer):
     bregtop-f-v1, bregtop-f-v2`` (top set by rho/q/c, defaults from appendix D). Every
     setting is a field of :class:`~bregtop_dist.config.BregTopConfig` and may be set per
     param group; ``bregtop=False`` in a group runs it with AdamW (see ``param_groups``).
+
+    Distributed runs: under an initialised process group (``process_group``, default the
+    whole world) every Kronecker block gets one owner rank that holds its state. Plain
+    parameters (DDP) are treated as replicated and the owners' updates are all-gathered;
+    FSDP2 DTensor parameters and DeepSpeed ZeRO fragments are sharded and move with one
+    all_to_all each way. ``comm_dtype`` (``"fp32"`` or ``"bf16"``) is the dtype on the wire.
+    The result equals the single-process run up to rounding, whatever the world size.
     """
 
     def __init__(
@@ -67,6 +101,8 @@ class BregTop(torch.optim.Optimizer):
         adam_eps: float = 1e-8,
         stagger_refresh: bool = True,
         backend: str = "auto",
+        process_group: dist.ProcessGroup | None = None,
+        comm_dtype: str | torch.dtype = "fp32",
     ) -> None:
         defaults = BregTopConfig(
             lr=lr, method=method, rho=rho, q=q, c=c, betas=betas,
@@ -74,90 +110,157 @@ class BregTop(torch.optim.Optimizer):
             max_precond_dim=max_precond_dim, adam_betas=adam_betas, adam_eps=adam_eps,
             stagger_refresh=stagger_refresh, backend=backend,
         ).as_defaults()
-        self._stacks: dict[str, BlockStack] = {}
-        self._planned_groups = 0
+        self._comm_dtype = _comm_dtype(comm_dtype)
+        self._process_group = process_group
+        self._plans: dict[str, KronPlan] = {}
+        self._shard_source: ShardSource | None = None
+        self._logical_groups: list[list[Tensor]] | None = None
         self._warned_basis = False
         super().__init__(params, defaults)
+        self._check_ranks_agree()
 
-    # ----------------------------------------------------------------- groups and plan
+    # ----------------------------------------------------------------- groups and ranks
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its settings are validated before the optimizer changes."""
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         BregTopConfig.from_group(merged)
         super().add_param_group(param_group)
 
-    def _plan(self) -> None:
-        """Block stacks for groups added since the last step (existing stacks keep state)."""
-        for gi in range(self._planned_groups, len(self.param_groups)):
-            group = self.param_groups[gi]
-            cfg = BregTopConfig.from_group(group)
-            kron = [p for p in group["params"] if is_kron_param(p, cfg.bregtop)]
-            for stack in plan_group(
-                gi, kron, cfg.max_precond_dim, cfg.precondition_frequency, cfg.stagger_refresh
-            ):
-                self._stacks[stack.key] = stack
-        self._planned_groups = len(self.param_groups)
+    @property
+    def kron_stacks(self) -> dict[str, BlockStack]:
+        """This rank's block stacks by key ``"<group>:<m>x<n>"`` (only blocks it owns)."""
+        return {stack.key: stack for plan in self._plans.values() for stack in plan.stacks.values()}
 
-    def _param_name(self, gi: int, pi: int) -> str:
-        group = self.param_groups[gi]
-        names = group.get("param_names")
-        if names:
+    def _group(self) -> dist.ProcessGroup | None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if is_dtensor(p):
+                    return p.device_mesh.get_group()  # type: ignore[attr-defined]
+        return self._process_group
+
+    def _world(self) -> tuple[int, int]:
+        if not (dist.is_available() and dist.is_initialized()):
+            return 0, 1
+        group = self._group()
+        return dist.get_rank(group), dist.get_world_size(group)
+
+    def _check_ranks_agree(self) -> None:
+        rank, world = self._world()
+        settings: dict[str, Any] = {"comm_dtype": str(self._comm_dtype)}
+        for gi, group in enumerate(self.param_groups):
+            for k, v in sorted(group.items()):
+                if k not in ("params", "param_names"):
+                    settings[f"param_groups[{gi}][{k!r}]"] = v
+            settings[f"param_groups[{gi}] shapes"] = [_global_shape(p) for p in group["params"]]
+        check_same_on_all_ranks(settings, self._group(), world)
+
+    def attach_shard_source(self, source: ShardSource, logical_groups: list[list[Tensor]]) -> None:
+        """Let an engine (DeepSpeed ZeRO) say which elements this rank holds: ``source()``
+        returns the groups visible to the current ``step`` call (every group when passed True), ``logical_groups`` the model
+        parameters of each param group (the keys of the AdamW-side state)."""
+        self._shard_source = source
+        self._logical_groups = logical_groups
+        self._plans.clear()
+
+    def _name(self, gi: int, pi: int, p: Tensor) -> str:
+        names = self.param_groups[gi].get("param_names")
+        if names and pi < len(names):
             return str(names[pi])
-        shape = tuple(group["params"][pi].shape)
-        return f"param_groups[{gi}]['params'][{pi}] (shape {shape})"
+        return f"param_groups[{gi}]['params'][{pi}] (shape {_global_shape(p)})"
+
+    def _views(self, every_group: bool = False) -> list[GroupShards]:
+        """The param groups this ``step`` call works on (all of them with ``every_group``),
+        as shards of this rank."""
+        if self._shard_source is not None:
+            return self._shard_source(every_group)
+        _, world = self._world()
+        views = []
+        for gi, group in enumerate(self.param_groups):
+            shards = [
+                dtensor_shard(p, self._name(gi, pi, p)) if is_dtensor(p) else replicated_shard(p, self._name(gi, pi, p), world)
+                for pi, p in enumerate(group["params"])
+            ]
+            if shards:
+                views.append(GroupShards(str(gi), gi, shards, replicated=not any(map(is_dtensor, group["params"]))))
+        return views
 
     # ------------------------------------------------------------------------- step
-    def _check_finite(self) -> None:
-        where = [
-            (gi, pi, p.grad)
-            for gi, group in enumerate(self.param_groups)
-            for pi, p in enumerate(group["params"])
-            if p.grad is not None
-        ]
-        if not where:
-            return
-        finite = torch.stack([torch.isfinite(g).all() for _, _, g in where])
-        if bool(finite.all()):
-            return
-        gi, pi, _ = where[int((~finite).nonzero()[0])]
-        raise NonFiniteGradientError(
-            f"the gradient of {self._param_name(gi, pi)} contains NaN or inf; "
-            "no parameter or optimizer state was changed by this step"
-        )
-
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """One optimizer step; raises :class:`NonFiniteGradientError` before changing anything."""
+        """One optimizer step; raises :class:`NonFiniteGradientError` (on every rank)
+        before changing anything."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_finite()
-        self._plan()
-        configs = [BregTopConfig.from_group(g) for g in self.param_groups]
-        for stack in self._stacks.values():
-            self._step_stack(stack, configs[stack.group])
-        for group, cfg in zip(self.param_groups, configs):
-            for p in group["params"]:
-                if p.grad is None or is_kron_param(p, cfg.bregtop):
+        rank, world = self._world()
+        group = self._group()
+        views = self._views()
+        every = [s for v in views for s in v.shards]
+        active, bad = grad_verdict(every, group, world)
+        if bad is not None:
+            raise NonFiniteGradientError(
+                f"the gradient of {every[bad].name} contains NaN or inf; "
+                "no parameter or optimizer state was changed by this step"
+            )
+        flags = iter(active)
+        for view in views:
+            cfg = BregTopConfig.from_group(self.param_groups[view.group_index])
+            shards = [_with_zero_grad(s) if a and s.grad is None else s for s, a in zip(view.shards, flags)]
+            kron_shards = [s for s in shards if is_kron_shape(s.shape, cfg.bregtop)]
+            if kron_shards:
+                plan = self._plan(view, kron_shards, cfg, rank, world)
+                kron_active = [s.grad is not None for s in kron_shards]
+                self._kron_step(plan, kron_shards, kron_active, cfg, group)
+            for s in shards:
+                if s.grad is None or is_kron_shape(s.shape, cfg.bregtop) or s.value.numel() == 0:
                     continue
                 adamw_step(
-                    p, p.grad, self.state[p], lr=cfg.lr, betas=cfg.adam_betas,
+                    s.value, s.grad, self.state[s.param], lr=cfg.lr, betas=cfg.adam_betas,
                     eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
                 )
         return loss
 
-    def _step_stack(self, stack: BlockStack, cfg: BregTopConfig) -> None:
-        grads = {i: g.contiguous() for i, ref in enumerate(stack.blocks) if (g := ref.param.grad) is not None}
-        pieces = {i: stack.blocks[i].of(g) for i, g in grads.items()}
-        if not pieces:
-            return
-        active = list(pieces)
-        grad = torch.stack(list(pieces.values())).float()
+    def _plan(self, view: GroupShards, shards: list[ParamShard], cfg: BregTopConfig, rank: int, world: int) -> KronPlan:
+        plan = self._plans.get(view.key)
+        if plan is None:
+            plan = build_plan(
+                view.key, shards, cfg.max_precond_dim, cfg.precondition_frequency, cfg.stagger_refresh, rank, world
+            )
+            self._plans[view.key] = plan
+        return plan
+
+    def _kron_step(
+        self, plan: KronPlan, shards: list[ParamShard], active: list[bool], cfg: BregTopConfig,
+        group: dist.ProcessGroup | None,
+    ) -> None:
+        device = shards[0].value.device
+        buffers: dict[int, Tensor] = {}
+        work: list[tuple[BlockStack, list[int], Tensor]] = []
+        for stack in plan.stacks.values():
+            rows = [k for k, b in enumerate(stack.block_ids) if active[plan.blocks[b].shard]]
+            if not rows:
+                continue
+            grad = torch.empty((len(rows), *stack.shape), dtype=torch.float32, device=device)
+            buffers.update((stack.block_ids[k], g) for k, g in zip(rows, grad))
+            work.append((stack, rows, grad))
+        plan.exchange.gather_grads(shards, active, buffers, self._comm_dtype, group)
+        updates: dict[int, Tensor] = {}
+        for stack, rows, grad in work:
+            update = self._step_stack(stack, rows, grad, cfg)
+            updates.update((stack.block_ids[k], u) for k, u in zip(rows, update))
+        if cfg.weight_decay:
+            for s, a in zip(shards, active):
+                if a:
+                    s.value.mul_(1.0 - cfg.lr * cfg.weight_decay)
+        plan.exchange.apply_updates(shards, active, updates, cfg.lr, self._comm_dtype, group)
+
+    def _step_stack(self, stack: BlockStack, rows: list[int], grad: Tensor, cfg: BregTopConfig) -> Tensor:
+        """Algorithm 1 on the blocks ``rows`` of ``stack`` (gradients ``grad``); their updates."""
         if stack.state is None:
             stack.state = stack.empty_state(grad.device)
-        whole = len(active) == len(stack.blocks)
-        idx = torch.tensor(active, dtype=torch.int64)  # CPU, like the step counts
+        whole = len(rows) == len(stack.block_ids)
+        idx = torch.tensor(rows, dtype=torch.int64)  # CPU, like the step counts
         state = stack.state if whole else stack.state.select(idx)
         fresh = (state.step == 0).nonzero().flatten()
         if fresh.numel():
@@ -168,14 +271,7 @@ class BregTop(torch.optim.Optimizer):
         self._warn_basis(qr_failed)
         if not whole:
             stack.state.assign(idx, state)
-
-        # Blocks partition their parameter, so each element is decayed exactly once.
-        for k, i in enumerate(active):
-            ref = stack.blocks[i]
-            piece = ref.of(ref.param)
-            if cfg.weight_decay:
-                piece.mul_(1.0 - cfg.lr * cfg.weight_decay)
-            piece.add_(update[k].to(piece.dtype), alpha=-cfg.lr)
+        return update
 
     def _warn_basis(self, failed: Tensor | None) -> None:
         if failed is None or self._warned_basis or not bool(failed.any()):
@@ -188,40 +284,72 @@ class BregTop(torch.optim.Optimizer):
             stacklevel=3,
         )
 
+
     # ------------------------------------------------------------------- state dict
+    def _logical(self) -> list[list[Tensor]]:
+        if self._logical_groups is not None:
+            return self._logical_groups
+        return [list(g["params"]) for g in self.param_groups]
+
+    def _all_plans(self) -> None:
+        """Plans for every group (they are otherwise made by the first step that needs them)."""
+        rank, world = self._world()
+        for view in self._views(every_group=True):
+            cfg = BregTopConfig.from_group(self.param_groups[view.group_index])
+            kron = [s for s in view.shards if is_kron_shape(s.shape, cfg.bregtop)]
+            if kron:
+                self._plan(view, kron, cfg, rank, world)
+
     def state_dict(self) -> dict[str, Any]:
-        """torch's format (AdamW-side state, param groups) plus ``kron_blocks``: per block
-        stack (``"<group>:<m>x<n>"``) its stacked Kronecker state tensors."""
-        out = super().state_dict()
-        out["kron_blocks"] = {
-            key: stack.state.tensors() for key, stack in self._stacks.items() if stack.state is not None
-        }
-        return out
+        """This rank's state: torch's layout for the AdamW side (``state``, ``param_groups``),
+        ``kron_blocks`` with the stacked Kronecker state of the blocks this rank owns (per
+        stack ``"<group>:<m>x<n>"``), and ``world_size``. Load it on the same rank of a run
+        with the same world size."""
+        index: dict[int, int] = {}
+        groups = []
+        for group, params in zip(self.param_groups, self._logical()):
+            ids = []
+            for p in params:
+                index.setdefault(id(p), len(index))
+                ids.append(index[id(p)])
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": ids})
+        state = {index[id(p)]: dict(v) for p, v in self.state.items() if id(p) in index}
+        kron = {key: stack.state.tensors() for key, stack in self.kron_stacks.items() if stack.state is not None}
+        return {"state": state, "param_groups": groups, "kron_blocks": kron, "world_size": self._world()[1]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict`; everything is validated before anything changes."""
+        world = self._world()[1]
+        saved_world = state_dict.get("world_size", 1)
+        if saved_world != world:
+            raise ValueError(
+                f"the state dict was saved with world_size={saved_world}, this run has {world}; "
+                "BregTop's sharded state loads only at the world size it was saved with"
+            )
         saved_groups = state_dict["param_groups"]
+        logical = self._logical()
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"the state dict has {len(saved_groups)} param groups, this optimizer has "
                 f"{len(self.param_groups)}"
             )
         id_to_param: dict[int, Tensor] = {}
-        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            if len(saved["params"]) != len(group["params"]):
+        for gi, (saved, group, params) in enumerate(zip(saved_groups, self.param_groups, logical)):
+            if len(saved["params"]) != len(params):
                 raise ValueError(
                     f"param group {gi} has {len(saved['params'])} params in the state dict and "
-                    f"{len(group['params'])} in this optimizer"
+                    f"{len(params)} in this optimizer"
                 )
             merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
             BregTopConfig.from_group(merged)
-            id_to_param.update(zip(saved["params"], group["params"]))
-        self._plan()
+            id_to_param.update(zip(saved["params"], params))
+        self._all_plans()
+        stacks = self.kron_stacks
         kron = state_dict.get("kron_blocks", {})
         for key, tensors in kron.items():
-            stack = self._stacks.get(key)
+            stack = stacks.get(key)
             if stack is None:
-                raise ValueError(f"the state dict has block stack {key!r}, unknown to this optimizer")
+                raise ValueError(f"the state dict has block stack {key!r}, unknown to this optimizer on this rank")
             for name, (shape, _) in stack.state_shapes().items():
                 got = tensors.get(name)
                 if got is None or tuple(got.shape) != shape:
@@ -235,17 +363,19 @@ class BregTop(torch.optim.Optimizer):
         for pid, pstate in state_dict["state"].items():
             param = id_to_param[pid]
             self.state[param] = {
-                k: v.detach().clone().to(param.device) if torch.is_tensor(v) else v
-                for k, v in pstate.items()
+                k: v.detach().clone().to(param.device) if torch.is_tensor(v) else v for k, v in pstate.items()
             }
-        for stack in self._stacks.values():
-            stack.state = None
-        for key, tensors in kron.items():
-            stack = self._stacks[key]
-            device = stack.blocks[0].param.device
-            stack.state = KronBlockState(
-                **{
-                    name: tensors[name].detach().to(device="cpu" if name == "step" else device, dtype=dtype, copy=True)
-                    for name, (_, dtype) in stack.state_shapes().items()
-                }
-            )
+        for plan in self._plans.values():
+            for stack in plan.stacks.values():
+                tensors = kron.get(stack.key)
+                stack.state = None if tensors is None else KronBlockState(
+                    **{
+                        name: tensors[name].detach().to(device="cpu" if name == "step" else plan.device, dtype=dtype, copy=True)
+                        for name, (_, dtype) in stack.state_shapes().items()
+                    }
+                )
+
+
+def _with_zero_grad(shard: ParamShard) -> ParamShard:
+    """``shard`` with zeros for a gradient it lacks on this rank but has on another."""
+    return dataclasses.replace(shard, grad=torch.zeros_like(shard.value))

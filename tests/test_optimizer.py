@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from bregtop_dist import METHODS, BregTop, NonFiniteGradientError, param_groups
-from bregtop_dist.block_plan import plan_group
+from bregtop_dist.block_plan import build_plan
 from bregtop_dist.config import PRESETS
 from bregtop_dist.core import bases
 from bregtop_dist.core.block_step import BlockHyper, init_block_state, kron_block_step
+from bregtop_dist.distributed.layout import replicated_shard
 
 
 def _params(gen, dtype=torch.float32):
@@ -47,16 +48,25 @@ def test_optimizer_equals_algorithm1_per_block(gen, method):
                        eps=1e-8, frequency=3)
     expected = [p.clone() for p in start]
     matrices = [p for p in expected if p.ndim >= 2]
-    position = {id(p): i for i, p in enumerate(expected)}
-    for stack in plan_group(0, matrices, 16, 3, True):  # same stacks, so the same batched kernels
+    position = [next(i for i, q in enumerate(expected) if q is p) for p in matrices]
+    plan = build_plan("0", [replicated_shard(p, "p", 1) for p in matrices], 16, 3, True, 0, 1)
+
+    def piece(tensors, blk):
+        rows, cols = matrices[blk.shard].shape[0], matrices[blk.shard][0].numel()
+        s = blk.slice
+        return tensors[blk.shard].view(rows, cols)[s.r0 : s.r1, s.c0 : s.c1]
+
+    for stack in plan.stacks.values():  # same stacks, so the same batched kernels
+        blocks = [plan.blocks[i] for i in stack.block_ids]
         state = None
         for step_grads in grads:
-            g = torch.stack([ref.of(step_grads[position[id(ref.param)]]) for ref in stack.blocks]).float()
+            mats = [step_grads[i] for i in position]
+            g = torch.stack([piece(mats, b) for b in blocks]).float()
             if state is None:
                 state, _ = init_block_state(preset.stats, g)
             update, _ = kron_block_step(state, g, hyper, stack.offsets)
-            for ref, u in zip(stack.blocks, update):
-                ref.of(ref.param).mul_(1 - 0.05 * 0.1).add_(u, alpha=-0.05)
+            for b, u in zip(blocks, update):
+                piece(matrices, b).mul_(1 - 0.05 * 0.1).add_(u, alpha=-0.05)
     for got, want in zip(params, expected):
         if got.ndim >= 2:
             assert torch.allclose(got.detach(), want, rtol=1e-5, atol=1e-6), (got - want).abs().max()
@@ -311,7 +321,8 @@ def test_tied_embedding_is_listed_once_on_the_adamw_side():
 
 def test_state_shapes_describe_the_empty_state(gen):
     params = _params(gen)
-    for stack in plan_group(0, [p for p in params if p.ndim >= 2], 16, 3, True):
+    shards = [replicated_shard(p, "p", 1) for p in params if p.ndim >= 2]
+    for stack in build_plan("0", shards, 16, 3, True, 0, 1).stacks.values():
         fields = stack.empty_state().tensors()
         assert {k: (tuple(v.shape), v.dtype) for k, v in fields.items()} == stack.state_shapes()
 

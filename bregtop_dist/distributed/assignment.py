@@ -1,0 +1,87 @@
+"""Which rank owns each Kronecker block, and on which step of the period it refreshes.
+
+Both are computed identically on every rank from the block shapes alone, with no
+communication. Refresh offsets come first and do not depend on the world size, so a sharded
+run takes exactly the single-process run's steps; owners are then chosen so that every rank's
+heaviest step (its share of the every-step work plus the refreshes due on that step) is as
+light as possible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bregtop_dist.core.block_step import lpt_refresh_offsets
+from bregtop_dist.core.blocking import BlockSlice, block_slices, matrix_shape
+
+
+def step_cost(m: int, n: int) -> float:
+    """Flops of the every-step work on an m x n block: about six m x n x (m + n) products
+    (rotating the gradient, the two factor EMAs, rotating the update back)."""
+    return 6.0 * m * n * (m + n)
+
+
+def refresh_cost(m: int, n: int) -> float:
+    """Flops of one basis refresh: the power step ``L U`` and a QR on each side."""
+    return 4.0 * (m**3 + n**3)
+
+
+@dataclass(frozen=True)
+class Block:
+    """One Kronecker block of a plan: the parameter it lives in (index into the plan's
+    Kronecker shards), its slice of that parameter's 2-D view, refresh offset and owner."""
+
+    shard: int
+    cols: int  # columns of the parameter's 2-D view
+    slice: BlockSlice
+    offset: int
+    owner: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.slice.shape
+
+
+def plan_blocks(
+    shapes: list[tuple[int, ...]], max_dim: int, frequency: int, stagger: bool, world: int
+) -> list[Block]:
+    """The blocks of parameters with global ``shapes``, in parameter then tile order."""
+    cut: list[tuple[int, int, BlockSlice]] = []
+    for j, shape in enumerate(shapes):
+        rows, cols = matrix_shape(shape)
+        cut.extend((j, cols, b) for b in block_slices(rows, cols, max_dim))
+    refresh = [refresh_cost(*b.shape) for _, _, b in cut]
+    offsets = lpt_refresh_offsets(refresh, frequency, stagger)
+    owners = assign_owners([step_cost(*b.shape) for _, _, b in cut], refresh, offsets, world)
+    return [
+        Block(j, cols, b, offset, owner) for (j, cols, b), offset, owner in zip(cut, offsets, owners)
+    ]
+
+
+def assign_owners(step: list[float], refresh: list[float], offsets: list[int], world: int) -> list[int]:
+    """Greedy longest-processing-time: largest blocks first, each to the rank whose peak step
+    (every-step load plus the largest per-offset refresh load) stays lowest; ties go to the
+    rank with less total work, then the lower rank."""
+    if world == 1:
+        return [0] * len(step)
+    base = [0.0] * world
+    slots: list[dict[int, float]] = [{} for _ in range(world)]
+    peak_refresh = [0.0] * world
+    total_refresh = [0.0] * world
+    owners = [0] * len(step)
+    for i in sorted(range(len(step)), key=lambda i: (-(step[i] + refresh[i]), i)):
+        o = offsets[i]
+        r = min(
+            range(world),
+            key=lambda r: (
+                base[r] + step[i] + max(peak_refresh[r], slots[r].get(o, 0.0) + refresh[i]),  # noqa: B023
+                base[r] + total_refresh[r],
+                r,
+            ),
+        )
+        owners[i] = r
+        base[r] += step[i]
+        slots[r][o] = slots[r].get(o, 0.0) + refresh[i]
+        peak_refresh[r] = max(peak_refresh[r], slots[r][o])
+        total_refresh[r] += refresh[i]
+    return owners

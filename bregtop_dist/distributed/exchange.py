@@ -1,0 +1,212 @@
+"""Gradients to block owners, preconditioned updates back to every rank that holds them.
+
+Sharded layouts (FSDP2, ZeRO) move each rank's piece of every block with one
+``all_to_all_single`` each way: a piece is the intersection of the rank's flat range with the
+block, which is at most three rectangles (a partial first row, whole rows, a partial last
+row). Replicated layouts (one device, DDP) need nothing on the way in, since the owner
+already holds its blocks, and return updates with one ``all_gather_into_tensor``. Both sides
+derive the same piece lists from the plan, so only values travel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from bregtop_dist.distributed.assignment import Block
+from bregtop_dist.distributed.layout import ParamShard, Range, rect_view
+
+
+@dataclass(frozen=True)
+class Rect:
+    """The part of block ``block`` in rows ``rows`` and columns ``cols`` of its parameter's
+    2-D view."""
+
+    block: int
+    rows: Range
+    cols: Range
+
+    @property
+    def numel(self) -> int:
+        return (self.rows[1] - self.rows[0]) * (self.cols[1] - self.cols[0])
+
+
+def intersect(index: int, block: Block, held: Range) -> list[Rect]:
+    """The rectangles of ``block`` that fall in the flat range ``held`` of its parameter."""
+    a, b = held
+    if a >= b:
+        return []
+    c = block.cols
+    s = block.slice
+    first_full, end_full = -(-a // c), b // c  # rows entirely inside [a, b)
+    if first_full > end_full:  # [a, b) lies inside one row
+        pieces = [((a // c, a // c + 1), (a % c, a % c + b - a))]
+    else:
+        pieces = [((first_full, end_full), (0, c))]
+        if a % c:
+            pieces.insert(0, ((first_full - 1, first_full), (a % c, c)))
+        if b % c:
+            pieces.append(((end_full, end_full + 1), (0, b % c)))
+    out = []
+    for (i0, i1), (j0, j1) in pieces:
+        rows = (max(i0, s.r0), min(i1, s.r1))
+        cols = (max(j0, s.c0), min(j1, s.c1))
+        if rows[0] < rows[1] and cols[0] < cols[1]:
+            out.append(Rect(index, rows, cols))
+    return out
+
+
+@dataclass
+class Traffic:
+    """Elements this rank sent and received in collectives (self-copies excluded)."""
+
+    sent: int = 0
+    received: int = 0
+
+    def add(self, sent: int, received: int) -> None:
+        self.sent += sent
+        self.received += received
+
+
+@dataclass
+class Exchange:
+    """This rank's side of a plan's communication.
+
+    ``send[d]``: pieces of this rank's elements that owner ``d`` needs; ``recv[s]``: pieces
+    this rank, as owner, gets from rank ``s``; ``owned[r]``: the blocks rank ``r`` owns.
+    """
+
+    rank: int
+    world: int
+    replicated: bool
+    blocks: list[Block]
+    send: list[list[Rect]]
+    recv: list[list[Rect]]
+    owned: list[list[int]]
+    traffic: Traffic = field(default_factory=Traffic)
+
+    @classmethod
+    def build(
+        cls, blocks: list[Block], ranges: Sequence[Sequence[Range]], rank: int, world: int, replicated: bool
+    ) -> Exchange:
+        send: list[list[Rect]] = [[] for _ in range(world)]
+        recv: list[list[Rect]] = [[] for _ in range(world)]
+        owned: list[list[int]] = [[] for _ in range(world)]
+        for i, blk in enumerate(blocks):
+            owned[blk.owner].append(i)
+            if replicated:
+                if blk.owner == rank:
+                    whole = Rect(i, (blk.slice.r0, blk.slice.r1), (blk.slice.c0, blk.slice.c1))
+                    send[rank].append(whole)
+                    recv[rank].append(whole)
+                continue
+            for src in range(world):
+                rects = intersect(i, blk, ranges[blk.shard][src])
+                if src == rank:
+                    send[blk.owner].extend(rects)
+                if blk.owner == rank:
+                    recv[src].extend(rects)
+        return cls(rank, world, replicated, blocks, send, recv, owned)
+
+    # ------------------------------------------------------------------- helpers
+    def _local(self, shards: Sequence[ParamShard], rect: Rect, tensor_of: str) -> Tensor:
+        blk = self.blocks[rect.block]
+        shard = shards[blk.shard]
+        tensor = getattr(shard, tensor_of)
+        return rect_view(tensor, shard.ranges[self.rank][0], blk.cols, rect.rows, rect.cols)
+
+    def _in_block(self, buffers: dict[int, Tensor], rect: Rect) -> Tensor:
+        s = self.blocks[rect.block].slice
+        return buffers[rect.block][
+            rect.rows[0] - s.r0 : rect.rows[1] - s.r0, rect.cols[0] - s.c0 : rect.cols[1] - s.c0
+        ]
+
+    def _active(self, rects: list[Rect], active: Sequence[bool]) -> list[Rect]:
+        return [r for r in rects if active[self.blocks[r.block].shard]]
+
+    def _all_to_all(self, parts: list[list[Tensor]], recv_sizes: list[int], dtype: torch.dtype,
+                    device: torch.device, group: dist.ProcessGroup | None) -> list[Tensor]:
+        send_sizes = [sum(t.numel() for t in p) for p in parts]
+        flat = [t.reshape(-1).to(dtype) for p in parts for t in p]
+        out_buf = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
+        in_buf = torch.cat(flat) if flat else out_buf.new_empty(0)
+        dist.all_to_all_single(out_buf, in_buf, recv_sizes, send_sizes, group=group)
+        self.traffic.add(sum(send_sizes) - send_sizes[self.rank], sum(recv_sizes) - recv_sizes[self.rank])
+        return list(out_buf.split(recv_sizes))
+
+    # ---------------------------------------------------------------------- in
+    def gather_grads(
+        self, shards: Sequence[ParamShard], active: Sequence[bool], buffers: dict[int, Tensor],
+        comm_dtype: torch.dtype, group: dist.ProcessGroup | None,
+    ) -> None:
+        """Fill ``buffers[block]`` (fp32, one per owned active block) with the block's gradient."""
+        send = [self._active(r, active) for r in self.send]
+        recv = [self._active(r, active) for r in self.recv]
+        if self.world == 1 or self.replicated:
+            for rect in send[self.rank]:
+                self._in_block(buffers, rect).copy_(self._local(shards, rect, "grad"))
+            return
+        parts = [[self._local(shards, r, "grad") for r in rects] for rects in send]
+        sizes = [sum(r.numel for r in rs) for rs in recv]
+        received = self._all_to_all(parts, sizes, comm_dtype, shards[0].value.device, group)
+        for rects, data in zip(recv, received):
+            for rect, chunk in zip(rects, data.split([r.numel for r in rects])):
+                dst = self._in_block(buffers, rect)
+                dst.copy_(chunk.view(dst.shape))
+
+    # --------------------------------------------------------------------- out
+    def apply_updates(
+        self, shards: Sequence[ParamShard], active: Sequence[bool], updates: dict[int, Tensor],
+        lr: float, comm_dtype: torch.dtype, group: dist.ProcessGroup | None,
+    ) -> None:
+        """``value -= lr * update`` on every element this rank holds, from the owners'
+        ``updates[block]``."""
+        if self.world == 1:
+            for rect in self._active(self.send[self.rank], active):
+                self._add(self._local(shards, rect, "value"), updates[rect.block], lr)
+            return
+        if self.replicated:
+            self._apply_gathered(shards, active, updates, lr, comm_dtype, group)
+            return
+        recv = [self._active(r, active) for r in self.recv]
+        send = [self._active(r, active) for r in self.send]
+        parts = [[self._in_block(updates, r) for r in rects] for rects in recv]
+        sizes = [sum(r.numel for r in rs) for rs in send]
+        received = self._all_to_all(parts, sizes, comm_dtype, shards[0].value.device, group)
+        for rects, data in zip(send, received):
+            for rect, chunk in zip(rects, data.split([r.numel for r in rects])):
+                dst = self._local(shards, rect, "value")
+                self._add(dst, chunk.view(dst.shape), lr)
+
+    def _apply_gathered(
+        self, shards: Sequence[ParamShard], active: Sequence[bool], updates: dict[int, Tensor],
+        lr: float, comm_dtype: torch.dtype, group: dist.ProcessGroup | None,
+    ) -> None:
+        owned = [[b for b in blocks if active[self.blocks[b].shard]] for blocks in self.owned]
+        sizes = [sum(self.blocks[b].slice.shape[0] * self.blocks[b].slice.shape[1] for b in bl) for bl in owned]
+        width = max(sizes)
+        if width == 0:
+            return
+        device = shards[0].value.device
+        mine = torch.zeros(width, dtype=comm_dtype, device=device)
+        if sizes[self.rank]:
+            mine[: sizes[self.rank]].copy_(torch.cat([updates[b].reshape(-1) for b in owned[self.rank]]))
+        gathered = torch.empty(self.world * width, dtype=comm_dtype, device=device)
+        dist.all_gather_into_tensor(gathered, mine, group=group)
+        self.traffic.add(width * (self.world - 1), width * (self.world - 1))
+        for r, blocks in enumerate(owned):
+            data = gathered[r * width : r * width + sizes[r]]
+            for b, chunk in zip(blocks, data.split([self.blocks[b].slice.shape[0] * self.blocks[b].slice.shape[1] for b in blocks])):
+                blk = self.blocks[b]
+                whole = Rect(b, (blk.slice.r0, blk.slice.r1), (blk.slice.c0, blk.slice.c1))
+                dst = self._local(shards, whole, "value")
+                self._add(dst, chunk.view(dst.shape), lr)
+
+    @staticmethod
+    def _add(dst: Tensor, update: Tensor, lr: float) -> None:
+        dst.add_(update.to(dst.dtype), alpha=-lr)
+
