@@ -5,8 +5,24 @@ fails too the block keeps its previous basis (the caller warns).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
+
+
+def per_matrix(fn: Callable[[Tensor], tuple[Tensor, ...]], a: Tensor) -> tuple[Tensor, ...]:
+    """``fn`` on a batch of matrices; on the CPU one matrix at a time.
+
+    LAPACK's results depend on where a matrix sits in memory, so a batched call gives a block
+    a basis that depends on which other blocks share its stack. One call per matrix makes a
+    block's basis a function of the block alone: a rank that owns a subset of the blocks then
+    computes exactly what the single-process run computes.
+    """
+    if a.device.type != "cpu" or a.shape[0] <= 1:
+        return fn(a)
+    parts = [fn(a[k : k + 1]) for k in range(a.shape[0])]
+    return tuple(torch.cat(column) for column in zip(*parts))
 
 
 def eigh_descending(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -19,7 +35,7 @@ def eigh_descending(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     todo = torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
     for dtype in (a.dtype, torch.float64):
         try:
-            v, u = torch.linalg.eigh(a.to(dtype))
+            v, u = per_matrix(torch.linalg.eigh, a.to(dtype))
         except RuntimeError:
             continue
         good = todo & torch.isfinite(v).all(-1) & torch.isfinite(u).all((-2, -1))
@@ -33,8 +49,10 @@ def eigh_descending(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def orthonormal_factor(a: Tensor) -> Tensor:
     """Q of the Householder QR of ``a`` (batched), without forming R."""
-    reflectors, tau = torch.geqrf(a)
-    return torch.linalg.householder_product(reflectors, tau)
+    def q_of(x: Tensor) -> tuple[Tensor]:
+        return (torch.linalg.householder_product(*torch.geqrf(x)),)
+
+    return per_matrix(q_of, a)[0]
 
 
 def power_qr(factor: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,54 @@
+"""Run named scenarios of ``dist_scenarios`` in W gloo processes and collect per-rank verdicts.
+
+One spawn runs many scenarios (starting processes dominates the cost on a 2-core machine).
+A scenario that fails on a rank reports its traceback; the collectives of later scenarios
+still line up because every scenario runs its collectives before it asserts anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from pathlib import Path
+
+import torch.multiprocessing as mp
+
+TIMEOUT_S = 600
+
+
+def _entry(rank: int, world: int, workdir: str, names: list[str]) -> None:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import torch
+    import torch.distributed as dist
+
+    import dist_scenarios
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{workdir}/store", rank=rank, world_size=world)
+    singles = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
+    results: dict[str, str] = {}
+    for name in names:
+        try:
+            dist_scenarios.SCENARIOS[name](rank, world, singles[rank], Path(workdir))
+            results[name] = "ok"
+        except Exception:  # reported to the test, which fails with this text
+            results[name] = traceback.format_exc()
+    Path(workdir, f"rank{rank}.json").write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_scenarios(world: int, names: list[str], workdir: Path) -> dict[str, list[str]]:
+    """Per scenario, the verdict of every rank ("ok" or a traceback)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    ctx = mp.start_processes(_entry, args=(world, str(workdir), names), nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            raise TimeoutError(f"{names} did not finish on {world} ranks within {TIMEOUT_S} s")
+    per_rank = [json.loads(Path(workdir, f"rank{r}.json").read_text()) for r in range(world)]
+    return {name: [res[name] for res in per_rank] for name in names}

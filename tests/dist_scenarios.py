@@ -1,0 +1,264 @@
+"""Scenarios run on every rank of a gloo group by ``dist_harness``: each engine against the
+single-process run of the same optimizer, and the failure modes of a sharded step.
+
+Every rank feeds the same batches, so the engines' gradient averages (sum of W equal values,
+divided by W, W a power of two) are exactly the single-process gradients and any difference
+comes from the optimizer. The single-process reference runs on each rank in a one-rank group.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bregtop_dist import BregTop, NonFiniteGradientError, param_groups
+
+SETTINGS: dict[str, Any] = dict(
+    lr=0.02, method="bregtop-vn-v2", precondition_frequency=3, max_precond_dim=8, weight_decay=0.01
+)
+STEPS = 7  # more than two refresh periods
+FP32_TOL = 1e-5
+BF16_TOL = 2e-2  # bf16 on the wire: gradients and updates carry 8 bits of mantissa
+
+
+class Net(nn.Module):
+    """Blocks of several shapes: 20x12 and 13x20 cut by max_precond_dim=8, a 3-row matrix
+    (fewer rows than 4 ranks), a conv kernel read as 6x9, and an AdamW side."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(11, 12)
+        self.a = nn.Linear(12, 20)
+        self.b = nn.Linear(20, 13, bias=False)
+        self.c = nn.Linear(13, 3)
+        self.conv = nn.Conv1d(3, 6, 3)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(self.embed(idx)))
+        h = self.c(torch.tanh(self.b(h)))
+        out = self.conv(h.transpose(1, 2))
+        return (out - 0.5).square().mean()
+
+
+class Wide(nn.Module):
+    """Many blocks (max_precond_dim=8) of a few shapes, no AdamW side."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.layers = nn.ModuleList(nn.Linear(d_in, d_out, bias=False) for d_in, d_out in
+                                    [(32, 40), (40, 24), (24, 48), (48, 32), (32, 16)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x.square().mean()
+
+
+def batch(step: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randint(0, 11, (4, 9), generator=g)
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, steps: range, data: Callable[[int], torch.Tensor] = batch) -> None:
+    for step in steps:
+        opt.zero_grad(set_to_none=True)
+        model(data(step)).backward()
+        opt.step()
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t  # type: ignore[no-any-return]
+
+
+def reference(single: dist.ProcessGroup, steps: int = STEPS, **settings: Any) -> dict[str, torch.Tensor]:
+    model = Net()
+    train(model, BregTop(param_groups(model), process_group=single, **{**SETTINGS, **settings}), range(steps))
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def assert_close(model: nn.Module, want: dict[str, torch.Tensor], tol: float) -> None:
+    for name, p in model.named_parameters():
+        got = full(p.detach())
+        rel = float((got - want[name]).abs().max() / want[name].abs().max())
+        assert rel <= tol, f"{name}: max relative difference {rel:.3g} > {tol:g}"
+
+
+def fsdp2(model: nn.Module, world: int) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    for child in model.children():
+        if not isinstance(child, nn.Embedding):
+            fully_shard(child, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+# ---------------------------------------------------------------------------- engines
+def ddp_equals_single(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = Net()
+    wrapped = DistributedDataParallel(model)
+    opt = BregTop(param_groups(model), **SETTINGS)
+    train(wrapped, opt, range(STEPS))
+    assert_close(model, reference(single), FP32_TOL)
+
+
+def fsdp2_equals_single(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+    model = fsdp2(Net(), world)
+    opt = BregTop(param_groups(model), **SETTINGS)
+    train(model, opt, range(STEPS))
+    assert_close(model, reference(single), FP32_TOL)
+
+
+def fsdp2_bf16_comm(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+    model = fsdp2(Net(), world)
+    train(model, BregTop(param_groups(model), comm_dtype="bf16", **SETTINGS), range(STEPS))
+    assert_close(model, reference(single), BF16_TOL)
+
+
+def ddp_bf16_comm(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+    model = Net()
+    train(model, BregTop(param_groups(model), comm_dtype="bf16", **SETTINGS), range(STEPS))
+    assert_close(model, reference(single), BF16_TOL)
+
+
+def kl_without_stagger(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+    settings = dict(method="kl", stagger_refresh=False)
+    model = fsdp2(Net(), world)
+    train(model, BregTop(param_groups(model), **{**SETTINGS, **settings}), range(STEPS))
+    assert_close(model, reference(single, **settings), FP32_TOL)
+
+
+def rank_without_blocks(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+    """One 6x5 block on up to 4 ranks: the other ranks own nothing; under FSDP2 the last
+    rank also holds no row of it."""
+
+    def make() -> nn.Module:
+        torch.manual_seed(3)
+        return nn.Sequential(nn.Linear(5, 6), nn.Tanh())
+
+    def data(step: int) -> torch.Tensor:
+        return torch.randn(7, 5, generator=torch.Generator().manual_seed(step))
+
+    class Loss(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (self.inner(x) - 0.3).square().mean()
+
+    ref = Loss(make())
+    train(ref, BregTop(param_groups(ref), process_group=single, **SETTINGS), range(STEPS), data)
+    want = {k: v.detach().clone() for k, v in ref.named_parameters()}
+    for engine in ("replicated", "fsdp2"):
+        model = Loss(make())
+        if engine == "fsdp2":
+            fsdp2(model.inner, world)
+        opt = BregTop(param_groups(model), **SETTINGS)
+        train(model, opt, range(STEPS), data)
+        owned = sum(len(s.block_ids) for s in opt.kron_stacks.values())
+        assert owned == (1 if rank == 0 else 0), (engine, owned)
+        assert_close(model, want, FP32_TOL)
+
+
+# ----------------------------------------------------------------------- failure modes
+def nonfinite_on_one_rank(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+    for engine in ("replicated", "fsdp2"):
+        model = Net() if engine == "replicated" else fsdp2(Net(), world)
+        opt = BregTop(param_groups(model), **SETTINGS)
+        train(model, opt, range(2))
+        before = [full(p.detach()).clone() for p in model.parameters()]
+        opt.zero_grad(set_to_none=True)
+        model(batch(2)).backward()
+        if rank == world - 1:
+            grad = model.b.weight.grad
+            local = grad.to_local() if hasattr(grad, "to_local") else grad
+            if local.numel():
+                local.view(-1)[-1] = float("nan")
+            else:  # this rank holds none of b.weight: poison a parameter it holds
+                model.a.weight.grad.to_local().view(-1)[0] = float("nan")
+        try:
+            opt.step()
+        except NonFiniteGradientError as err:
+            assert "contains NaN or inf" in str(err)
+        else:
+            raise AssertionError(f"{engine}: no NonFiniteGradientError on rank {rank}")
+        after = [full(p.detach()) for p in model.parameters()]
+        assert all(torch.equal(a, b) for a, b in zip(before, after)), f"{engine}: parameters changed"
+
+
+def settings_differ(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+    model = Net()
+    try:
+        BregTop(param_groups(model), **{**SETTINGS, "lr": 0.02 if rank == 0 else 0.03})
+    except ValueError as err:
+        assert "differ across ranks" in str(err) and "'lr'" in str(err), str(err)
+    else:
+        raise AssertionError("different lr on different ranks was not detected")
+
+
+def state_dict_round_trip(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+    for engine in ("replicated", "fsdp2"):
+        def build(sd: dict[str, torch.Tensor] | None = None, engine: str = engine) -> tuple[nn.Module, BregTop]:
+            model = Net()
+            if sd is not None:
+                model.load_state_dict(sd)
+            if engine == "fsdp2":
+                fsdp2(model, world)
+            return model, BregTop(param_groups(model), **SETTINGS)
+
+        model, opt = build()
+        train(model, opt, range(4))
+        saved_model = {k: full(v.detach()).clone() for k, v in model.state_dict().items()}
+        buf = io.BytesIO()
+        torch.save(opt.state_dict(), buf)
+        train(model, opt, range(4, STEPS))
+        want = {k: full(v.detach()).clone() for k, v in model.named_parameters()}
+
+        model2, opt2 = build(saved_model)
+        buf.seek(0)
+        opt2.load_state_dict(torch.load(buf, weights_only=False))
+        train(model2, opt2, range(4, STEPS))
+        for name, p in model2.named_parameters():
+            assert torch.equal(full(p.detach()), want[name]), f"{engine}: {name} differs after resume"
+
+
+def state_is_sharded(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+    def state_bytes(opt: BregTop) -> int:
+        return sum(
+            t.numel() * t.element_size()
+            for s in opt.kron_stacks.values() if s.state is not None
+            for t in s.state.tensors().values()
+        )
+
+    def x(step: int) -> torch.Tensor:
+        return torch.randn(6, 32, generator=torch.Generator().manual_seed(step))
+
+    ref, model = Wide(), Wide()
+    opt_ref = BregTop(ref.parameters(), process_group=single, **SETTINGS)
+    opt = BregTop(model.parameters(), **SETTINGS)
+    train(ref, opt_ref, range(1), x)
+    train(model, opt, range(1), x)
+    total, mine = state_bytes(opt_ref), state_bytes(opt)
+    assert mine <= total / world * 1.1, f"rank {rank} holds {mine} of {total} state bytes"
+
+
+SCENARIOS: dict[str, Callable[[int, int, dist.ProcessGroup, Path], None]] = {
+    f.__name__: f
+    for f in (
+        ddp_equals_single, fsdp2_equals_single, fsdp2_bf16_comm, ddp_bf16_comm, kl_without_stagger,
+        rank_without_blocks, nonfinite_on_one_rank, settings_differ, state_dict_round_trip, state_is_sharded,
+    )
+}
