@@ -154,11 +154,15 @@ class BregTop(torch.optim.Optimizer):
             settings[f"param_groups[{gi}] shapes"] = [_global_shape(p) for p in group["params"]]
         check_same_on_all_ranks(settings, self._group(), world)
 
-    def attach_shard_source(self, source: ShardSource, logical_groups: list[list[Tensor]]) -> None:
+    def attach_shard_source(
+        self, source: ShardSource, logical_groups: list[list[Tensor]], process_group: dist.ProcessGroup | None
+    ) -> None:
         """Let an engine (DeepSpeed ZeRO) say which elements this rank holds: ``source()``
         returns the groups visible to the current ``step`` call (every group when passed True), ``logical_groups`` the model
-        parameters of each param group (the keys of the AdamW-side state)."""
+        parameters of each param group (the keys of the AdamW-side state), ``process_group``
+        the ranks among which the blocks are shared."""
         self._shard_source = source
+        self._process_group = process_group
         self._logical_groups = logical_groups
         self._plans.clear()
 
@@ -181,7 +185,7 @@ class BregTop(torch.optim.Optimizer):
                 for pi, p in enumerate(group["params"])
             ]
             if shards:
-                views.append(GroupShards(str(gi), gi, shards, replicated=not any(map(is_dtensor, group["params"]))))
+                views.append(GroupShards(str(gi), gi, group, shards, replicated=not any(map(is_dtensor, group["params"]))))
         return views
 
     # ------------------------------------------------------------------------- step
@@ -205,7 +209,7 @@ class BregTop(torch.optim.Optimizer):
             )
         flags = iter(active)
         for view in views:
-            cfg = BregTopConfig.from_group(self.param_groups[view.group_index])
+            cfg = BregTopConfig.from_group(view.settings)
             shards = [_with_zero_grad(s) if a and s.grad is None else s for s, a in zip(view.shards, flags)]
             kron_shards = [s for s in shards if is_kron_shape(s.shape, cfg.bregtop)]
             if kron_shards:
@@ -295,7 +299,7 @@ class BregTop(torch.optim.Optimizer):
         """Plans for every group (they are otherwise made by the first step that needs them)."""
         rank, world = self._world()
         for view in self._views(every_group=True):
-            cfg = BregTopConfig.from_group(self.param_groups[view.group_index])
+            cfg = BregTopConfig.from_group(view.settings)
             kron = [s for s in view.shards if is_kron_shape(s.shape, cfg.bregtop)]
             if kron:
                 self._plan(view, kron, cfg, rank, world)

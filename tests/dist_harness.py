@@ -20,6 +20,8 @@ TIMEOUT_S = 600
 
 def _entry(rank: int, world: int, workdir: str, names: list[str]) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # what torchrun would set; DeepSpeed reads them
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
     import torch
     import torch.distributed as dist
 

@@ -262,3 +262,58 @@ SCENARIOS: dict[str, Callable[[int, int, dist.ProcessGroup, Path], None]] = {
         rank_without_blocks, nonfinite_on_one_rank, settings_differ, state_dict_round_trip, state_is_sharded,
     )
 }
+
+
+# ---------------------------------------------------------------------------- DeepSpeed
+def _ds_config(stage: int, **extra: Any) -> dict[str, Any]:
+    params = {k: v for k, v in SETTINGS.items()}
+    return {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage},
+        "optimizer": {"type": "BregTop", "params": params},
+        **extra,
+    }
+
+
+def _zero_equals_single(stage: int, rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+    from bregtop_dist.integrations.deepspeed import initialize
+
+    model = Net()
+    config = workdir / f"ds_zero{stage}.json"
+    if rank == 0:
+        import json
+
+        config.write_text(json.dumps(_ds_config(stage)))
+    dist.barrier()
+    engine, _, _, _ = initialize(model=model, config=config)
+    for step in range(STEPS):
+        loss = engine(batch(step))
+        engine.backward(loss)
+        engine.step()
+    if stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            got = {k: v.detach().clone() for k, v in model.named_parameters()}
+    else:
+        got = {k: v.detach().clone() for k, v in model.named_parameters()}
+    want = reference(single)
+    for name, value in got.items():
+        rel = float((value - want[name]).abs().max() / want[name].abs().max())
+        assert rel <= FP32_TOL, f"ZeRO-{stage} {name}: max relative difference {rel:.3g}"
+
+
+def zero1_equals_single(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+    _zero_equals_single(1, rank, world, single, workdir)
+
+
+def zero2_equals_single(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+    _zero_equals_single(2, rank, world, single, workdir)
+
+
+def zero3_equals_single(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+    _zero_equals_single(3, rank, world, single, workdir)
+
+
+SCENARIOS.update({f.__name__: f for f in (zero1_equals_single, zero2_equals_single, zero3_equals_single)})

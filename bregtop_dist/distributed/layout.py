@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -50,6 +51,7 @@ class GroupShards:
 
     key: str
     group_index: int
+    settings: dict[str, Any]  # the param group dict: its settings are the group's config
     shards: list[ParamShard]
     replicated: bool
 

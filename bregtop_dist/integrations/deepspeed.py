@@ -1,0 +1,187 @@
+"""DeepSpeed: build BregTop from a DeepSpeed config's ``"optimizer"`` block and run it on the
+ZeRO fragments DeepSpeed hands the optimizer.
+
+ZeRO gives a client optimizer one flat fp32 partition per param group (stages 1 and 2) or per
+sub-group (stage 3), in which a matrix may be cut anywhere. :func:`initialize` builds the
+engine, then tells BregTop which elements of every parameter each rank's partition holds, so
+that the Kronecker blocks see whole matrices (moved to their owners with one all_to_all each
+way) and the engine keeps doing everything else: gradient reduction, clipping, loss scaling,
+fp16/bf16 master weights, the lr scheduler, checkpoints.
+
+    engine, optimizer, _, scheduler = initialize(model=model, config="ds_config.json")
+
+with ``"optimizer": {"type": "BregTop", "params": {"lr": 1e-3, "method": "bregtop-vn-v2"}}``
+in the config. Without ``model_parameters`` the model is split the paper's way by
+:func:`bregtop_dist.param_groups`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from bregtop_dist.distributed.layout import GroupShards, ParamShard, Range
+from bregtop_dist.grouping import param_groups
+from bregtop_dist.optimizer import BregTop
+
+OPTIMIZER_TYPE = "BregTop"
+
+
+def load_config(config: str | os.PathLike[str] | dict[str, Any]) -> dict[str, Any]:
+    """A DeepSpeed config as a dict (a copy), from a dict or a JSON file."""
+    if isinstance(config, dict):
+        return copy.deepcopy(config)
+    path = Path(config)
+    if not path.is_file():
+        raise FileNotFoundError(f"DeepSpeed config {str(path)!r} does not exist")
+    loaded = json.loads(path.read_text())
+    if not isinstance(loaded, dict):
+        raise ValueError(f"DeepSpeed config {str(path)!r} must hold a JSON object, got {type(loaded).__name__}")
+    return loaded
+
+
+def bregtop_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The BregTop keyword arguments of a config's ``"optimizer"`` block, after checking that
+    BregTop can run under the rest of the config."""
+    block = config.get("optimizer")
+    if not isinstance(block, dict) or str(block.get("type", "")).lower() != OPTIMIZER_TYPE.lower():
+        found = None if not isinstance(block, dict) else block.get("type")
+        raise ValueError(
+            f'the DeepSpeed config needs "optimizer": {{"type": "{OPTIMIZER_TYPE}", "params": {{...}}}}; '
+            f"found optimizer type {found!r}. Use deepspeed.initialize directly for other optimizers"
+        )
+    zero = config.get("zero_optimization", {}) or {}
+    stage = int(zero.get("stage", 0))
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_optimization.stage={stage!r} is not one of 0, 1, 2, 3")
+    for key in ("offload_optimizer", "offload_param"):
+        device = (zero.get(key) or {}).get("device", "none")
+        if device not in (None, "none"):
+            raise ValueError(
+                f'zero_optimization.{key}.device="{device}" is not supported with BregTop: its block '
+                'state lives on the accelerator next to the fragments it updates; use "none"'
+            )
+    params = dict(block.get("params", {}) or {})
+    for key in ("betas", "adam_betas"):
+        if isinstance(params.get(key), list):
+            params[key] = tuple(params[key])
+    return params
+
+
+def initialize(
+    model: nn.Module,
+    config: str | os.PathLike[str] | dict[str, Any],
+    model_parameters: Any = None,
+    **kwargs: Any,
+) -> tuple[Any, BregTop, Any, Any]:
+    """``deepspeed.initialize`` with BregTop built from the config's optimizer block.
+
+    Returns DeepSpeed's ``(engine, optimizer, training_dataloader, lr_scheduler)``; the
+    optimizer is the engine's (a ZeRO wrapper around BregTop for stages 1-3).
+    """
+    import deepspeed
+
+    cfg = load_config(config)
+    settings = bregtop_settings(cfg)
+    if not dist.is_initialized():
+        deepspeed.init_distributed()
+    groups = param_groups(model) if model_parameters is None else model_parameters
+    optimizer = BregTop(groups, **settings)
+    logical = [list(g["params"]) for g in optimizer.param_groups]
+    names = {id(p): optimizer._name(gi, pi, p) for gi, ps in enumerate(logical) for pi, p in enumerate(ps)}
+    original_groups = list(optimizer.param_groups)
+    del cfg["optimizer"]
+    cfg["zero_allow_untested_optimizer"] = True
+    engine, engine_optimizer, loader, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=cfg, **kwargs
+    )
+    stage = int((cfg.get("zero_optimization") or {}).get("stage", 0))
+    if stage in (1, 2):
+        source = ZeroFragments.stage_1_2(optimizer, engine_optimizer, original_groups, names)
+        optimizer.attach_shard_source(source, logical, source.process_group)
+    elif stage == 3:
+        source = ZeroFragments.stage_3(optimizer, engine_optimizer, original_groups, names)
+        optimizer.attach_shard_source(source, logical, source.process_group)
+    return engine, engine_optimizer, loader, scheduler
+
+
+class ZeroFragments:
+    """Which parameter elements every rank's ZeRO partitions hold: the shard source BregTop
+    reads at each ``step`` call (ZeRO steps one group or sub-group at a time)."""
+
+    def __init__(self, optimizer: BregTop, original_groups: list[dict[str, Any]], names: dict[int, str],
+                 parts: list[tuple[int, Tensor, list[Tensor], list[int], list[Range]]], group: Any) -> None:
+        self.optimizer = optimizer
+        self.groups = original_groups
+        self.names = names
+        self.parts = parts  # (param group, flat fp32 partition, params, offsets in the flat, my ranges)
+        self.process_group = group
+        world = dist.get_world_size(group)
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, [ranges for *_, ranges in parts], group=group)
+        self.ranges = [
+            [tuple(gathered[r][k][j] for r in range(world)) for j in range(len(part[2]))]
+            for k, part in enumerate(parts)
+        ]
+
+    @classmethod
+    def stage_1_2(cls, optimizer: BregTop, zero: Any, groups: list[dict[str, Any]], names: dict[int, str]) -> ZeroFragments:
+        parts = []
+        for gi, params in enumerate(zero.bit16_groups):
+            offsets, ranges = [], []
+            for p in params:
+                mapping = getattr(p, "_hp_mapping", None)
+                if mapping is None:
+                    offsets.append(0)
+                    ranges.append((0, 0))
+                    continue
+                lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
+                offsets.append(int(hp.start))
+                ranges.append((int(lp.start), int(lp.start + lp.numel)))
+            parts.append((gi, zero.single_partition_of_fp32_groups[gi], list(params), offsets, ranges))
+        return cls(optimizer, groups, names, parts, zero.real_dp_process_group[0])
+
+    @classmethod
+    def stage_3(cls, optimizer: BregTop, zero: Any, groups: list[dict[str, Any]], names: dict[int, str]) -> ZeroFragments:
+        rank = dist.get_rank(zero.dp_process_group)
+        parts = []
+        for sg, params in enumerate(zero.fp16_groups):
+            offsets, ranges = [], []
+            for p in params:
+                _, offset, size = zero.grad_position[zero.get_param_id(p)]
+                start = min(rank * size, p.ds_numel)
+                offsets.append(int(offset))
+                ranges.append((start, min(start + size, p.ds_numel)))
+            parts.append((zero.sub_group_to_group_id[sg], zero.fp32_partitioned_groups_flat[sg], list(params), offsets, ranges))
+        return cls(optimizer, groups, names, parts, zero.dp_process_group)
+
+    def __call__(self, every_group: bool) -> list[GroupShards]:
+        rank = self.optimizer._world()[0]
+        visible = self.optimizer.param_groups
+        views = []
+        for k, (gi, flat, params, offsets, _) in enumerate(self.parts):
+            group = self.groups[gi]
+            if not every_group and not (any(group is g for g in visible) and any(t is flat for t in group["params"])):
+                continue
+            shards = [
+                _fragment(p, self.names.get(id(p), f"param {j} of group {gi}"), ranges_all, flat, offsets[j], rank)
+                for j, (p, ranges_all) in enumerate(zip(params, self.ranges[k]))
+            ]
+            views.append(GroupShards(f"{gi}.{k}", gi, group, shards, replicated=False))
+        return views
+
+
+def _fragment(p: Tensor, name: str, ranges: Sequence[Range], flat: Tensor, offset: int, rank: int) -> ParamShard:
+    start, stop = ranges[rank]
+    value = flat.narrow(0, offset, stop - start)
+    grad = None if flat.grad is None else flat.grad.narrow(0, offset, stop - start)
+    shape = tuple(getattr(p, "ds_shape", p.shape))
+    return ParamShard(p, name, shape, tuple(ranges), value, grad)
+
