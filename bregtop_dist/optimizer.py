@@ -131,6 +131,13 @@ class BregTop(torch.optim.Optimizer):
         """This rank's block stacks by key ``"<group>:<m>x<n>"`` (only blocks it owns)."""
         return {stack.key: stack for plan in self._plans.values() for stack in plan.stacks.values()}
 
+    def traffic(self) -> tuple[int, int]:
+        """(elements sent, elements received) by this rank in BregTop's collectives so far."""
+        return (
+            sum(p.exchange.traffic.sent for p in self._plans.values()),
+            sum(p.exchange.traffic.received for p in self._plans.values()),
+        )
+
     def _group(self) -> dist.ProcessGroup | None:
         for group in self.param_groups:
             for p in group["params"]:

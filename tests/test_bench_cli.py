@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -94,3 +95,33 @@ def test_quick_kernels_bench_writes_json(tmp_path, capsys):
     step = result["training_step"]
     assert step["forward_backward_s"] > 0 and step["bregtop_step_mean_s"] > 0 and step["adamw_step_s"] > 0
     assert "BregTop adds" in capsys.readouterr().out
+
+
+def test_dist_bench_traffic_matches_theory(tmp_path, capsys):
+    """Quick sizes cut every matrix into whole 32x32 blocks split evenly between 2 ranks, so
+    the measured elements per step equal the theory exactly."""
+    out = tmp_path / "dist.json"
+    assert main(["dist", "--quick", "--worlds", "1,2", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["layout"], r["stagger"], r["world"]) for r in rows} == {
+        (layout, stagger, w) for layout in ("replicated", "sharded") for stagger in (True, False) for w in (1, 2)
+    }
+    for r in rows:
+        assert r["received_per_step"] == r["theory_per_step"], r
+        if r["world"] == 2:
+            assert r["state_vs_world1"] == pytest.approx(0.5)
+    assert "recv elem/step" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["dist", "--worlds", "0,2"], "world sizes are integers >= 1"),
+        (["dist", "--worlds", "two"], "is not a comma-separated list of integers"),
+        (["dist", "--quick", "--steps", "3"], "must be a multiple of --frequency=2"),
+    ],
+)
+def test_dist_bench_bad_options(argv, message, capsys):
+    with pytest.raises(SystemExit) if argv[1] == "--worlds" else contextlib.nullcontext():
+        assert main(argv) == 2
+    assert message in capsys.readouterr().err

@@ -7,9 +7,9 @@ import sys
 from types import ModuleType
 from typing import NoReturn
 
-from launch.bench import kernels, optimizer
+from launch.bench import dist, kernels, optimizer
 
-SUITES: dict[str, ModuleType] = {"optimizer": optimizer, "kernels": kernels}
+SUITES: dict[str, ModuleType] = {"optimizer": optimizer, "kernels": kernels, "dist": dist}
 """Subcommand name -> suite module (``HELP``, ``add_arguments``, ``run``)."""
 
 
