@@ -11,6 +11,11 @@ Per configuration it reports the elements each rank receives per step against th
 own CPU time in ``opt.step()`` (the work it does: it should fall like 1/W), the wall time of
 a step (the slowest rank; meaningful only while W <= cores), its max/median with staggered
 and with synchronised refreshes, and the Kronecker state bytes per rank.
+
+All configurations of one world size are warmed up together (set-up step and one refresh
+period), then timed in interleaved windows of ``--steps`` steps, ``--repeats`` times, so a
+slow spell of the machine hits each of them alike. Medians are over all timed steps (CPU)
+or over windows (wall: the window's median step; max: the window's largest step).
 """
 
 from __future__ import annotations
@@ -47,11 +52,12 @@ class Sizes:
     dim: int
     steps: int
     frequency: int
+    repeats: int
     worlds: tuple[int, ...]
 
 
-FULL = Sizes(layers=4, dim=256, steps=30, frequency=10, worlds=(1, 2, 4))
-QUICK = Sizes(layers=1, dim=32, steps=4, frequency=2, worlds=(1, 2))
+FULL = Sizes(layers=4, dim=256, steps=20, frequency=10, repeats=3, worlds=(1, 2, 4))
+QUICK = Sizes(layers=1, dim=32, steps=4, frequency=2, repeats=1, worlds=(1, 2))
 
 
 def _params(layout: str, world: int, rank: int, sizes: Sizes) -> tuple[list[nn.Parameter], Any]:
@@ -85,41 +91,61 @@ def _params(layout: str, world: int, rank: int, sizes: Sizes) -> tuple[list[nn.P
     return params, set_grads_sharded
 
 
-def _measure(layout: str, stagger: bool, rank: int, world: int, sizes: Sizes) -> dict[str, Any]:
+@dataclass
+class _Config:
+    """One optimizer being measured on this rank, with its per-window timings."""
+
+    layout: str
+    stagger: bool
+    opt: BregTop
+    set_grads: Any
+    n_params: int
+    cpus: list[float]
+    walls: list[float]
+
+
+def _start(layout: str, stagger: bool, rank: int, world: int, sizes: Sizes, pool: list[list[torch.Tensor]]) -> _Config:
     params, set_grads = _params(layout, world, rank, sizes)
-    pool = make_grad_pool(transformer_shapes(sizes.layers, sizes.dim), GRAD_POOL, seed=1)
     opt = BregTop(params, lr=1e-3, precondition_frequency=sizes.frequency, max_precond_dim=sizes.dim,
                   stagger_refresh=stagger)
-    warmup = sizes.frequency + 1  # set-up step and one refresh of every block
-    for step in range(warmup):
+    for step in range(sizes.frequency + 1):  # set-up step and one refresh of every block
         set_grads(pool[step % GRAD_POOL])
         opt.step()
-    sent0, recv0 = opt.traffic()
-    walls, cpus = [], []
-    for step in range(warmup, warmup + sizes.steps):
-        set_grads(pool[step % GRAD_POOL])
+    return _Config(layout, stagger, opt, set_grads, sum(p.numel() for p in params), [], [])  # global numel
+
+
+def _window(cfg: _Config, world: int, sizes: Sizes, pool: list[list[torch.Tensor]]) -> None:
+    """``sizes.steps`` timed steps: this rank's CPU time in ``step()``, and the wall time until
+    the slowest rank is done."""
+    for step in range(sizes.steps):
+        cfg.set_grads(pool[step % GRAD_POOL])
         if world > 1:
             dist.barrier()
         wall0, cpu0 = time.perf_counter(), time.thread_time()
-        opt.step()
-        cpus.append(time.thread_time() - cpu0)
+        cfg.opt.step()
+        cfg.cpus.append(time.thread_time() - cpu0)
         if world > 1:
-            dist.barrier()  # the step ends when the slowest rank is done
-        walls.append(time.perf_counter() - wall0)
-    _, recv1 = opt.traffic()
+            dist.barrier()
+        cfg.walls.append(time.perf_counter() - wall0)
+
+
+def _summary(cfg: _Config, sizes: Sizes, rank: int, world: int) -> dict[str, Any]:
+    per_window = [cfg.walls[i : i + sizes.steps] for i in range(0, len(cfg.walls), sizes.steps)]
+    _, received = cfg.opt.traffic()
     state = sum(
         t.numel() * t.element_size()
-        for s in opt.kron_stacks.values() if s.state is not None
+        for s in cfg.opt.kron_stacks.values() if s.state is not None
         for t in s.state.tensors().values()
     )
     return {
-        "layout": layout, "stagger": stagger, "world": world, "rank": rank,
-        "received_per_step": (recv1 - recv0) / sizes.steps,
-        "cpu_median_s": statistics.median(cpus),
-        "wall_median_s": statistics.median(walls),
-        "wall_max_s": max(walls),
+        "layout": cfg.layout, "stagger": cfg.stagger, "world": world, "rank": rank,
+        "received_per_step": received / (sizes.frequency + 1 + len(cfg.walls)),
+        "cpu_median_s": statistics.median(cfg.cpus),
+        "wall_median_s": statistics.median(statistics.median(w) for w in per_window),
+        "wall_mean_s": statistics.fmean(cfg.walls),
+        "wall_max_s": statistics.median(max(w) for w in per_window),
         "state_bytes": state,
-        "n_params": sum(p.numel() for p in params),  # global sizes, DTensors included
+        "n_params": cfg.n_params,
     }
 
 
@@ -127,7 +153,12 @@ def _worker(rank: int, world: int, workdir: str, sizes: dict[str, Any]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{workdir}/store", rank=rank, world_size=world)
     sz = Sizes(**{**sizes, "worlds": tuple(sizes["worlds"])})
-    rows = [_measure(layout, stagger, rank, world, sz) for layout in LAYOUTS for stagger in (True, False)]
+    pool = make_grad_pool(transformer_shapes(sz.layers, sz.dim), GRAD_POOL, seed=1)
+    configs = [_start(layout, stagger, rank, world, sz, pool) for layout in LAYOUTS for stagger in (True, False)]
+    for _ in range(sz.repeats):  # interleaved, so a slow spell of the machine hits every configuration
+        for cfg in configs:
+            _window(cfg, world, sz, pool)
+    rows = [_summary(cfg, sz, rank, world) for cfg in configs]
     Path(workdir, f"rank{rank}.json").write_text(json.dumps(rows))
     dist.barrier()
     dist.destroy_process_group()
@@ -150,6 +181,7 @@ def run_world(world: int, sizes: Sizes) -> list[dict[str, Any]]:
             "theory_per_step": theory,
             "cpu_median_s": max(c["cpu_median_s"] for c in configs),
             "wall_median_s": max(c["wall_median_s"] for c in configs),
+            "wall_mean_s": max(c["wall_mean_s"] for c in configs),
             "wall_max_s": max(c["wall_max_s"] for c in configs),
             "state_bytes_per_rank": max(c["state_bytes"] for c in configs),
         })
@@ -168,7 +200,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = (f"{'layout':<11}{'refresh':<9}{'W':>3}{'recv elem/step':>16}{'theory':>12}{'ratio':>7}"
-            f"{'cpu ms':>9}{'cpu/W=1':>9}{'wall ms':>9}{'max/med':>9}{'state/W=1':>11}")
+            f"{'cpu ms':>9}{'cpu/W=1':>9}{'wall ms':>9}{'mean ms':>9}{'max/med':>9}{'state/W=1':>11}")
     lines = [head, "-" * len(head)]
     for r in rows:
         ratio = r["received_per_step"] / r["theory_per_step"] if r["theory_per_step"] else float("nan")
@@ -176,7 +208,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{r['layout']:<11}{'stagger' if r['stagger'] else 'sync':<9}{r['world']:>3}"
             f"{r['received_per_step']:>16,.0f}{r['theory_per_step']:>12,.0f}{ratio:>7.2f}"
             f"{r['cpu_median_s'] * 1e3:>9.1f}{r['cpu_vs_world1'] or float('nan'):>9.2f}"
-            f"{r['wall_median_s'] * 1e3:>9.1f}{r['max_over_median']:>9.2f}{r['state_vs_world1'] or float('nan'):>11.2f}"
+            f"{r['wall_median_s'] * 1e3:>9.1f}{r['wall_mean_s'] * 1e3:>9.1f}{r['max_over_median']:>9.2f}{r['state_vs_world1'] or float('nan'):>11.2f}"
         )
     return "\n".join(lines)
 
@@ -184,7 +216,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worlds", type=_worlds, help=f"comma-separated world sizes (default {_fmt(FULL.worlds)})")
     for flag, what in (("--layers", "transformer layers"), ("--dim", "model width (also max_precond_dim)"),
-                       ("--steps", "timed steps, a multiple of the frequency"), ("--frequency", "precondition frequency T")):
+                       ("--steps", "timed steps per window, a multiple of the frequency"), ("--frequency", "precondition frequency T"),
+                       ("--repeats", "interleaved timed windows per configuration")):
         field = flag[2:]
         parser.add_argument(flag, type=positive_int, help=f"{what} (default {getattr(FULL, field)}; --quick {getattr(QUICK, field)})")
     parser.add_argument("--quick", action="store_true", help="smoke-test sizes")
@@ -207,7 +240,7 @@ def _worlds(text: str) -> tuple[int, ...]:
 
 def run(args: argparse.Namespace) -> int:
     base = QUICK if args.quick else FULL
-    given = {k: getattr(args, k) for k in ("worlds", "layers", "dim", "steps", "frequency") if getattr(args, k) is not None}
+    given = {k: getattr(args, k) for k in ("worlds", "layers", "dim", "steps", "frequency", "repeats") if getattr(args, k) is not None}
     sizes = replace(base, **given)
     if sizes.steps % sizes.frequency:
         print(f"python -m launch.bench dist: error: --steps={sizes.steps} must be a multiple of --frequency="
@@ -221,7 +254,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"machine: {machine['processor']} ({machine['machine']}), {machine['cpu_count']} CPUs, torch "
           f"{machine['torch']}, 1 thread per rank, {machine['date_utc']}; code {version}")
     print(f"model: {sizes.layers} layers, dim {sizes.dim} ({rows[0]['n_params']:,} matrix params), "
-          f"T={sizes.frequency}, {sizes.steps} timed steps after {sizes.frequency + 1} warm-up steps")
+          f"T={sizes.frequency}; warm-up {sizes.frequency + 1} steps, then {sizes.repeats} interleaved windows of "
+          f"{sizes.steps} steps per configuration; times are medians over windows")
     print()
     print(format_table(rows))
     print(f"\nwrote {args.out}")
