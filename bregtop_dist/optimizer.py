@@ -192,7 +192,7 @@ class BregTop(torch.optim.Optimizer):
                 for pi, p in enumerate(group["params"])
             ]
             if shards:
-                views.append(GroupShards(str(gi), gi, group, shards, replicated=not any(map(is_dtensor, group["params"]))))
+                views.append(GroupShards(str(gi), gi, group, shards))
         return views
 
     # ------------------------------------------------------------------------- step

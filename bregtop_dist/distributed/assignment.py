@@ -41,6 +41,11 @@ class Block:
     def shape(self) -> tuple[int, int]:
         return self.slice.shape
 
+    @property
+    def numel(self) -> int:
+        m, n = self.slice.shape
+        return m * n
+
 
 def plan_blocks(
     shapes: list[tuple[int, ...]], max_dim: int, frequency: int, stagger: bool, world: int

@@ -35,6 +35,10 @@ class Rect:
         return (self.rows[1] - self.rows[0]) * (self.cols[1] - self.cols[0])
 
 
+def whole_block(index: int, block: Block) -> Rect:
+    return Rect(index, (block.slice.r0, block.slice.r1), (block.slice.c0, block.slice.c1))
+
+
 def intersect(index: int, block: Block, held: Range) -> list[Rect]:
     """The rectangles of ``block`` that fall in the flat range ``held`` of its parameter."""
     a, b = held
@@ -100,9 +104,8 @@ class Exchange:
             owned[blk.owner].append(i)
             if replicated:
                 if blk.owner == rank:
-                    whole = Rect(i, (blk.slice.r0, blk.slice.r1), (blk.slice.c0, blk.slice.c1))
-                    send[rank].append(whole)
-                    recv[rank].append(whole)
+                    send[rank].append(whole_block(i, blk))
+                    recv[rank].append(whole_block(i, blk))
                 continue
             for src in range(world):
                 rects = intersect(i, blk, ranges[blk.shard][src])
@@ -187,7 +190,7 @@ class Exchange:
         lr: float, comm_dtype: torch.dtype, group: dist.ProcessGroup | None,
     ) -> None:
         owned = [[b for b in blocks if active[self.blocks[b].shard]] for blocks in self.owned]
-        sizes = [sum(self.blocks[b].slice.shape[0] * self.blocks[b].slice.shape[1] for b in bl) for bl in owned]
+        sizes = [sum(self.blocks[b].numel for b in blocks) for blocks in owned]
         width = max(sizes)
         if width == 0:
             return
@@ -200,10 +203,8 @@ class Exchange:
         self.traffic.add(width * (self.world - 1), width * (self.world - 1))
         for r, blocks in enumerate(owned):
             data = gathered[r * width : r * width + sizes[r]]
-            for b, chunk in zip(blocks, data.split([self.blocks[b].slice.shape[0] * self.blocks[b].slice.shape[1] for b in blocks])):
-                blk = self.blocks[b]
-                whole = Rect(b, (blk.slice.r0, blk.slice.r1), (blk.slice.c0, blk.slice.c1))
-                dst = self._local(shards, whole, "value")
+            for b, chunk in zip(blocks, data.split([self.blocks[b].numel for b in blocks])):
+                dst = self._local(shards, whole_block(b, self.blocks[b]), "value")
                 self._add(dst, chunk.view(dst.shape), lr)
 
     @staticmethod

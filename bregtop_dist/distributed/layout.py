@@ -45,15 +45,14 @@ class ParamShard:
 class GroupShards:
     """The parameters of one param group visible to one ``step`` call.
 
-    ``key`` names the plan (``"0"`` for group 0; DeepSpeed ZeRO-3 sub-groups get
-    ``"0.1"`` and so on). ``replicated`` means every rank holds every element.
+    ``key`` names the plan (``"0"`` for group 0; DeepSpeed partitions get ``"0.0"``,
+    ``"0.1"`` and so on).
     """
 
     key: str
     group_index: int
     settings: dict[str, Any]  # the param group dict: its settings are the group's config
     shards: list[ParamShard]
-    replicated: bool
 
 
 def chunk_rows(rows: int, world: int) -> list[Range]:

@@ -174,7 +174,7 @@ class ZeroFragments:
                 _fragment(p, self.names.get(id(p), f"param {j} of group {gi}"), ranges_all, flat, offsets[j], rank)
                 for j, (p, ranges_all) in enumerate(zip(params, self.ranges[k]))
             ]
-            views.append(GroupShards(f"{gi}.{k}", gi, group, shards, replicated=False))
+            views.append(GroupShards(f"{gi}.{k}", gi, group, shards))
         return views
 
 
