@@ -304,6 +304,11 @@ def _zero_equals_single(stage: int, rank: int, world: int, single: dist.ProcessG
         assert rel <= FP32_TOL, f"ZeRO-{stage} {name}: max relative difference {rel:.3g}"
 
 
+def zero0_equals_single(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+    """Stage 0: DeepSpeed's plain data parallelism; BregTop sees replicated tensors."""
+    _zero_equals_single(0, rank, world, single, workdir)
+
+
 def zero1_equals_single(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
     _zero_equals_single(1, rank, world, single, workdir)
 
@@ -316,7 +321,7 @@ def zero3_equals_single(rank: int, world: int, single: dist.ProcessGroup, workdi
     _zero_equals_single(3, rank, world, single, workdir)
 
 
-SCENARIOS.update({f.__name__: f for f in (zero1_equals_single, zero2_equals_single, zero3_equals_single)})
+SCENARIOS.update({f.__name__: f for f in (zero0_equals_single, zero1_equals_single, zero2_equals_single, zero3_equals_single)})
 
 
 def _zero_resume(stage: int, rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
