@@ -115,6 +115,7 @@ class BregTop(torch.optim.Optimizer):
         self._plans: dict[str, KronPlan] = {}
         self._shard_source: ShardSource | None = None
         self._logical_groups: list[list[Tensor]] | None = None
+        self._built_params: list[list[Tensor]] = []  # as added, before any engine replaces them
         self._warned_basis = False
         super().__init__(params, defaults)
         self._check_ranks_agree()
@@ -125,6 +126,7 @@ class BregTop(torch.optim.Optimizer):
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         BregTopConfig.from_group(merged)
         super().add_param_group(param_group)
+        self._built_params.append(list(self.param_groups[-1]["params"]))
 
     @property
     def kron_stacks(self) -> dict[str, BlockStack]:
@@ -173,6 +175,16 @@ class BregTop(torch.optim.Optimizer):
         self._logical_groups = logical_groups
         self._plans.clear()
 
+    @property
+    def built_params(self) -> list[list[Tensor]]:
+        """The parameters of each group as they were added, whatever an engine put in
+        ``param_groups`` since (DeepSpeed ZeRO swaps in flat partitions)."""
+        return [list(ps) for ps in self._built_params]
+
+    def param_name(self, gi: int, pi: int) -> str:
+        """Name of parameter ``pi`` of group ``gi`` (from ``param_names`` when the group has them)."""
+        return self._name(gi, pi, self._built_params[gi][pi])
+
     def _name(self, gi: int, pi: int, p: Tensor) -> str:
         names = self.param_groups[gi].get("param_names")
         if names and pi < len(names):
@@ -187,6 +199,7 @@ class BregTop(torch.optim.Optimizer):
         _, world = self._world()
         views = []
         for gi, group in enumerate(self.param_groups):
+            self._check_not_flattened(gi, group)
             shards = [
                 dtensor_shard(p, self._name(gi, pi, p)) if is_dtensor(p) else replicated_shard(p, self._name(gi, pi, p), world)
                 for pi, p in enumerate(group["params"])
@@ -194,6 +207,22 @@ class BregTop(torch.optim.Optimizer):
             if shards:
                 views.append(GroupShards(str(gi), gi, group, shards))
         return views
+
+    def _check_not_flattened(self, gi: int, group: dict[str, Any]) -> None:
+        """An engine (DeepSpeed ZeRO) that swapped a group's matrices for flat partitions
+        without telling BregTop would silently turn it into AdamW: refuse instead."""
+        params = group["params"]
+        if (
+            gi < len(self._built_params) and any(len(_global_shape(p)) >= 2 for p in self._built_params[gi])
+            and group.get("bregtop", True)
+            and params and all(p.ndim < 2 for p in params)
+        ):
+            raise RuntimeError(
+                f"param group {gi} had matrices when BregTop was built but now holds only flat tensors "
+                f"(shapes {[tuple(p.shape) for p in params][:3]}): an engine such as DeepSpeed ZeRO replaced "
+                "them. Build the engine with bregtop_dist.integrations.deepspeed.initialize, or call "
+                "bregtop_dist.integrations.deepspeed.attach after accelerator.prepare"
+            )
 
     # ------------------------------------------------------------------------- step
     @torch.no_grad()

@@ -333,3 +333,15 @@ def test_non_contiguous_gradients_are_accepted(gen):
     p.grad = torch.randn(4, 6, generator=gen).T  # a transposed view
     opt.step()
     assert torch.isfinite(p).all()
+
+
+def test_matrices_swapped_for_flat_partitions_are_refused(gen):
+    """What DeepSpeed ZeRO does to a client optimizer it was not told about."""
+    p = nn.Parameter(torch.randn(6, 5, generator=gen))
+    opt = BregTop([p])
+    flat = nn.Parameter(p.detach().reshape(-1).clone())
+    flat.grad = torch.randn(30, generator=gen)
+    opt.param_groups[0]["params"] = [flat]
+    with pytest.raises(RuntimeError, match=r"param group 0 had matrices .* integrations.deepspeed.initialize"):
+        opt.step()
+    assert torch.equal(flat.detach(), p.detach().reshape(-1))

@@ -94,33 +94,56 @@ def initialize(
         deepspeed.init_distributed()
     groups = param_groups(model) if model_parameters is None else model_parameters
     optimizer = BregTop(groups, **settings)
-    logical = [list(g["params"]) for g in optimizer.param_groups]
-    names = {id(p): optimizer._name(gi, pi, p) for gi, ps in enumerate(logical) for pi, p in enumerate(ps)}
-    original_groups = list(optimizer.param_groups)
     del cfg["optimizer"]
     cfg["zero_allow_untested_optimizer"] = True
     engine, engine_optimizer, loader, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=cfg, **kwargs
     )
-    stage = int((cfg.get("zero_optimization") or {}).get("stage", 0))
-    if stage in (1, 2):
-        source = ZeroFragments.stage_1_2(optimizer, engine_optimizer, original_groups, names)
-        optimizer.attach_shard_source(source, logical, source.process_group)
-    elif stage == 3:
-        source = ZeroFragments.stage_3(optimizer, engine_optimizer, original_groups, names)
-        optimizer.attach_shard_source(source, logical, source.process_group)
+    attach(optimizer, engine_optimizer)
     return engine, engine_optimizer, loader, scheduler
+
+
+def attach(optimizer: BregTop, engine_optimizer: Any) -> None:
+    """Point ``optimizer`` at the ZeRO fragments of ``engine_optimizer`` (DeepSpeed's ZeRO
+    wrapper around it). Nothing to do without ZeRO (stage 0 hands BregTop whole tensors).
+
+    Use directly when someone else built the engine; :func:`attach_prepared` finds both
+    objects inside what ``accelerator.prepare`` returned.
+    """
+    if hasattr(engine_optimizer, "bit16_groups") and hasattr(engine_optimizer, "single_partition_of_fp32_groups"):
+        source = ZeroFragments.stage_1_2(optimizer, engine_optimizer)
+    elif hasattr(engine_optimizer, "fp32_partitioned_groups_flat"):
+        source = ZeroFragments.stage_3(optimizer, engine_optimizer)
+    else:
+        return
+    optimizer.attach_shard_source(source, optimizer.built_params, source.process_group)
+
+
+def attach_prepared(prepared: Any) -> BregTop | None:
+    """After ``accelerator.prepare`` (or inside a Trainer callback): walk the ``.optimizer``
+    chain of the prepared optimizer to BregTop, attach it to the ZeRO wrapper on the way if
+    there is one, and return it (None when the chain holds no BregTop)."""
+    chain = [prepared]
+    while hasattr(chain[-1], "optimizer") and len(chain) < 8:
+        chain.append(chain[-1].optimizer)
+    bregtop = next((o for o in chain if isinstance(o, BregTop)), None)
+    if bregtop is not None:
+        for outer in chain[: chain.index(bregtop)]:
+            attach(bregtop, outer)
+    return bregtop
 
 
 class ZeroFragments:
     """Which parameter elements every rank's ZeRO partitions hold: the shard source BregTop
     reads at each ``step`` call (ZeRO steps one group or sub-group at a time)."""
 
-    def __init__(self, optimizer: BregTop, original_groups: list[dict[str, Any]], names: dict[int, str],
-                 parts: list[tuple[int, Tensor, list[Tensor], list[int], list[Range]]], group: Any) -> None:
+    def __init__(self, optimizer: BregTop, parts: list[tuple[int, Tensor, list[Tensor], list[int], list[Range]]],
+                 group: Any) -> None:
         self.optimizer = optimizer
-        self.groups = original_groups
-        self.names = names
+        self.groups = list(optimizer.param_groups)  # the group dicts themselves; ZeRO swaps their "params"
+        self.names = {
+            id(p): optimizer.param_name(gi, pi) for gi, ps in enumerate(optimizer.built_params) for pi, p in enumerate(ps)
+        }
         self.parts = parts  # (param group, flat fp32 partition, params, offsets in the flat, my ranges)
         self.process_group = group
         world = dist.get_world_size(group)
@@ -132,7 +155,7 @@ class ZeroFragments:
         ]
 
     @classmethod
-    def stage_1_2(cls, optimizer: BregTop, zero: Any, groups: list[dict[str, Any]], names: dict[int, str]) -> ZeroFragments:
+    def stage_1_2(cls, optimizer: BregTop, zero: Any) -> ZeroFragments:
         parts = []
         for gi, params in enumerate(zero.bit16_groups):
             offsets, ranges = [], []
@@ -146,10 +169,10 @@ class ZeroFragments:
                 offsets.append(int(hp.start))
                 ranges.append((int(lp.start), int(lp.start + lp.numel)))
             parts.append((gi, zero.single_partition_of_fp32_groups[gi], list(params), offsets, ranges))
-        return cls(optimizer, groups, names, parts, zero.real_dp_process_group[0])
+        return cls(optimizer, parts, zero.real_dp_process_group[0])
 
     @classmethod
-    def stage_3(cls, optimizer: BregTop, zero: Any, groups: list[dict[str, Any]], names: dict[int, str]) -> ZeroFragments:
+    def stage_3(cls, optimizer: BregTop, zero: Any) -> ZeroFragments:
         rank = dist.get_rank(zero.dp_process_group)
         parts = []
         for sg, params in enumerate(zero.fp16_groups):
@@ -160,7 +183,7 @@ class ZeroFragments:
                 offsets.append(int(offset))
                 ranges.append((start, min(start + size, p.ds_numel)))
             parts.append((zero.sub_group_to_group_id[sg], zero.fp32_partitioned_groups_flat[sg], list(params), offsets, ranges))
-        return cls(optimizer, groups, names, parts, zero.dp_process_group)
+        return cls(optimizer, parts, zero.dp_process_group)
 
     def __call__(self, every_group: bool) -> list[GroupShards]:
         rank = self.optimizer._world()[0]

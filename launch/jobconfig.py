@@ -1,0 +1,76 @@
+"""Job settings from a YAML file and the command line, checked against the job's dataclass.
+
+Precedence: the dataclass defaults, then the YAML file (``--config``), then options given on
+the command line. Unknown keys and values of the wrong type are errors that name the key,
+the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A settings file or value that cannot be used; the message says what to do."""
+
+
+def _coerce(name: str, value: Any, kind: Any) -> Any:
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(kind)
+        if value is None and type(None) in options:
+            return None
+        kind = next(k for k in options if k is not type(None))
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    elif kind is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+    else:
+        return value
+    raise ConfigError(f"{name}={value!r} must be of type {getattr(kind, '__name__', kind)}")
+
+
+def from_sources(cls: type[T], path: Path | None, args: argparse.Namespace) -> T:
+    """An instance of dataclass ``cls`` from its defaults, the YAML file ``path`` and the
+    command-line options in ``args`` that were given (not None)."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    if path is not None:
+        import yaml
+
+        if not Path(path).is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of settings, got {type(loaded).__name__}")
+        unknown = sorted(set(loaded) - set(names))
+        if unknown:
+            raise ConfigError(f"config file {str(path)!r}: unknown setting {unknown[0]!r}; allowed: {', '.join(names)}")
+        values.update({k: _coerce(f"{path}: {k}", v, hints[k]) for k, v in loaded.items()})
+    for name in names:
+        given = getattr(args, name, None)
+        if given is not None:
+            values[name] = _coerce(f"--{name.replace('_', '-')}", given, hints[name])
+    try:
+        return cls(**values)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None

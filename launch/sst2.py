@@ -1,0 +1,320 @@
+"""``python -m launch.sst2``: the paper's SST-2 optimisation-speed experiment (section 6,
+appendix D, Table 4).
+
+A randomly initialised Transformer encoder (4 layers, hidden 128, 8 heads) is trained on the
+full SST-2 training set with MSE on one-hot targets, batch 128, lr 1e-3 for both parameter
+groups, no weight decay; Adam for embeddings, biases, norms and the head, the chosen method
+for the other matrices. The measure is the number of steps until the EMA (0.98) of the
+training loss falls below 0.05; the EMA starts at the first step's loss.
+
+Writes ``OUT/metrics.jsonl`` (one line per step), ``OUT/summary.json`` (per method),
+``OUT/ema_loss.png`` (the EMA curves of every method in the summary) and prints a table.
+Runs on one process, under ``torchrun ... --cpu`` and under ``accelerate launch``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from bregtop_dist import METHODS, BregTop, param_groups
+from launch.jobconfig import ConfigError, from_sources
+from launch.models import EncoderClassifier
+from launch.sst2_data import DEFAULT_DEV, DEFAULT_TRAIN, DataError, Encoded, collate, load_sst2, wordpiece
+
+CHOICES = (*METHODS, "adamw")
+PAPER_TABLE4 = {
+    "shampoo": 1119, "kl": 1092, "vn-v1": 1141, "vn-v2": 1127, "f-v1": 1598, "f-v2": 1602,
+    "bregtop-vn-v1": 1018, "bregtop-vn-v2": 1003, "bregtop-f-v1": 1084, "bregtop-f-v2": 1059,
+}
+
+
+@dataclass(frozen=True)
+class SST2Config:
+    """Every setting of the job; ``--config FILE`` (YAML) may set any of them."""
+
+    method: str = "bregtop-vn-v2"  # one of the ten Table 4 rows, "adamw", or "all" (the ten rows)
+    max_steps: int = 3000
+    target_loss: float = 0.05
+    ema: float = 0.98
+    stop_at_target: bool = True  # stop a method once its EMA is below the target
+    seed: int = 0
+    out: Path = Path("runs/sst2")
+    batch_size: int = 128  # global, over all processes
+    lr: float = 1e-3
+    precondition_frequency: int = 10
+    loss_reduction: str = "mean"  # "mean": F.mse_loss over batch and classes; "sum": summed over classes
+    vocab_size: int = 30000
+    max_len: int = 128
+    dim: int = 128
+    layers: int = 4
+    heads: int = 8
+    ff: int = 512
+    dropout: float = 0.0
+    train_file: Path = DEFAULT_TRAIN
+    dev_file: Path = DEFAULT_DEV
+    dataset: str | None = None  # a Hub dataset name instead of the files (needs a network)
+    cache_dir: Path = Path("runs/cache")
+    log_every: int = 50
+    resume: bool = False  # skip methods already in OUT/summary.json with the same settings
+    cpu: bool = False  # force the CPU (for torchrun on a CPU machine)
+
+    def __post_init__(self) -> None:
+        if self.method not in (*CHOICES, "all"):
+            raise ValueError(f"method={self.method!r} is not allowed; use one of {', '.join(CHOICES)} or all")
+        for name in ("max_steps", "batch_size", "precondition_frequency", "vocab_size", "max_len", "dim",
+                     "layers", "heads", "ff", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be an integer >= 1")
+        if not 0.0 < self.ema < 1.0:
+            raise ValueError(f"ema={self.ema!r} must be in (0, 1)")
+        if not self.target_loss > 0.0:
+            raise ValueError(f"target_loss={self.target_loss!r} must be > 0")
+        if not self.lr > 0.0:
+            raise ValueError(f"lr={self.lr!r} must be > 0")
+        if self.loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction={self.loss_reduction!r} is not allowed; use mean or sum")
+        if self.dim % self.heads:
+            raise ValueError(f"dim={self.dim} must be a multiple of heads={self.heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return METHODS if self.method == "all" else (self.method,)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings a result depends on (what ``--resume`` compares)."""
+        skip = {"method", "out", "resume", "log_every", "cache_dir", "cpu"}
+        return {k: str(v) for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+# ----------------------------------------------------------------------------- training
+def make_optimizer(method: str, model: nn.Module, cfg: SST2Config) -> torch.optim.Optimizer:
+    """The paper's grouping: the method on the matrices, Adam (lr 1e-3, no decay) on the rest."""
+    groups = param_groups(model, head_names=["head"])
+    if method == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    return BregTop(groups, lr=cfg.lr, method=method, precondition_frequency=cfg.precondition_frequency,
+                   weight_decay=0.0)
+
+
+def mse(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
+    target = F.one_hot(labels, logits.shape[-1]).to(logits.dtype)
+    if reduction == "mean":
+        return F.mse_loss(logits, target)
+    return (logits - target).square().sum(-1).mean()
+
+
+class Progress:
+    """A tqdm bar on an interactive terminal, plain log lines every ``every`` steps otherwise."""
+
+    def __init__(self, method: str, total: int, every: int, enabled: bool) -> None:
+        self.method, self.every, self.enabled = method, every, enabled
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=method, leave=False)
+
+    def update(self, step: int, loss: float, ema: float) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", ema=f"{ema:.4f}")
+        elif step == 1 or step % self.every == 0:
+            print(f"[{self.method}] step {step} loss {loss:.4f} ema {ema:.4f}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_method(method: str, cfg: SST2Config, accelerator: Any, train: Encoded, dev: Encoded, vocab: int,
+               metrics: Any) -> dict[str, Any]:
+    """Train one method from the common initialisation; its summary row."""
+    torch.manual_seed(cfg.seed)
+    model = EncoderClassifier(vocab, cfg.dim, cfg.layers, cfg.heads, cfg.ff, cfg.max_len, dropout=cfg.dropout)
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = make_optimizer(method, model, cfg)
+    if cfg.batch_size % accelerator.num_processes:
+        raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of the {accelerator.num_processes} processes")
+    loader = DataLoader(train, batch_size=cfg.batch_size // accelerator.num_processes, shuffle=True, drop_last=True,
+                        collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed))
+    dev_loader = DataLoader(dev, batch_size=256, collate_fn=collate)
+    model, opt, loader, dev_loader = accelerator.prepare(model, opt, loader, dev_loader)
+
+    progress = Progress(method, cfg.max_steps, cfg.log_every, accelerator.is_main_process)
+    ema = math.nan
+    reached: int | None = None
+    started = time.perf_counter()
+    step = 0
+    model.train()
+    while step < cfg.max_steps and not (reached and cfg.stop_at_target):
+        for batch in loader:
+            t0 = time.perf_counter()
+            loss = mse(model(batch["ids"], batch["mask"]), batch["labels"], cfg.loss_reduction)
+            accelerator.backward(loss)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            value = float(accelerator.reduce(loss.detach(), reduction="mean"))
+            ema = value if step == 1 else cfg.ema * ema + (1.0 - cfg.ema) * value
+            if not math.isfinite(value):
+                break
+            if reached is None and ema < cfg.target_loss:
+                reached = step
+            if metrics is not None:
+                metrics.write(json.dumps({"method": method, "step": step, "loss": value, "ema": ema,
+                                          "lr": opt.param_groups[0]["lr"], "step_time_s": time.perf_counter() - t0}) + "\n")
+            progress.update(step, value, ema)
+            if step >= cfg.max_steps or (reached and cfg.stop_at_target):
+                break
+        if not math.isfinite(ema):
+            break
+    progress.close()
+    wall = time.perf_counter() - started
+    return {
+        "steps_to_target": reached, "final_step": step, "final_ema_loss": ema,
+        "dev_accuracy": evaluate(model, dev_loader, accelerator), "wall_time_s": wall,
+        "n_params": n_params, "settings": cfg.fingerprint(),
+    }
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, accelerator: Any) -> float:
+    model.eval()
+    correct = total = 0
+    for batch in loader:
+        pred = model(batch["ids"], batch["mask"]).argmax(-1)
+        pred, labels = accelerator.gather_for_metrics((pred, batch["labels"]))
+        correct += int((pred == labels).sum())
+        total += int(labels.numel())
+    model.train()
+    return correct / max(total, 1)
+
+
+# ------------------------------------------------------------------------------ reports
+def plot(summary: dict[str, Any], metrics_path: Path, target: float, out: Path) -> None:
+    """EMA-loss curves of every method in the summary (the newest run of each)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for line in metrics_path.read_text().splitlines():
+        row = json.loads(line)
+        if row["method"] in summary:
+            if row["step"] == 1:
+                curves[row["method"]] = []
+            curves.setdefault(row["method"], []).append((row["step"], row["ema"]))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for method, points in curves.items():
+        steps, values = zip(*points)
+        ax.plot(steps, values, label=method, linestyle="--" if not method.startswith("bregtop") else "-")
+    ax.axhline(target, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("EMA(0.98) of training loss")
+    ax.set_title("SST-2, 4-layer Transformer, batch 128")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    head = f"{'method':<15}{'steps<target':>13}{'paper':>7}{'final EMA':>11}{'dev acc':>9}{'wall s':>9}"
+    lines = [head, "-" * len(head)]
+    for method, row in summary.items():
+        steps = row["steps_to_target"]
+        lines.append(
+            f"{method:<15}{steps if steps is not None else '-':>13}{PAPER_TABLE4.get(method, '-'):>7}"
+            f"{row['final_ema_loss']:>11.4f}{row['dev_accuracy']:>9.3f}{row['wall_time_s']:>9.0f}"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m launch.sst2", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, help="YAML file with any of the settings below (configs/sst2/)")
+    for f in dataclasses.fields(SST2Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool",):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {f.default})")
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            parser.add_argument(flag, type=kind, default=None, help=f"(default {f.default})")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = from_sources(SST2Config, args.config, args)
+        return run(cfg)
+    except (ConfigError, DataError) as err:
+        print(f"python -m launch.sst2: error: {err}", file=sys.stderr)
+        return 2
+
+
+def run(cfg: SST2Config) -> int:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=cfg.cpu)
+    train_split, dev_split = load_sst2(cfg.train_file, cfg.dev_file, cfg.dataset)
+    with accelerator.main_process_first():
+        tokenizer = wordpiece(train_split.sentences, cfg.vocab_size, cfg.cache_dir)
+    train, dev = Encoded(train_split, tokenizer, cfg.max_len), Encoded(dev_split, tokenizer, cfg.max_len)
+    vocab = tokenizer.get_vocab_size()
+
+    out = Path(cfg.out)
+    summary_path, metrics_path = out / "summary.json", out / "metrics.jsonl"
+    summary: dict[str, Any] = json.loads(summary_path.read_text()) if cfg.resume and summary_path.is_file() else {}
+    main_proc = accelerator.is_main_process
+    if main_proc:
+        out.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume:
+            metrics_path.write_text("")
+        print(f"SST-2: {len(train)} train / {len(dev)} dev sentences, WordPiece vocabulary {vocab}; "
+              f"{accelerator.num_processes} process(es) on {accelerator.device}", flush=True)
+    for method in cfg.methods:
+        done = summary.get(method)
+        if done is not None and done.get("settings") == cfg.fingerprint():
+            continue
+        metrics = metrics_path.open("a") if main_proc else None
+        try:
+            row = run_method(method, cfg, accelerator, train, dev, vocab, metrics)
+        finally:
+            if metrics is not None:
+                metrics.close()
+        summary[method] = row
+        if main_proc:
+            summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+            print(f"[{method}] steps to EMA < {cfg.target_loss}: {row['steps_to_target']}; "
+                  f"dev accuracy {row['dev_accuracy']:.3f}; {row['wall_time_s']:.0f} s", flush=True)
+    if main_proc:
+        plot(summary, metrics_path, cfg.target_loss, out / "ema_loss.png")
+        print(format_table(summary))
+        print(f"wrote {summary_path}, {metrics_path}, {out / 'ema_loss.png'}")
+    accelerator.wait_for_everyone()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
