@@ -221,7 +221,7 @@ class BregTop(torch.optim.Optimizer):
                 f"param group {gi} had matrices when BregTop was built but now holds only flat tensors "
                 f"(shapes {[tuple(p.shape) for p in params][:3]}): an engine such as DeepSpeed ZeRO replaced "
                 "them. Build the engine with bregtop_dist.integrations.deepspeed.initialize, or call "
-                "bregtop_dist.integrations.deepspeed.attach after accelerator.prepare"
+                "bregtop_dist.integrations.deepspeed.attach_prepared after accelerator.prepare"
             )
 
     # ------------------------------------------------------------------------- step
