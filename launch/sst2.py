@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from bregtop_dist import METHODS, BregTop, param_groups
+from launch.engines import build
 from launch.jobconfig import ConfigError, from_sources
 from launch.models import EncoderClassifier
 from launch.sst2_data import DEFAULT_DEV, DEFAULT_TRAIN, DataError, Encoded, collate, load_sst2, wordpiece
@@ -45,7 +46,7 @@ PAPER_TABLE4 = {
 class SST2Config:
     """Every setting of the job; ``--config FILE`` (YAML) may set any of them."""
 
-    method: str = "bregtop-vn-v2"  # one of the ten Table 4 rows, "adamw", or "all" (the ten rows)
+    method: str = "bregtop-vn-v2"  # a Table 4 row, "adamw", a comma-separated list of them, or "all"
     max_steps: int = 3000
     target_loss: float = 0.05
     ema: float = 0.98
@@ -70,10 +71,14 @@ class SST2Config:
     log_every: int = 50
     resume: bool = False  # skip methods already in OUT/summary.json with the same settings
     cpu: bool = False  # force the CPU (for torchrun on a CPU machine)
+    deepspeed: Path | None = None  # a DeepSpeed JSON (configs/deepspeed/) whose optimizer block selects BregTop
 
     def __post_init__(self) -> None:
-        if self.method not in (*CHOICES, "all"):
-            raise ValueError(f"method={self.method!r} is not allowed; use one of {', '.join(CHOICES)} or all")
+        for name in self.methods:
+            if name not in CHOICES:
+                raise ValueError(
+                    f"method={name!r} is not allowed; use one of {', '.join(CHOICES)}, a comma-separated list, or all"
+                )
         for name in ("max_steps", "batch_size", "precondition_frequency", "vocab_size", "max_len", "dim",
                      "layers", "heads", "ff", "log_every"):
             if getattr(self, name) < 1:
@@ -93,22 +98,22 @@ class SST2Config:
 
     @property
     def methods(self) -> tuple[str, ...]:
-        return METHODS if self.method == "all" else (self.method,)
+        if self.method == "all":
+            return METHODS
+        return tuple(dict.fromkeys(m.strip() for m in self.method.split(",") if m.strip()))
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings a result depends on (what ``--resume`` compares)."""
-        skip = {"method", "out", "resume", "log_every", "cache_dir", "cpu"}
+        skip = {"method", "out", "resume", "log_every", "cache_dir", "cpu", "deepspeed"}
         return {k: str(v) for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
 # ----------------------------------------------------------------------------- training
-def make_optimizer(method: str, model: nn.Module, cfg: SST2Config) -> torch.optim.Optimizer:
-    """The paper's grouping: the method on the matrices, Adam (lr 1e-3, no decay) on the rest."""
-    groups = param_groups(model, head_names=["head"])
-    if method == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    return BregTop(groups, lr=cfg.lr, method=method, precondition_frequency=cfg.precondition_frequency,
-                   weight_decay=0.0)
+def make_optimizer(model: nn.Module, settings: dict[str, Any]) -> torch.optim.Optimizer:
+    """The paper's grouping: the method on the matrices, Adam (same lr, no decay) on the rest."""
+    if settings["method"] == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=0.0)
+    return BregTop(param_groups(model, head_names=["head"]), **settings)
 
 
 def mse(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -149,13 +154,20 @@ def run_method(method: str, cfg: SST2Config, accelerator: Any, train: Encoded, d
     torch.manual_seed(cfg.seed)
     model = EncoderClassifier(vocab, cfg.dim, cfg.layers, cfg.heads, cfg.ff, cfg.max_len, dropout=cfg.dropout)
     n_params = sum(p.numel() for p in model.parameters())
-    opt = make_optimizer(method, model, cfg)
     if cfg.batch_size % accelerator.num_processes:
         raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of the {accelerator.num_processes} processes")
-    loader = DataLoader(train, batch_size=cfg.batch_size // accelerator.num_processes, shuffle=True, drop_last=True,
-                        collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed))
-    dev_loader = DataLoader(dev, batch_size=256, collate_fn=collate)
-    model, opt, loader, dev_loader = accelerator.prepare(model, opt, loader, dev_loader)
+    per_process = cfg.batch_size // accelerator.num_processes
+    if method == "adamw" and cfg.deepspeed is not None:
+        raise ConfigError("--deepspeed configs select BregTop; run adamw without --deepspeed")
+    overrides = {"method": method, "lr": cfg.lr, "weight_decay": 0.0}
+    if method != "adamw":
+        overrides["precondition_frequency"] = cfg.precondition_frequency
+    engine = build(accelerator, model, make_optimizer, overrides, cfg.deepspeed, per_process)
+    opt = engine.optimizer
+    loader = engine.prepare_loader(DataLoader(train, batch_size=per_process, shuffle=True, drop_last=True,
+                                              collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed)))
+    dev_loader = engine.prepare_loader(DataLoader(dev, batch_size=256, collate_fn=collate))
+    model = engine.model
 
     progress = Progress(method, cfg.max_steps, cfg.log_every, accelerator.is_main_process)
     ema = math.nan
@@ -167,9 +179,8 @@ def run_method(method: str, cfg: SST2Config, accelerator: Any, train: Encoded, d
         for batch in loader:
             t0 = time.perf_counter()
             loss = mse(model(batch["ids"], batch["mask"]), batch["labels"], cfg.loss_reduction)
-            accelerator.backward(loss)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            engine.backward(loss)
+            engine.step()
             step += 1
             value = float(accelerator.reduce(loss.detach(), reduction="mean"))
             ema = value if step == 1 else cfg.ema * ema + (1.0 - cfg.ema) * value

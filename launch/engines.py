@@ -1,0 +1,92 @@
+"""How a job wraps its model and optimizer: Accelerate (one process, DDP, FSDP2, or DeepSpeed
+through ``accelerate launch``), or DeepSpeed directly from a JSON file (``--deepspeed``; works
+under ``torchrun`` on a CPU machine too).
+
+Either way the optimizer is BregTop (or AdamW) built by the job, and the DeepSpeed JSON's
+``"optimizer"`` block supplies BregTop's settings, with the job's own ``method``/``lr``/...
+taking precedence (a sweep over methods needs that).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bregtop_dist import BregTop
+
+
+@dataclass
+class Engine:
+    """What a training loop calls: ``model(...)``, ``backward(loss)``, ``step()`` (which also
+    zeroes the gradients), and ``optimizer`` (whose ``state_dict`` is this rank's state)."""
+
+    model: Any
+    optimizer: Any
+    backward: Callable[[torch.Tensor], None]
+    step: Callable[[], None]
+    prepare_loader: Callable[[Any], Any]
+
+
+def build(
+    accelerator: Any, model: nn.Module, make_optimizer: Callable[[nn.Module, dict[str, Any]], torch.optim.Optimizer],
+    overrides: dict[str, Any], deepspeed_config: Path | None, micro_batch: int,
+) -> Engine:
+    """Wrap ``model`` and the optimizer ``make_optimizer(model, bregtop_settings)`` builds.
+
+    ``overrides`` are the job's BregTop settings; a DeepSpeed config's optimizer block fills
+    in the rest. ``micro_batch`` is the per-process batch (for DeepSpeed's "auto" sizes).
+    """
+    from accelerate.utils import DistributedType
+
+    from bregtop_dist.integrations.deepspeed import attach_prepared, bregtop_settings, initialize, load_config
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # accelerate launch with a DeepSpeed plugin
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        settings = {**(bregtop_settings(ds) if "optimizer" in ds else {}), **overrides}
+        ds.pop("optimizer", None)
+        ds["zero_allow_untested_optimizer"] = True
+        _fill_auto_batch(ds, micro_batch, accelerator.num_processes)
+        opt = make_optimizer(model, settings)
+        model, opt = accelerator.prepare(model, opt)
+        attach_prepared(opt)
+        return _accelerate_engine(accelerator, model, opt)
+
+    if deepspeed_config is not None:
+        cfg = load_config(deepspeed_config)
+        settings = {**bregtop_settings(cfg), **overrides}
+        cfg["optimizer"]["params"] = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
+        _fill_auto_batch(cfg, micro_batch, accelerator.num_processes)
+        engine, _, _, _ = initialize(model=model, config=cfg)
+        bregtop = engine.optimizer
+        while not isinstance(bregtop, BregTop):
+            bregtop = bregtop.optimizer
+
+        def step() -> None:
+            engine.step()
+
+        return Engine(engine, bregtop, engine.backward, step, accelerator.prepare)
+
+    opt = make_optimizer(model, overrides)
+    model, opt = accelerator.prepare(model, opt)
+    return _accelerate_engine(accelerator, model, opt)
+
+
+def _fill_auto_batch(ds: dict[str, Any], micro_batch: int, world: int) -> None:
+    """The job knows its batch: fill DeepSpeed's "auto" (or missing) batch sizes with it."""
+    for key, value in (("train_micro_batch_size_per_gpu", micro_batch), ("gradient_accumulation_steps", 1),
+                       ("train_batch_size", micro_batch * world)):
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+
+
+def _accelerate_engine(accelerator: Any, model: Any, opt: Any) -> Engine:
+    def step() -> None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return Engine(model, opt, accelerator.backward, step, accelerator.prepare)

@@ -1,0 +1,224 @@
+"""``python -m launch.lm``: a GPT-style language model trained with AdamW or any BregTop row.
+
+GPT-2 BPE from the shipped files; Tiny Shakespeare by default, any local text file
+(``--data``) or Hub dataset (``--dataset``, needs a network) otherwise; the last
+``val_fraction`` of the tokens is the validation set. Prints and logs train loss, validation
+loss and perplexity; saves a checkpoint (model, optimizer state of every rank, step) every
+``--ckpt-every`` steps and at the end, and ``--resume`` continues from it exactly: batches are
+chosen by step number, so the data position is the step. Sizes go from a few layers up to
+GPT-2 small (``--preset gpt2``, 124M parameters).
+
+Runs on one process, under ``torchrun --nproc_per_node N -m launch.lm --cpu`` and under
+``accelerate launch``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bregtop_dist import METHODS, BregTop, param_groups
+from launch.engines import build
+from launch.jobconfig import ConfigError, from_sources
+from launch.lm_data import DEFAULT_TEXT, GPT2_DIR, DataError, batch_at, gpt2_tokenizer, load_text, token_ids
+from launch.models import GPT
+
+PRESETS = {"tiny": (2, 2, 64, 64), "small": (4, 4, 128, 128), "gpt2": (12, 12, 768, 1024)}
+"""name -> (layers, heads, dim, block_size)."""
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    method: str = "bregtop-vn-v2"  # "adamw" or one of the ten BregTop rows
+    preset: str = "small"  # tiny | small | gpt2 (124M)
+    layers: int | None = None  # override the preset
+    heads: int | None = None
+    dim: int | None = None
+    block_size: int | None = None
+    batch_size: int = 16  # per process
+    max_steps: int = 200
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    precondition_frequency: int = 10
+    eval_every: int = 50
+    eval_batches: int = 8
+    ckpt_every: int = 100
+    val_fraction: float = 0.1
+    seed: int = 0
+    data: Path = DEFAULT_TEXT
+    dataset: str | None = None
+    tokenizer_dir: Path = GPT2_DIR
+    cache_dir: Path = Path("runs/cache")
+    out: Path = Path("runs/lm")
+    resume: bool = False
+    cpu: bool = False
+    deepspeed: Path | None = None  # a DeepSpeed JSON (configs/deepspeed/) whose optimizer block selects BregTop
+
+    def __post_init__(self) -> None:
+        if self.method not in (*METHODS, "adamw"):
+            raise ValueError(f"method={self.method!r} is not allowed; use adamw or one of {', '.join(METHODS)}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset={self.preset!r} is not allowed; use one of {', '.join(PRESETS)}")
+        for name in ("batch_size", "max_steps", "precondition_frequency", "eval_every", "eval_batches", "ckpt_every",
+                     "layers", "heads", "dim", "block_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction={self.val_fraction!r} must be in (0, 1)")
+        if self.dims[2] % self.dims[1]:
+            raise ValueError(f"dim={self.dims[2]} must be a multiple of heads={self.dims[1]}")
+
+    @property
+    def dims(self) -> tuple[int, int, int, int]:
+        layers, heads, dim, block = PRESETS[self.preset]
+        return (self.layers or layers, self.heads or heads, self.dim or dim, self.block_size or block)
+
+
+def make_optimizer(model: nn.Module, settings: dict[str, Any]) -> torch.optim.Optimizer:
+    """AdamW, or BregTop with the tied embedding/head, norms and biases on its AdamW side."""
+    if settings["method"] == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=settings["weight_decay"])
+    return BregTop(param_groups(model), **settings)
+
+
+@torch.no_grad()
+def evaluate(model: Any, ids: torch.Tensor, cfg: LMConfig, accelerator: Any) -> float:
+    model.eval()
+    block = cfg.dims[3]
+    losses = []
+    for i in range(cfg.eval_batches):
+        x, y = batch_at(ids, -1 - i, cfg.batch_size, block, cfg.seed, accelerator.process_index, accelerator.num_processes)
+        _, loss = model(x.to(accelerator.device), y.to(accelerator.device))
+        losses.append(accelerator.reduce(loss.detach(), reduction="mean"))
+    model.train()
+    return float(torch.stack(losses).mean())
+
+
+def checkpoint_paths(out: Path, rank: int) -> tuple[Path, Path]:
+    return out / "ckpt" / "model.pt", out / "ckpt" / f"optimizer-rank{rank}.pt"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m launch.lm", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, help="YAML file with any of the settings below (configs/lm/)")
+    for f in dataclasses.fields(LMConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {f.default})")
+        else:
+            kind = int if f.type in ("int", "int | None") else float if f.type == "float" else str
+            parser.add_argument(flag, type=kind, default=None, help=f"(default {f.default})")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(from_sources(LMConfig, args.config, args))
+    except (ConfigError, DataError) as err:
+        print(f"python -m launch.lm: error: {err}", file=sys.stderr)
+        return 2
+
+
+def run(cfg: LMConfig) -> int:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=cfg.cpu)
+    tokenizer = gpt2_tokenizer(cfg.tokenizer_dir)
+    with accelerator.main_process_first():
+        ids = token_ids(load_text(cfg.data, cfg.dataset), tokenizer, cfg.cache_dir)
+    cut = int(ids.numel() * (1.0 - cfg.val_fraction))
+    train_ids, val_ids = ids[:cut], ids[cut:]
+    layers, heads, dim, block = cfg.dims
+
+    torch.manual_seed(cfg.seed)
+    model = GPT(tokenizer.get_vocab_size(), layers, heads, dim, block)
+    out = Path(cfg.out)
+    model_path, opt_path = checkpoint_paths(out, accelerator.process_index)
+    start = 0
+    saved: dict[str, Any] | None = None
+    if cfg.resume:
+        if not model_path.is_file():
+            raise DataError(f"--resume: no checkpoint at {str(model_path)!r}; run without --resume first")
+        saved = torch.load(model_path, weights_only=False)
+        if saved["model"] is not None:
+            model.load_state_dict(saved["model"])
+        start = int(saved["step"])
+    if cfg.method == "adamw" and cfg.deepspeed is not None:
+        raise ConfigError("--deepspeed configs select BregTop; run adamw without --deepspeed")
+    overrides: dict[str, Any] = {"method": cfg.method, "lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    if cfg.method != "adamw":
+        overrides["precondition_frequency"] = cfg.precondition_frequency
+    engine = build(accelerator, model, make_optimizer, overrides, cfg.deepspeed, cfg.batch_size)
+    model, opt = engine.model, engine.optimizer
+    direct_ds = cfg.deepspeed is not None and hasattr(model, "save_checkpoint")
+    if saved is not None:
+        if direct_ds:
+            model.load_checkpoint(str(model_path.parent / "deepspeed"), tag="resume")
+        else:
+            opt.load_state_dict(torch.load(opt_path, weights_only=False))
+
+    main_proc = accelerator.is_main_process
+    metrics = None
+    if main_proc:
+        out.mkdir(parents=True, exist_ok=True)
+        metrics = (out / "metrics.jsonl").open("a" if cfg.resume else "w")
+        n = sum(p.numel() for p in (model.module if direct_ds else accelerator.unwrap_model(model)).parameters())
+        print(f"{cfg.method}: {layers} layers, {heads} heads, dim {dim}, block {block}, {n:,} parameters; "
+              f"{train_ids.numel():,} train / {val_ids.numel():,} val tokens; {accelerator.num_processes} "
+              f"process(es) on {accelerator.device}; steps {start}..{cfg.max_steps}", flush=True)
+        print(f"{'step':>6}{'train loss':>12}{'val loss':>10}{'val ppl':>10}{'ms/step':>9}", flush=True)
+
+    def save(step: int) -> None:
+        accelerator.wait_for_everyone()
+        model_path.parent.mkdir(parents=True, exist_ok=True)
+        if direct_ds:  # the engine writes model, BregTop state of every rank, and its own state
+            model.save_checkpoint(str(model_path.parent / "deepspeed"), tag="resume")
+            state = None
+        else:
+            state = accelerator.get_state_dict(model)
+            torch.save(opt.state_dict(), opt_path)
+        if main_proc:
+            torch.save({"model": state, "step": step, "config": {k: str(v) for k, v in dataclasses.asdict(cfg).items()}},
+                       model_path)
+        accelerator.wait_for_everyone()
+
+    model.train()
+    train_loss, t0 = math.nan, time.perf_counter()
+    for step in range(start, cfg.max_steps):
+        x, y = batch_at(train_ids, step, cfg.batch_size, block, cfg.seed, accelerator.process_index, accelerator.num_processes)
+        _, loss = model(x.to(accelerator.device), y.to(accelerator.device))
+        engine.backward(loss)
+        engine.step()
+        train_loss = float(accelerator.reduce(loss.detach(), reduction="mean"))
+        done = step + 1
+        if done % cfg.eval_every == 0 or done == cfg.max_steps:
+            val = evaluate(model, val_ids, cfg, accelerator)
+            ms = (time.perf_counter() - t0) * 1e3 / max(1, done - start)
+            if main_proc and metrics is not None:
+                print(f"{done:>6}{train_loss:>12.4f}{val:>10.4f}{math.exp(val):>10.1f}{ms:>9.0f}", flush=True)
+                metrics.write(json.dumps({"step": done, "train_loss": train_loss, "val_loss": val,
+                                          "val_ppl": math.exp(val), "lr": cfg.lr, "ms_per_step": ms}) + "\n")
+                metrics.flush()
+        if done % cfg.ckpt_every == 0 or done == cfg.max_steps:
+            save(done)
+    if metrics is not None:
+        metrics.close()
+        print(f"wrote {out / 'metrics.jsonl'} and {model_path.parent}")
+    accelerator.wait_for_everyone()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""The SST-2 and language-model jobs at tiny sizes: outputs, resume, config files, errors,
+and the multi-process paths (torchrun on CPU with DDP and with a DeepSpeed JSON)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bregtop_dist import METHODS, BregTop
+from bregtop_dist.integrations.deepspeed import bregtop_settings, load_config
+from launch import lm, sst2
+from launch.jobconfig import ConfigError, from_sources
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_SST2 = ["--dim", "16", "--layers", "1", "--heads", "2", "--ff", "32", "--vocab-size", "500", "--max-len", "32",
+             "--batch-size", "32", "--log-every", "1"]
+TINY_LM = ["--preset", "tiny", "--block-size", "16", "--batch-size", "4", "--eval-batches", "1", "--eval-every", "2"]
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture
+def small_text(tmp_path: Path) -> Path:
+    path = tmp_path / "text.txt"
+    path.write_text((ROOT / "data/lm/tinyshakespeare/input.txt").read_text()[:20000])
+    return path
+
+
+# ----------------------------------------------------------------------------------- SST-2
+def test_sst2_writes_metrics_summary_plot_and_table(tmp_path, capsys):
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    args = ["--method", "kl,bregtop-vn-v2", "--max-steps", "3", "--out", str(out), "--cache-dir", str(cache), *TINY_SST2]
+    assert sst2.main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == ["kl", "bregtop-vn-v2"]
+    for row in summary.values():
+        assert row["final_step"] == 3 and row["steps_to_target"] is None
+        assert 0.0 <= row["dev_accuracy"] <= 1.0 and row["wall_time_s"] > 0
+    lines = _rows(out / "metrics.jsonl")
+    assert [(r["method"], r["step"]) for r in lines] == [(m, s) for m in ("kl", "bregtop-vn-v2") for s in (1, 2, 3)]
+    assert lines[0]["ema"] == lines[0]["loss"]  # the EMA starts at the first loss
+    assert lines[1]["ema"] == pytest.approx(0.98 * lines[0]["ema"] + 0.02 * lines[1]["loss"])
+    assert (out / "ema_loss.png").stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert "[kl] step 1 loss" in printed and "steps<target" in printed
+
+    # --resume skips what is done with the same settings
+    assert sst2.main([*args, "--resume"]) == 0
+    assert len(_rows(out / "metrics.jsonl")) == 6
+    assert "[kl] step 1 loss" not in capsys.readouterr().out
+
+
+def test_sst2_stops_at_the_target_and_runs_all_rows(tmp_path):
+    out = tmp_path / "run"
+    assert sst2.main(["--method", "all", "--max-steps", "2", "--target-loss", "10", "--out", str(out),
+                      "--cache-dir", str(tmp_path / "cache"), *TINY_SST2]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == list(METHODS)
+    assert all(row["steps_to_target"] == 1 and row["final_step"] == 1 for row in summary.values())
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "sgd"], "method='sgd' is not allowed"),
+        (["--train-file", "nope.tsv"], "SST-2 file 'nope.tsv' does not exist; pass --train-file"),
+        (["--ema", "1.5"], "ema=1.5 must be in (0, 1)"),
+        (["--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
+        (["--dim", "30", "--heads", "4"], "dim=30 must be a multiple of heads=4"),
+    ],
+)
+def test_sst2_bad_input_is_one_line(args, message, capsys, tmp_path):
+    assert sst2.main([*args, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("python -m launch.sst2: error: ") and message in err and "\n" not in err
+
+
+def test_config_files_reject_unknown_keys_and_wrong_types(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("methd: kl\n")
+    with pytest.raises(ConfigError, match="unknown setting 'methd'; allowed: method, max_steps"):
+        from_sources(sst2.SST2Config, bad, sst2.build_parser().parse_args([]))
+    bad.write_text("max_steps: many\n")
+    with pytest.raises(ConfigError, match="max_steps='many' must be of type int"):
+        from_sources(sst2.SST2Config, bad, sst2.build_parser().parse_args([]))
+    bad.write_text("max_steps: 10\n")
+    cfg = from_sources(sst2.SST2Config, bad, sst2.build_parser().parse_args(["--max-steps", "7"]))
+    assert cfg.max_steps == 7  # the command line wins over the file
+
+
+# ------------------------------------------------------------------------- shipped configs
+@pytest.mark.parametrize("path", sorted((ROOT / "configs/sst2").glob("*.yaml")), ids=lambda p: p.name)
+def test_sst2_configs_parse(path):
+    cfg = from_sources(sst2.SST2Config, path, sst2.build_parser().parse_args([]))
+    assert cfg.methods
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs/lm").glob("*.yaml")), ids=lambda p: p.name)
+def test_lm_configs_parse(path):
+    assert from_sources(lm.LMConfig, path, lm.build_parser().parse_args([])).dims
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs/deepspeed").glob("*.json")), ids=lambda p: p.name)
+def test_deepspeed_configs_select_bregtop(path):
+    cfg = load_config(path)
+    settings = bregtop_settings(cfg)
+    import torch
+
+    BregTop([torch.nn.Parameter(torch.randn(4, 3))], **settings)  # every setting is valid
+    assert cfg["zero_optimization"]["stage"] == int(path.stem[-1])
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs/accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_configs_load(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(path))
+    raw = yaml.safe_load(path.read_text())
+    expected = {"single_gpu": "NO", "ddp": "MULTI_GPU", "fsdp2": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}
+    assert str(cfg.distributed_type).split(".")[-1] == expected[path.stem]
+    if path.stem == "fsdp2":
+        assert raw["fsdp_config"]["fsdp_version"] == 2
+    if path.stem.startswith("zero"):
+        ds = ROOT / raw["deepspeed_config"]["deepspeed_config_file"]
+        assert ds.is_file() and bregtop_settings(load_config(ds))
+
+
+# -------------------------------------------------------------------------------- LM job
+def test_lm_resume_continues_exactly(tmp_path, small_text, capsys):
+    common = [*TINY_LM, "--data", str(small_text), "--cache-dir", str(tmp_path / "cache"), "--ckpt-every", "2"]
+    assert lm.main([*common, "--max-steps", "2", "--out", str(tmp_path / "a")]) == 0
+    assert lm.main([*common, "--max-steps", "4", "--out", str(tmp_path / "a"), "--resume"]) == 0
+    assert lm.main([*common, "--max-steps", "4", "--out", str(tmp_path / "b")]) == 0
+    resumed, straight = _rows(tmp_path / "a/metrics.jsonl"), _rows(tmp_path / "b/metrics.jsonl")
+    assert [r["step"] for r in resumed] == [2, 4] == [r["step"] for r in straight]
+    for a, b in zip(resumed, straight):
+        assert a["train_loss"] == b["train_loss"] and a["val_loss"] == b["val_loss"]
+    assert "val ppl" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "lion"], "method='lion' is not allowed"),
+        (["--data", "nope.txt"], "text file 'nope.txt' does not exist; pass --data FILE"),
+        (["--resume"], "--resume: no checkpoint at"),
+        (["--preset", "huge"], "preset='huge' is not allowed"),
+    ],
+)
+def test_lm_bad_input_is_one_line(args, message, capsys, tmp_path):
+    assert lm.main([*TINY_LM, "--out", str(tmp_path / "x"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("python -m launch.lm: error: ") and message in err and "\n" not in err
+
+
+# ---------------------------------------------------------------------- multi-process (CPU)
+def _torchrun(module: str, args: list[str], cwd: Path) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", module,
+         "--cpu", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_sst2_under_torchrun_ddp(tmp_path):
+    out = tmp_path / "run"
+    printed = _torchrun("launch.sst2", ["--method", "bregtop-vn-v2", "--max-steps", "2", "--out", str(out),
+                                        "--cache-dir", str(tmp_path / "cache"), *TINY_SST2], ROOT)
+    assert "2 process(es)" in printed
+    assert json.loads((out / "summary.json").read_text())["bregtop-vn-v2"]["final_step"] == 2
+
+
+def test_lm_under_torchrun_with_deepspeed_zero3_resumes(tmp_path, small_text):
+    common = [*TINY_LM, "--data", str(small_text), "--cache-dir", str(tmp_path / "cache"), "--ckpt-every", "2",
+              "--deepspeed", str(ROOT / "configs/deepspeed/zero3.json")]
+    _torchrun("launch.lm", [*common, "--max-steps", "2", "--out", str(tmp_path / "a")], ROOT)
+    _torchrun("launch.lm", [*common, "--max-steps", "4", "--out", str(tmp_path / "a"), "--resume"], ROOT)
+    _torchrun("launch.lm", [*common, "--max-steps", "4", "--out", str(tmp_path / "b")], ROOT)
+    resumed, straight = _rows(tmp_path / "a/metrics.jsonl"), _rows(tmp_path / "b/metrics.jsonl")
+    assert [r["step"] for r in resumed] == [2, 4]
+    assert resumed[-1]["train_loss"] == pytest.approx(straight[-1]["train_loss"], rel=1e-6)
