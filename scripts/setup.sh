@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install bregtop_dist with its test and benchmark extras.
+# Create .venv (if missing) and install bregtop_dist with its test (which includes the jobs'
+# dependencies: datasets, tokenizers, accelerate, transformers, deepspeed) and benchmark extras.
 # torch is pinned to the CPU build first, so nothing later pulls CUDA wheels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
