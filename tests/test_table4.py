@@ -47,3 +47,14 @@ def test_report_uses_a_common_threshold_when_rows_miss_the_target(tmp_path):
 def test_missing_run_is_one_line(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert "run launch.sst2 first" in capsys.readouterr().err
+
+
+def test_budget_judges_every_row_on_its_first_steps(tmp_path):
+    speed = {m: 1e-3 for m in PAPER_TABLE4}
+    speed["bregtop-vn-v2"] = 2e-3
+    _fake_run(tmp_path / "run", speed)
+    assert main([str(tmp_path / "run"), "--out", str(tmp_path / "docs"), "--steps", "100"]) == 0
+    data = json.loads((tmp_path / "docs/table4.json").read_text())
+    assert data["budget"] == 100 and data["steps_to_target"]["bregtop-vn-v2"] is None
+    assert data["common_threshold"] == pytest.approx(0.5)  # the slow rows end at 0.6 - 0.1
+    assert data["final_ema"]["kl"] == pytest.approx(0.5)
