@@ -74,3 +74,25 @@ def from_sources(cls: type[T], path: Path | None, args: argparse.Namespace) -> T
         return cls(**values)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def job_parser(cls: type, prog: str, description: str, config_dir: str) -> argparse.ArgumentParser:
+    """A one-line-error parser with ``--config FILE`` and one option per field of dataclass
+    ``cls`` (``--max-steps`` for ``max_steps``; ``--flag/--no-flag`` for booleans). Options
+    default to None, so :func:`from_sources` can tell given from not given."""
+    from launch.cli import OneLineParser
+
+    parser = OneLineParser(prog=prog, description=description)
+    parser.add_argument("--config", type=Path, help=f"YAML file with any of the settings below ({config_dir})")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            kind = next(k for k in typing.get_args(kind) if k is not type(None))
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {f.default})")
+        else:
+            parser.add_argument(flag, type=kind if kind in (int, float) else str, default=None,
+                                help=f"(default {f.default})")
+    return parser

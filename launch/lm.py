@@ -29,7 +29,7 @@ from torch import nn
 
 from bregtop_dist import METHODS, BregTop, param_groups
 from launch.engines import build
-from launch.jobconfig import ConfigError, from_sources
+from launch.jobconfig import ConfigError, from_sources, job_parser
 from launch.lm_data import DEFAULT_TEXT, GPT2_DIR, DataError, batch_at, gpt2_tokenizer, load_text, token_ids
 from launch.models import GPT
 
@@ -110,16 +110,7 @@ def checkpoint_paths(out: Path, rank: int) -> tuple[Path, Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m launch.lm", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, help="YAML file with any of the settings below (configs/lm/)")
-    for f in dataclasses.fields(LMConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {f.default})")
-        else:
-            kind = int if f.type in ("int", "int | None") else float if f.type == "float" else str
-            parser.add_argument(flag, type=kind, default=None, help=f"(default {f.default})")
-    return parser
+    return job_parser(LMConfig, "python -m launch.lm", __doc__.split("\n\n")[0], "configs/lm/")
 
 
 def main(argv: list[str] | None = None) -> int:

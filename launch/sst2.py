@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from bregtop_dist import METHODS, BregTop, param_groups
 from launch.engines import build
-from launch.jobconfig import ConfigError, from_sources
+from launch.jobconfig import ConfigError, from_sources, job_parser
 from launch.models import EncoderClassifier
 from launch.sst2_data import DEFAULT_DEV, DEFAULT_TRAIN, DataError, Encoded, collate, load_sst2, wordpiece
 
@@ -262,16 +262,7 @@ def format_table(summary: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m launch.sst2", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, help="YAML file with any of the settings below (configs/sst2/)")
-    for f in dataclasses.fields(SST2Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool",):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {f.default})")
-        else:
-            kind = {"int": int, "float": float}.get(str(f.type), str)
-            parser.add_argument(flag, type=kind, default=None, help=f"(default {f.default})")
-    return parser
+    return job_parser(SST2Config, "python -m launch.sst2", __doc__.split("\n\n")[0], "configs/sst2/")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,6 @@ baseline, the two F baselines are the slowest, and BregTop-VN-v2 is the fastest.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
@@ -18,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from launch.cli import OneLineParser
 from launch.sst2 import PAPER_TABLE4
 
 PAIRS = [("bregtop-vn-v1", "vn-v1"), ("bregtop-vn-v2", "vn-v2"), ("bregtop-f-v1", "f-v1"), ("bregtop-f-v2", "f-v2")]
@@ -101,7 +101,7 @@ def report(run: Path, budget: int | None = None) -> tuple[str, dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.table4", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m launch.table4", description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a launch.sst2 output directory")
     parser.add_argument("--out", type=Path, default=Path("docs/results"), help="where table4.md/.json and the plot go")
     parser.add_argument("--steps", type=int, help="judge every row on its first STEPS steps only")

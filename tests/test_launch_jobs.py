@@ -190,3 +190,12 @@ def test_lm_under_torchrun_with_deepspeed_zero3_resumes(tmp_path, small_text):
     resumed, straight = _rows(tmp_path / "a/metrics.jsonl"), _rows(tmp_path / "b/metrics.jsonl")
     assert [r["step"] for r in resumed] == [2, 4]
     assert resumed[-1]["train_loss"] == pytest.approx(straight[-1]["train_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("job", [sst2, lm])
+def test_unparsable_option_is_one_line(job, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        job.main(["--max-steps", "many"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "argument --max-steps: invalid int value: 'many' (see --help)" in err and "\n" not in err

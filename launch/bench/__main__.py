@@ -5,19 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from types import ModuleType
-from typing import NoReturn
 
 from launch.bench import dist, kernels, optimizer
+from launch.cli import OneLineParser
 
 SUITES: dict[str, ModuleType] = {"optimizer": optimizer, "kernels": kernels, "dist": dist}
 """Subcommand name -> suite module (``HELP``, ``add_arguments``, ``run``)."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line on stderr (no usage block), exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
