@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from bregtop_dist import METHODS, BregTop, param_groups
+from bregtop_dist import METHODS, BregTop, NonFiniteGradientError, param_groups
 from launch.engines import build
 from launch.jobconfig import ConfigError, from_sources, job_parser
 from launch.models import EncoderClassifier
@@ -172,20 +172,26 @@ def run_method(method: str, cfg: SST2Config, accelerator: Any, train: Encoded, d
     progress = Progress(method, cfg.max_steps, cfg.log_every, accelerator.is_main_process)
     ema = math.nan
     reached: int | None = None
+    diverged: int | None = None  # the step whose loss or gradient was NaN/inf; the row ends there
     started = time.perf_counter()
     step = 0
     model.train()
-    while step < cfg.max_steps and not (reached and cfg.stop_at_target):
+    while step < cfg.max_steps and not (reached and cfg.stop_at_target) and diverged is None:
         for batch in loader:
             t0 = time.perf_counter()
             loss = mse(model(batch["ids"], batch["mask"]), batch["labels"], cfg.loss_reduction)
-            engine.backward(loss)
-            engine.step()
-            step += 1
             value = float(accelerator.reduce(loss.detach(), reduction="mean"))
-            ema = value if step == 1 else cfg.ema * ema + (1.0 - cfg.ema) * value
             if not math.isfinite(value):
+                diverged = step + 1
                 break
+            engine.backward(loss)
+            try:
+                engine.step()
+            except NonFiniteGradientError:
+                diverged = step + 1
+                break
+            step += 1
+            ema = value if step == 1 else cfg.ema * ema + (1.0 - cfg.ema) * value
             if reached is None and ema < cfg.target_loss:
                 reached = step
             if metrics is not None:
@@ -194,12 +200,12 @@ def run_method(method: str, cfg: SST2Config, accelerator: Any, train: Encoded, d
             progress.update(step, value, ema)
             if step >= cfg.max_steps or (reached and cfg.stop_at_target):
                 break
-        if not math.isfinite(ema):
-            break
     progress.close()
+    if diverged is not None and accelerator.is_main_process:
+        print(f"[{method}] diverged: the loss or a gradient was NaN/inf at step {diverged}", flush=True)
     wall = time.perf_counter() - started
     return {
-        "steps_to_target": reached, "final_step": step, "final_ema_loss": ema,
+        "steps_to_target": reached, "final_step": step, "final_ema_loss": ema, "diverged_at": diverged,
         "dev_accuracy": evaluate(model, dev_loader, accelerator), "wall_time_s": wall,
         "n_params": n_params, "settings": cfg.fingerprint(),
     }

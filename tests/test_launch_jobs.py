@@ -199,3 +199,14 @@ def test_unparsable_option_is_one_line(job, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "argument --max-steps: invalid int value: 'many' (see --help)" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("method", ["adamw", "shampoo"])
+def test_sst2_row_that_diverges_ends_and_the_run_goes_on(method, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert sst2.main(["--method", f"{method},kl", "--lr", "1e9", "--max-steps", "30", "--out", str(out),
+                      "--cache-dir", str(tmp_path / "cache"), *TINY_SST2]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary[method]["diverged_at"] is not None and summary[method]["steps_to_target"] is None
+    assert set(summary) == {method, "kl"}
+    assert f"[{method}] diverged" in capsys.readouterr().out
