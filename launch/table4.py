@@ -79,8 +79,9 @@ def report(run: Path, budget: int | None = None) -> tuple[str, dict[str, Any]]:
     ]
     for m in methods:
         s = summary[m]
+        missed = f"diverged at step {s['diverged_at']}" if s.get("diverged_at") else "not reached"
         lines.append(
-            f"| {m} | {PAPER_TABLE4[m]} | {at_target[m] if at_target[m] is not None else 'not reached'} | "
+            f"| {m} | {PAPER_TABLE4[m]} | {at_target[m] if at_target[m] is not None else missed} | "
             f"{at_common[m]} | {final[m]:.4f} ({ema[m][-1][0]}) | {s['dev_accuracy']:.3f} ({s['final_step']}) | "
             f"{s['wall_time_s']:.0f} |"
         )
