@@ -77,6 +77,10 @@ class BregTopConfig:
     """T: basis refresh (one warm-started QR power iteration) every T steps (>= 1)."""
     eps: float = 1e-8
     """Top-set scale is 1 / (sqrt(S) + eps) (>= 0; 0 is the paper's S^-1/2)."""
+    eig_floor: float = 0.0
+    """Damping: in S = lam_L lam_R^T each eigenvalue estimate is raised to at least
+    eig_floor x its factor's largest, so S^-1/2 is at most (1/eig_floor) x its value at the
+    top (in [0, 1); 0 is the paper's algorithm)."""
     weight_decay: float = 0.0
     """Decoupled weight decay (>= 0), applied as p *= 1 - lr * weight_decay."""
     max_precond_dim: int = 1024
@@ -117,6 +121,8 @@ class BregTopConfig:
             raise ValueError(f"max_precond_dim={dim!r} is not allowed: it must be an integer >= 1")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} is unknown; allowed: {', '.join(BACKENDS)}")
+        if not (isinstance(self.eig_floor, (int, float)) and 0.0 <= self.eig_floor < 1.0):
+            raise ValueError(f"eig_floor={self.eig_floor!r} is not allowed: it must be in [0, 1)")
         for name in ("weight_decay", "adam_eps"):
             value = getattr(self, name)
             if not (value >= 0.0 and math.isfinite(value)):

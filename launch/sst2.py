@@ -56,6 +56,7 @@ class SST2Config:
     batch_size: int = 128  # global, over all processes
     lr: float = 1e-3
     precondition_frequency: int = 10
+    eig_floor: float = 0.0  # BregTop's damping, the same for every row (0: the paper's algorithm)
     loss_reduction: str = "mean"  # "mean": F.mse_loss over batch and classes; "sum": summed over classes
     vocab_size: int = 30000
     max_len: int = 128
@@ -162,6 +163,7 @@ def run_method(method: str, cfg: SST2Config, accelerator: Any, train: Encoded, d
     overrides = {"method": method, "lr": cfg.lr, "weight_decay": 0.0}
     if method != "adamw":
         overrides["precondition_frequency"] = cfg.precondition_frequency
+        overrides["eig_floor"] = cfg.eig_floor
     engine = build(accelerator, model, make_optimizer, overrides, cfg.deepspeed, per_process)
     opt = engine.optimizer
     loader = engine.prepare_loader(DataLoader(train, batch_size=per_process, shuffle=True, drop_last=True,

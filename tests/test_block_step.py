@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
-from reference import algorithm1_ref, boundary_gap, kron_stats_ref
+from reference import algorithm1_ref, boundary_gap, kron_precondition_ref, kron_stats_ref
 
 from bregtop_dist.config import PRESETS
 from bregtop_dist.core import bases
 from bregtop_dist.core.block_step import (
-    EIG_FLOOR,
+    FIRST_EIG_FLOOR,
     BlockHyper,
     KronBlockState,
+    floor_relative,
     init_block_state,
     kron_block_step,
     lpt_refresh_offsets,
@@ -109,7 +112,7 @@ def test_first_state_comes_from_the_first_gradient(gen, method):
             eig = torch.diag(U.T @ want @ U)  # U diagonalises the first factor, descending
             _close(U.T @ want @ U, torch.diag(eig), 1e-4)
             assert torch.all(eig[:-1] >= eig[1:] - 1e-6 * eig[0])
-            floor = EIG_FLOOR * eig.clamp_min(0).mean()
+            floor = FIRST_EIG_FLOOR * eig.clamp_min(0).mean()
             _close(lam, torch.maximum(eig, floor), 1e-4)
             assert float(lam.min()) >= float(floor) * (1 - 1e-5)
 
@@ -186,3 +189,33 @@ def test_first_basis_retries_eigh_in_float64_then_keeps_identity(gen, monkeypatc
     assert failed.all()
     assert torch.equal(vecs, torch.eye(5).expand(2, 5, 5))
     assert torch.equal(vals, torch.diagonal(a, dim1=-2, dim2=-1))
+
+
+@pytest.mark.parametrize("method", ["kl", "f-v1", "bregtop-f-v2"])
+def test_eig_floor_damps_the_eigenvalues_used_in_S(gen, method):
+    """Algorithm 1 with each factor's eigenvalue estimates raised to eig_floor x their largest
+    in KRONPRECOND only (the stored estimates keep their EMA values)."""
+    floor = 0.2  # large enough to bind on random spectra
+    hyper = dataclasses.replace(_hyper(method), eig_floor=floor)
+    bsz, m, n = 2, 6, 5
+    state = _random_state(gen, bsz, m, n)
+    grad = torch.randn(bsz, m, n, generator=gen)
+    refs = [algorithm1_ref(_as_ref(state, k), grad[k].double(), hyper.stats, hyper.beta1, hyper.beta2, False,
+                           hyper.rho, hyper.q, hyper.c, hyper.eps)[0] for k in range(bsz)]
+    update, _ = kron_block_step(state, grad, hyper, torch.ones(bsz, dtype=torch.int64))
+    bound = 0
+    for k, ref in enumerate(refs):
+        lam_l = torch.clamp(ref["lam_L"], min=floor * ref["lam_L"].max())
+        lam_r = torch.clamp(ref["lam_R"], min=floor * ref["lam_R"].max())
+        bound += int((lam_l > ref["lam_L"]).sum() + (lam_r > ref["lam_R"]).sum())
+        want = kron_precondition_ref(ref["M"], ref["U_L"], ref["U_R"], lam_l, lam_r, hyper.rho, hyper.q, hyper.c,
+                                     hyper.eps)
+        _close(update[k], want)
+        _close(state.lam_L[k], ref["lam_L"])  # the state itself is not floored
+    assert bound > 0
+
+
+def test_floor_relative_is_identity_at_zero(gen):
+    lam = torch.rand(3, 7, generator=gen)
+    assert floor_relative(lam, 0.0) is lam
+    assert torch.equal(floor_relative(lam, 0.5), torch.maximum(lam, 0.5 * lam.amax(-1, keepdim=True)))

@@ -345,3 +345,9 @@ def test_matrices_swapped_for_flat_partitions_are_refused(gen):
     with pytest.raises(RuntimeError, match=r"param group 0 had matrices .*integrations\.deepspeed\.initialize"):
         opt.step()
     assert torch.equal(flat.detach(), p.detach().reshape(-1))
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, "x"])
+def test_eig_floor_is_checked(bad):
+    with pytest.raises(ValueError, match=r"eig_floor=.* is not allowed: it must be in \[0, 1\)"):
+        BregTop([nn.Parameter(torch.randn(3, 4))], eig_floor=bad)

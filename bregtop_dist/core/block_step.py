@@ -18,7 +18,7 @@ exactly (the bases are orthogonal), up to rounding.
 First basis and eigenvalues: the factors start from one application of STATS to the first
 gradient, taken from the identity state (U = I, lam = 1, L = I, R = I); the bases are the
 exact eigenvectors of those factors (``eigh``, eigenvalues descending) and the eigenvalue
-estimates are their eigenvalues raised to at least ``EIG_FLOOR`` times their mean (and to
+estimates are their eigenvalues raised to at least ``FIRST_EIG_FLOOR`` times their mean (and to
 ``TINY``). One gradient gives rank-deficient factors: their near-zero eigenvalues would make
 ``S^-1/2`` explode on the first steps (two of them multiply in S). The floor is a uniform,
 scale-matched start in the spirit of KL-Shampoo's constant ``init_factor``; the eigenvalue
@@ -37,7 +37,7 @@ from bregtop_dist.core.dispatch import resolve_backend
 from bregtop_dist.core.precondition import precondition_rotated
 from bregtop_dist.core.stats import EIGEN_WEIGHTED, factor_weights, kron_stats, rotated_diagonals
 
-EIG_FLOOR = 1.0
+FIRST_EIG_FLOOR = 1.0
 """First eigenvalue estimates are at least this multiple of their mean."""
 TINY = 1e-30
 """Absolute floor of the first eigenvalue estimates (a zero first gradient)."""
@@ -83,6 +83,7 @@ class BlockHyper:
     eps: float
     frequency: int
     backend: str = "auto"
+    eig_floor: float = 0.0  # eigenvalues used in S are at least eig_floor x the factor's largest
 
 
 def init_block_state(stats: str, grad: Tensor) -> tuple[KronBlockState, Tensor]:
@@ -109,7 +110,7 @@ def init_block_state(stats: str, grad: Tensor) -> tuple[KronBlockState, Tensor]:
 
 
 def _floor(lam: Tensor) -> Tensor:
-    floor = (EIG_FLOOR * lam.clamp_min(0).mean(-1, keepdim=True)).clamp_min(TINY)
+    floor = (FIRST_EIG_FLOOR * lam.clamp_min(0).mean(-1, keepdim=True)).clamp_min(TINY)
     return torch.maximum(lam, floor)
 
 
@@ -198,10 +199,22 @@ def kron_block_step(
         failed = torch.zeros(grad.shape[0], dtype=torch.bool, device=grad.device)
         failed[idx] = _refresh(state, idx)
     s = state
-    pre = precondition_rotated(
-        s.momentum, s.lam_L, s.lam_R, hyper.rho, hyper.q, hyper.c, hyper.eps, hyper.backend
-    )
+    lam_l, lam_r = floor_relative(s.lam_L, hyper.eig_floor), floor_relative(s.lam_R, hyper.eig_floor)
+    pre = precondition_rotated(s.momentum, lam_l, lam_r, hyper.rho, hyper.q, hyper.c, hyper.eps, hyper.backend)
     return s.U_L @ pre @ s.U_R.mT, failed
+
+
+def floor_relative(lam: Tensor, floor: float) -> Tensor:
+    """``lam`` (B, d) raised to at least ``floor`` times each block's largest entry.
+
+    A damping of the preconditioner only (the stored estimates are untouched): it bounds
+    ``S^-1/2`` at ``1 / floor`` times its value at the top of the spectrum. The Frobenius
+    baselines need it: their bottom estimates can collapse towards zero, and then ``S^-1/2``
+    on those directions explodes and training stops.
+    """
+    if floor <= 0.0:
+        return lam
+    return torch.maximum(lam, floor * lam.amax(dim=-1, keepdim=True))
 
 
 def lpt_refresh_offsets(costs: list[float], frequency: int, stagger: bool) -> list[int]:
