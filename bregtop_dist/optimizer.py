@@ -116,7 +116,6 @@ class BregTop(torch.optim.Optimizer):
         self._process_group = process_group
         self._plans: dict[str, KronPlan] = {}
         self._shard_source: ShardSource | None = None
-        self._logical_groups: list[list[Tensor]] | None = None
         self._built_params: list[list[Tensor]] = []  # as added, before any engine replaces them
         self._warned_basis = False
         super().__init__(params, defaults)
@@ -165,16 +164,13 @@ class BregTop(torch.optim.Optimizer):
             settings[f"param_groups[{gi}] shapes"] = [_global_shape(p) for p in group["params"]]
         check_same_on_all_ranks(settings, self._group(), world)
 
-    def attach_shard_source(
-        self, source: ShardSource, logical_groups: list[list[Tensor]], process_group: dist.ProcessGroup | None
-    ) -> None:
+    def attach_shard_source(self, source: ShardSource, process_group: dist.ProcessGroup | None) -> None:
         """Let an engine (DeepSpeed ZeRO) say which elements this rank holds: ``source()``
-        returns the groups visible to the current ``step`` call (every group when passed True), ``logical_groups`` the model
-        parameters of each param group (the keys of the AdamW-side state), ``process_group``
-        the ranks among which the blocks are shared."""
+        returns the groups visible to the current ``step`` call (every group when passed True);
+        ``process_group`` is the ranks among which the blocks are shared. The AdamW-side state
+        stays keyed by the model parameters (:attr:`built_params`)."""
         self._shard_source = source
         self._process_group = process_group
-        self._logical_groups = logical_groups
         self._plans.clear()
 
     @property
@@ -329,8 +325,8 @@ class BregTop(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------- state dict
     def _logical(self) -> list[list[Tensor]]:
-        if self._logical_groups is not None:
-            return self._logical_groups
+        if self._shard_source is not None:  # the engine swapped param_groups' tensors for fragments
+            return self.built_params
         return [list(g["params"]) for g in self.param_groups]
 
     def _all_plans(self) -> None:

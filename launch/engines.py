@@ -65,11 +65,7 @@ def build(
         bregtop = engine.optimizer
         while not isinstance(bregtop, BregTop):
             bregtop = bregtop.optimizer
-
-        def step() -> None:
-            engine.step()
-
-        return Engine(engine, bregtop, engine.backward, step, accelerator.prepare)
+        return Engine(engine, bregtop, engine.backward, engine.step, accelerator.prepare)
 
     opt = make_optimizer(model, overrides)
     model, opt = accelerator.prepare(model, opt)

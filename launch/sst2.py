@@ -227,6 +227,18 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator: Any) -> float:
 
 
 # ------------------------------------------------------------------------------ reports
+def ema_curves(metrics: Path, methods: list[str]) -> dict[str, list[tuple[int, float]]]:
+    """(step, EMA) of the last run of each of ``methods`` in ``metrics`` (a run restarts at step 1)."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for line in metrics.read_text().splitlines():
+        row = json.loads(line)
+        if row["method"] in methods:
+            if row["step"] == 1:
+                out[row["method"]] = []
+            out.setdefault(row["method"], []).append((row["step"], row["ema"]))
+    return out
+
+
 def plot(summary: dict[str, Any], metrics_path: Path, target: float, out: Path) -> None:
     """EMA-loss curves of every method in the summary (the newest run of each)."""
     import matplotlib
@@ -234,15 +246,8 @@ def plot(summary: dict[str, Any], metrics_path: Path, target: float, out: Path) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves: dict[str, list[tuple[int, float]]] = {}
-    for line in metrics_path.read_text().splitlines():
-        row = json.loads(line)
-        if row["method"] in summary:
-            if row["step"] == 1:
-                curves[row["method"]] = []
-            curves.setdefault(row["method"], []).append((row["step"], row["ema"]))
     fig, ax = plt.subplots(figsize=(8, 5))
-    for method, points in curves.items():
+    for method, points in ema_curves(metrics_path, list(summary)).items():
         steps, values = zip(*points)
         ax.plot(steps, values, label=method, linestyle="--" if not method.startswith("bregtop") else "-")
     ax.axhline(target, color="black", linewidth=0.8)

@@ -18,25 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from launch.cli import OneLineParser
-from launch.sst2 import PAPER_TABLE4
+from launch.sst2 import PAPER_TABLE4, ema_curves
 
 PAIRS = [("bregtop-vn-v1", "vn-v1"), ("bregtop-vn-v2", "vn-v2"), ("bregtop-f-v1", "f-v1"), ("bregtop-f-v2", "f-v2")]
 
 
 def steps_below(curve: list[tuple[int, float]], level: float) -> int | None:
     return next((step for step, ema in curve if ema < level), None)
-
-
-def curves(metrics: Path, methods: list[str]) -> dict[str, list[tuple[int, float]]]:
-    """The last run of each method in ``metrics`` (a run restarts at step 1)."""
-    out: dict[str, list[tuple[int, float]]] = {}
-    for line in metrics.read_text().splitlines():
-        row = json.loads(line)
-        if row["method"] in methods:
-            if row["step"] == 1:
-                out[row["method"]] = []
-            out.setdefault(row["method"], []).append((row["step"], row["ema"]))
-    return out
 
 
 def _rank_key(steps: int | None, final: float) -> tuple[float, float]:
@@ -63,7 +51,7 @@ def report(run: Path, budget: int | None = None) -> tuple[str, dict[str, Any]]:
     summary = json.loads((run / "summary.json").read_text())
     methods = [m for m in PAPER_TABLE4 if m in summary]
     ema = {m: [(s, v) for s, v in c if budget is None or s <= budget]
-           for m, c in curves(run / "metrics.jsonl", methods).items()}
+           for m, c in ema_curves(run / "metrics.jsonl", methods).items()}
     final = {m: ema[m][-1][1] for m in methods}
     target = float(next(iter(summary.values()))["settings"]["target_loss"])
     common = math.ceil(max(min(v for _, v in ema[m]) for m in methods) / 0.005) * 0.005

@@ -116,7 +116,7 @@ def attach(optimizer: BregTop, engine_optimizer: Any) -> None:
         source = ZeroFragments.stage_3(optimizer, engine_optimizer)
     else:
         return
-    optimizer.attach_shard_source(source, optimizer.built_params, source.process_group)
+    optimizer.attach_shard_source(source, source.process_group)
 
 
 def attach_prepared(prepared: Any) -> BregTop | None:
