@@ -96,3 +96,15 @@ def job_parser(cls: type, prog: str, description: str, config_dir: str) -> argpa
             parser.add_argument(flag, type=kind if kind in (int, float) else str, default=None,
                                 help=f"(default {f.default})")
     return parser
+
+
+def parse_list(text: str, name: str, cast: type = int) -> tuple[Any, ...]:
+    """The comma-separated values of a setting such as ``checkpoints="100,1000"``; an error
+    names the setting and what it must hold."""
+    try:
+        values = tuple(cast(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{name}={text!r} must be comma-separated {cast.__name__} values") from None
+    if not values:
+        raise ValueError(f"{name}={text!r} must list at least one {cast.__name__} value")
+    return values

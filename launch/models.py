@@ -89,3 +89,48 @@ class GPT(nn.Module):
         if targets is not None:
             loss = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, loss
+
+
+class ProbeLayer(nn.Module):
+    """A pre-norm encoder layer with separate Q/K/V projections and plain softmax attention."""
+
+    def __init__(self, dim: int, heads: int, ff: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.ff1, self.ff2 = nn.Linear(dim, ff), nn.Linear(ff, dim)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        b, t, d = x.shape
+        h = self.ln1(x)
+        q, k, v = (proj(h).view(b, t, self.heads, d // self.heads).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        scores = (q @ k.transpose(-1, -2)) / (d // self.heads) ** 0.5  # (b, heads, t, t)
+        attn = scores.masked_fill(~mask[:, None, None, :], float("-inf")).softmax(-1)
+        x = x + self.o((attn @ v).transpose(1, 2).reshape(b, t, d))
+        return x + self.ff2(nn.functional.gelu(self.ff1(self.ln2(x))))
+
+
+class ProbeClassifier(nn.Module):
+    """The small Transformer of the paper's appendix C (two layers, hidden 64, 8 heads):
+    learned positions, mean pooling, a linear head. Each of Q, K and V is its own parameter
+    (``layers[i].q.weight``...) and every operation has a second derivative, which the
+    Hessian analyses need (PyTorch's fused attention has neither)."""
+
+    def __init__(self, vocab_size: int, dim: int = 64, layers: int = 2, heads: int = 8, ff: int = 256,
+                 max_len: int = 64, classes: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.pos = nn.Embedding(max_len, dim)
+        self.layers = nn.ModuleList(ProbeLayer(dim, heads, ff) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """Class scores (batch, classes) for token ids (batch, seq) with ``mask`` True on real tokens."""
+        h = self.embed(ids) + self.pos(torch.arange(ids.shape[1], device=ids.device))
+        for layer in self.layers:
+            h = layer(h, mask)
+        h = self.norm(h)
+        m = mask.unsqueeze(-1).to(h.dtype)
+        return self.head((h * m).sum(1) / m.sum(1).clamp_min(1.0))
