@@ -138,6 +138,8 @@ def measure(cfg: AlignmentConfig) -> dict[str, Any]:
                 "overlap_at_k": [band_overlap(pairs.vectors, U_C, 1, k) for k in range(1, hi + 1)],
                 "hessian_eigenvalues": pairs.values.tolist(),
                 "ritz_residuals": pairs.residuals.tolist(),
+                # how far the band's Hessian vectors are from eigenvectors (0 when exact)
+                "band_relative_residual": float((pairs.residuals[lo - 1 :] / pairs.values[lo - 1 :].abs()).max()),
                 "covariance_eigenvalues": cov_values[:hi].tolist(),
                 "hessian_seconds": seconds,
             }
@@ -177,6 +179,10 @@ def format_table(report: dict[str, Any], top: int, band: tuple[int, int]) -> str
         lines.append(f"| {label}, measured | " + " | ".join(measured) + " |")
         lines.append(f"| {label}, paper | " + " | ".join(paper) + " |")
         lines.append(f"| {label}, random subspaces | " + " | ".join([f"{report['chance'][key]:.3f}"] * len(measured)) + " |")
+    worst = max(report["results"][s][b]["band_relative_residual"] for s in steps for b in blocks)
+    if worst > 1e-2:
+        lines.append(f"\nThe band's Hessian vectors are not converged (Ritz residual up to {worst:.2g} of the "
+                     "eigenvalue): its overlap is not meaningful; use --hessian exact or more --lanczos-steps.")
     return "\n".join(lines)
 
 

@@ -101,6 +101,10 @@ def test_alignment_job_writes_the_table(tmp_path: Path, capsys: pytest.CaptureFi
         exact_row, lz_row = report["results"]["4"][block], lanczos["results"]["4"][block]
         assert lz_row["overlap_top"] == pytest.approx(exact_row["overlap_top"], abs=1e-4)
         assert lz_row["hessian_eigenvalues"][:2] == pytest.approx(exact_row["hessian_eigenvalues"][:2], rel=1e-3)
+    assert "not converged" not in (tmp_path / "lz" / "alignment.md").read_text()
+    # too few steps for the band: the table says so
+    assert alignment.main([*common, "--hessian", "lanczos", "--lanczos-steps", "10", "--out", str(tmp_path / "short")]) == 0
+    assert "The band's Hessian vectors are not converged" in (tmp_path / "short" / "alignment.md").read_text()
 
 
 @pytest.mark.parametrize(
