@@ -71,20 +71,28 @@ def _inv(A: Tensor) -> Tensor:
     return _sym(torch.linalg.inv(A))
 
 
-def stationary_maps(kind: str, C4: Tensor, L: Tensor, R: Tensor) -> tuple[Tensor, Tensor]:
-    """(T_L(R), T_R(L)): the right-hand sides of Table 1 at the given factors."""
-    m, n = C4.shape[0], C4.shape[1]
+def left_update(kind: str, C4: Tensor, R: Tensor) -> Tensor:
+    """T_L(R): Table 1's right-hand side for L."""
+    n = C4.shape[1]
     if kind == "logdet":
-        return _sym(left_moment(C4, _inv(R))) / n, _sym(right_moment(C4, _inv(L))) / m
+        return _sym(left_moment(C4, _inv(R))) / n
     if kind == "von_neumann":
-        eye_m = torch.eye(m, dtype=C4.dtype)
-        eye_n = torch.eye(n, dtype=C4.dtype)
-        return _sym(left_moment(C4, eye_n)) / torch.trace(R), _sym(right_moment(C4, eye_m)) / torch.trace(L)
-    return _sym(left_moment(C4, R)) / torch.sum(R * R), _sym(right_moment(C4, L)) / torch.sum(L * L)
+        return _sym(left_moment(C4, torch.eye(n, dtype=C4.dtype))) / torch.trace(R)
+    return _sym(left_moment(C4, R)) / torch.sum(R * R)
+
+
+def right_update(kind: str, C4: Tensor, L: Tensor) -> Tensor:
+    """T_R(L): Table 1's right-hand side for R."""
+    m = C4.shape[0]
+    if kind == "logdet":
+        return _sym(right_moment(C4, _inv(L))) / m
+    if kind == "von_neumann":
+        return _sym(right_moment(C4, torch.eye(m, dtype=C4.dtype))) / torch.trace(L)
+    return _sym(right_moment(C4, L)) / torch.sum(L * L)
 
 
 def stationarity_residual(kind: str, C4: Tensor, L: Tensor, R: Tensor) -> float:
-    TL, TR = stationary_maps(kind, C4, L, R)
+    TL, TR = left_update(kind, C4, R), right_update(kind, C4, L)
     return max(float(torch.linalg.norm(L - TL) / torch.linalg.norm(L)),
                float(torch.linalg.norm(R - TR) / torch.linalg.norm(R)))
 
@@ -117,8 +125,8 @@ def kronecker_projection(
     R = torch.eye(n, dtype=dtype)
     residual = math.inf
     for it in range(1, max_iter + 1):
-        L = stationary_maps(kind, C4, L, R)[0]
-        R = stationary_maps(kind, C4, L, R)[1]
+        L = left_update(kind, C4, R)
+        R = right_update(kind, C4, L)
         scale = m / torch.trace(L)
         L, R = L * scale, R / scale
         residual = stationarity_residual(kind, C4, L, R)
