@@ -20,6 +20,8 @@ from torch.utils.data import Dataset
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "sst2"
 DEFAULT_TRAIN = DATA_DIR / "train.tsv"
 DEFAULT_DEV = DATA_DIR / "dev.tsv"
+# WordPiece vocabularies the shipped results were measured with (see wordpiece())
+SHIPPED_VOCABULARIES = DATA_DIR.parent / "tokenizers" / "wordpiece"
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
 PAD_ID = 0
 
@@ -59,14 +61,21 @@ def _split(table, where: str) -> Split:  # type: ignore[no-untyped-def]
 
 
 def wordpiece(sentences: list[str], vocab_size: int, cache_dir: Path):  # type: ignore[no-untyped-def]
-    """A lowercasing BERT-style WordPiece tokenizer trained on ``sentences``, cached in
-    ``cache_dir`` under a name that depends on the sentences and the vocabulary size."""
+    """A lowercasing BERT-style WordPiece tokenizer trained on ``sentences``, named by a digest
+    of the sentences and the vocabulary size. It is read from ``data/tokenizers/wordpiece``
+    when shipped there, else from ``cache_dir``, else trained and saved to ``cache_dir``.
+
+    The ``tokenizers`` WordPiece trainer is not deterministic (two trainings on the same
+    sentences differ in a few dozen tokens and in most ids), so the shipped files pin the
+    vocabularies that the results under ``docs/results`` were measured with."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
     digest = hashlib.sha256("\n".join(sentences).encode()).hexdigest()[:12]
-    path = Path(cache_dir) / f"wordpiece-{vocab_size}-{digest}.json"
-    if path.is_file():
-        return Tokenizer.from_file(str(path))
+    name = f"wordpiece-{vocab_size}-{digest}.json"
+    for path in (SHIPPED_VOCABULARIES / name, Path(cache_dir) / name):
+        if path.is_file():
+            return Tokenizer.from_file(str(path))
+    path = Path(cache_dir) / name
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()

@@ -39,6 +39,14 @@ def test_padding_does_not_change_the_scores() -> None:
     assert torch.allclose(model(padded, padded != 0), short, atol=1e-6)
 
 
+def test_the_default_subset_uses_the_shipped_vocabulary(tmp_path: Path) -> None:
+    """The WordPiece trainer is not deterministic, so the measured tables depend on the shipped
+    vocabulary being found (and nothing being trained) for the default settings."""
+    data, vocab = load_subset(ProbeSettings(cache_dir=tmp_path))
+    assert vocab == 4000 and len(data) == 1000
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
 def test_subset_loss_is_the_mean_over_all_samples(tiny: ProbeSettings) -> None:
     data, vocab = load_subset(tiny)
     assert len(data) == 48
