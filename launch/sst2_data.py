@@ -72,10 +72,10 @@ def wordpiece(sentences: list[str], vocab_size: int, cache_dir: Path):  # type: 
 
     digest = hashlib.sha256("\n".join(sentences).encode()).hexdigest()[:12]
     name = f"wordpiece-{vocab_size}-{digest}.json"
-    for path in (SHIPPED_VOCABULARIES / name, Path(cache_dir) / name):
+    cached = Path(cache_dir) / name
+    for path in (SHIPPED_VOCABULARIES / name, cached):
         if path.is_file():
             return Tokenizer.from_file(str(path))
-    path = Path(cache_dir) / name
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -84,8 +84,8 @@ def wordpiece(sentences: list[str], vocab_size: int, cache_dir: Path):  # type: 
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path))
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(cached))
     return tok
 
 
