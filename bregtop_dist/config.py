@@ -44,6 +44,8 @@ PRESETS: dict[str, MethodPreset] = {
     "bregtop-f-v2": MethodPreset(stats="f-v2", **_F),
 }
 METHODS = tuple(PRESETS)
+INITS = ("first-gradient", "kl-methods")
+SHAMPOO_EXPONENTS = (0.25, 0.5)
 
 
 def _check_betas(name: str, betas: Any) -> tuple[float, float]:
@@ -76,7 +78,19 @@ class BregTopConfig:
     precondition_frequency: int = 10
     """T: basis refresh (one warm-started QR power iteration) every T steps (>= 1)."""
     eps: float = 1e-8
-    """Top-set scale is 1 / (sqrt(S) + eps) (>= 0; 0 is the paper's S^-1/2)."""
+    """Top-set scale is 1 / (S^p + eps) (>= 0; 0 is the paper's S^-p)."""
+    exponent: float | None = None
+    """p of the preconditioner S^-p. None takes the method's: 1/4 for shampoo (the standard
+    L^-1/4 G R^-1/4), 1/2 for every other row (their divergences fix it). Only shampoo may
+    set it, to 0.25 or 0.5."""
+    init: str = "first-gradient"
+    """How a block's state starts (see :mod:`bregtop_dist.core.block_step`): ``first-gradient``
+    (factors, bases and eigenvalue estimates from the first non-zero gradient, which also
+    updates the parameters) or ``kl-methods`` (Lin et al.'s public code, the paper's [11]:
+    constant estimates ``init_factor``, a first step that only initialises, precondition
+    with the previous estimates then update them, and their absolute clamp)."""
+    init_factor: float = 0.1
+    """``kl-methods`` only: the constant first eigenvalue estimate (> 0; [11]'s 0.1)."""
     eig_floor: float = 0.0
     """Damping: in S = lam_L lam_R^T each eigenvalue estimate is raised to at least
     eig_floor x its factor's largest, so S^-1/2 is at most (1/eig_floor) x its value at the
@@ -123,6 +137,22 @@ class BregTopConfig:
             raise ValueError(f"backend={self.backend!r} is unknown; allowed: {', '.join(BACKENDS)}")
         if not (isinstance(self.eig_floor, (int, float)) and 0.0 <= self.eig_floor < 1.0):
             raise ValueError(f"eig_floor={self.eig_floor!r} is not allowed: it must be in [0, 1)")
+        if self.init not in INITS:
+            raise ValueError(f"init={self.init!r} is unknown; allowed: {', '.join(INITS)}")
+        if not (isinstance(self.init_factor, (int, float)) and not isinstance(self.init_factor, bool)
+                and 0.0 < self.init_factor and math.isfinite(self.init_factor)):
+            raise ValueError(f"init_factor={self.init_factor!r} is not allowed: it must be a finite number > 0")
+        if self.exponent is not None:
+            if self.method != "shampoo":
+                raise ValueError(
+                    f"exponent={self.exponent!r} is not allowed for method={self.method!r}: its divergence "
+                    "fixes p = 1/2; only method='shampoo' takes an exponent"
+                )
+            if self.exponent not in SHAMPOO_EXPONENTS:
+                raise ValueError(
+                    f"exponent={self.exponent!r} is not allowed for method='shampoo'; allowed: 0.25 "
+                    "(L^-1/4 G R^-1/4, the default) or 0.5"
+                )
         for name in ("weight_decay", "adam_eps"):
             value = getattr(self, name)
             if not (value >= 0.0 and math.isfinite(value)):
@@ -143,6 +173,13 @@ class BregTopConfig:
     @property
     def resolved_c(self) -> float:
         return PRESETS[self.method].c if self.c is None else self.c
+
+    @property
+    def resolved_exponent(self) -> float:
+        """p of S^-p: the setting, else 1/4 for shampoo and 1/2 for every other method."""
+        if self.exponent is not None:
+            return float(self.exponent)
+        return 0.25 if self.method == "shampoo" else 0.5
 
     @classmethod
     def from_group(cls, group: Mapping[str, Any]) -> BregTopConfig:

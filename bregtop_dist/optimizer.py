@@ -96,6 +96,9 @@ class BregTop(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.98),
         precondition_frequency: int = 10,
         eps: float = 1e-8,
+        exponent: float | None = None,
+        init: str = "first-gradient",
+        init_factor: float = 0.1,
         eig_floor: float = 0.0,
         weight_decay: float = 0.0,
         max_precond_dim: int = 1024,
@@ -108,7 +111,8 @@ class BregTop(torch.optim.Optimizer):
     ) -> None:
         defaults = BregTopConfig(
             lr=lr, method=method, rho=rho, q=q, c=c, betas=betas,
-            precondition_frequency=precondition_frequency, eps=eps, eig_floor=eig_floor, weight_decay=weight_decay,
+            precondition_frequency=precondition_frequency, eps=eps, exponent=exponent, init=init,
+            init_factor=init_factor, eig_floor=eig_floor, weight_decay=weight_decay,
             max_precond_dim=max_precond_dim, adam_betas=adam_betas, adam_eps=adam_eps,
             stagger_refresh=stagger_refresh, backend=backend,
         ).as_defaults()
