@@ -4,13 +4,14 @@ from bregtop_dist.config import METHODS, PRESETS, BregTopConfig
 from bregtop_dist.core.precondition import kron_precondition
 from bregtop_dist.core.stats import kron_stats
 from bregtop_dist.grouping import param_groups
-from bregtop_dist.optimizer import BregTop, NonFiniteGradientError
+from bregtop_dist.optimizer import BregTop, NonFiniteGradientError, NonFiniteStepError
 
 __all__ = [
     "BregTop",
     "BregTopConfig",
     "METHODS",
     "NonFiniteGradientError",
+    "NonFiniteStepError",
     "PRESETS",
     "kron_precondition",
     "kron_stats",

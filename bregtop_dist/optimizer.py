@@ -41,6 +41,12 @@ class NonFiniteGradientError(RuntimeError):
     """A gradient holds NaN or inf; raised on every rank before any state or parameter changes."""
 
 
+class NonFiniteStepError(ArithmeticError):
+    """Finite gradients that would make the optimizer state or an update leave the float32
+    range (a gradient far outside the range the statistics have seen); raised on every rank
+    before any state or parameter changes."""
+
+
 def _hyper(cfg: BregTopConfig) -> BlockHyper:
     return BlockHyper(
         stats=cfg.stats,
