@@ -16,6 +16,9 @@ from bregtop_dist.distributed.assignment import Block, plan_blocks
 from bregtop_dist.distributed.exchange import Exchange
 from bregtop_dist.distributed.layout import ParamShard
 
+HOST_FIELDS = ("step", "ready")
+"""Block state fields kept on the CPU: the host schedules from them without a device sync."""
+
 
 @dataclass
 class BlockStack:
@@ -46,13 +49,14 @@ class BlockStack:
             "lam_L": ((bsz, m), f32),
             "lam_R": ((bsz, n), f32),
             "step": ((bsz,), torch.int64),
+            "ready": ((bsz,), torch.bool),
         }
 
     def empty_state(self, device: torch.device | str = "cpu") -> KronBlockState:
-        """Zero state for every block (step 0 marks a block not yet initialised): identity
-        bases and unit eigenvalue estimates."""
+        """Zero state for every block, none of them ready (initialised by its first non-zero
+        gradient): identity bases and unit eigenvalue estimates."""
         fields = {
-            name: torch.zeros(shape, dtype=dtype, device="cpu" if name == "step" else device)
+            name: torch.zeros(shape, dtype=dtype, device="cpu" if name in HOST_FIELDS else device)
             for name, (shape, dtype) in self.state_shapes().items()
         }
         for basis in ("U_L", "U_R"):

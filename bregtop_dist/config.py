@@ -13,8 +13,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from bregtop_dist.core.dispatch import BACKENDS
-from bregtop_dist.core.precondition import check_selection
+from bregtop_dist.core.precondition import SELECTION_ALLOWED, check_selection
 from bregtop_dist.core.stats import STATS_METHODS
+from bregtop_dist.core.validate import ArgumentTypeError, describe_type, is_int, is_real, wrong_type
 
 
 @dataclass(frozen=True)
@@ -49,14 +50,35 @@ SHAMPOO_EXPONENTS = (0.25, 0.5)
 
 
 def _check_betas(name: str, betas: Any) -> tuple[float, float]:
-    try:
-        b1, b2 = (float(b) for b in betas)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}={betas!r} must be a pair of floats in [0, 1)") from None
-    for i, b in enumerate((b1, b2)):
+    message = f"{name}={betas!r} must be a pair of floats in [0, 1)"
+    if not isinstance(betas, (tuple, list)):
+        raise ArgumentTypeError(f"{message} (got {describe_type(betas)})")
+    if len(betas) != 2:
+        raise ValueError(f"{message} (got {len(betas)} values)")
+    for i, b in enumerate(betas):
+        if not is_real(b):
+            raise wrong_type(f"{name}[{i}]", b, f"{name} must be a pair of numbers in [0, 1)")
         if not 0.0 <= b < 1.0:
             raise ValueError(f"{name}[{i}]={b!r} is outside the allowed range [0, 1)")
-    return b1, b2
+    return float(betas[0]), float(betas[1])
+
+
+_PRESET = ", or None for the method's preset"
+_REALS = {  # every real-valued field: what it allows, as its error messages say it
+    "lr": "lr must be a finite number >= 0",
+    "rho": SELECTION_ALLOWED["rho"] + _PRESET,
+    "q": SELECTION_ALLOWED["q"] + _PRESET,
+    "c": SELECTION_ALLOWED["c"] + _PRESET,
+    "eps": SELECTION_ALLOWED["eps"],
+    "exponent": "exponent must be 0.25 or 0.5 (method='shampoo' only), or None for the method's own p",
+    "init_factor": "it must be a finite number > 0",
+    "eig_floor": "it must be in [0, 1)",
+    "weight_decay": "it must be a finite number >= 0",
+    "adam_eps": "it must be a finite number > 0",
+}
+_OPTIONAL = ("rho", "q", "c", "exponent")
+_INTS = {"precondition_frequency": "it must be an integer >= 1", "max_precond_dim": "it must be an integer >= 1"}
+_BOOLS = ("stagger_refresh", "bregtop")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,7 +94,7 @@ class BregTopConfig:
     q: float | None = None
     """Quantile of S^-1/2 over the bottom set, in [0, 1]; None takes the preset (0.01)."""
     c: float | None = None
-    """Bottom-set scale multiplier (> 0); None takes the preset (VN 3.0, F 1.6)."""
+    """Bottom-set scale multiplier (finite, > 0); None takes the preset (VN 3.0, F 1.6)."""
     betas: tuple[float, float] = (0.9, 0.98)
     """(momentum, factor and eigenvalue EMA), each in [0, 1)."""
     precondition_frequency: int = 10
@@ -102,7 +124,7 @@ class BregTopConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     """Betas of the AdamW side (embeddings, biases, norms, head, 1-D tensors)."""
     adam_eps: float = 1e-8
-    """Epsilon of the AdamW side (>= 0)."""
+    """Epsilon of the AdamW side (> 0: 0 divides 0 by 0 on a zero gradient)."""
     stagger_refresh: bool = True
     """Spread basis refreshes over the T steps (each block its own offset) instead of all
     blocks refreshing on the same step; False is the paper's schedule."""
@@ -113,11 +135,12 @@ class BregTopConfig:
     or ``triton``; see :mod:`bregtop_dist.core.dispatch`."""
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.method not in PRESETS:
             raise ValueError(f"method={self.method!r} is unknown; allowed: {', '.join(METHODS)}")
         preset = PRESETS[self.method]
-        if not (isinstance(self.lr, (int, float)) and self.lr >= 0.0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr={self.lr!r} is not allowed: lr must be a finite number >= 0")
+        if not (self.lr >= 0.0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr={self.lr!r} is not allowed: {_REALS['lr']}")
         check_selection(self.rho, self.q, self.c, self.eps)
         if self.rho is not None:
             if not preset.selects_top and self.rho != 1.0:
@@ -127,21 +150,17 @@ class BregTopConfig:
                 )
         object.__setattr__(self, "betas", _check_betas("betas", self.betas))
         object.__setattr__(self, "adam_betas", _check_betas("adam_betas", self.adam_betas))
-        freq = self.precondition_frequency
-        if isinstance(freq, bool) or not isinstance(freq, int) or freq < 1:
-            raise ValueError(f"precondition_frequency={freq!r} is not allowed: it must be an integer >= 1")
-        dim = self.max_precond_dim
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"max_precond_dim={dim!r} is not allowed: it must be an integer >= 1")
+        for name, allowed in _INTS.items():
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: {allowed}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} is unknown; allowed: {', '.join(BACKENDS)}")
-        if not (isinstance(self.eig_floor, (int, float)) and 0.0 <= self.eig_floor < 1.0):
-            raise ValueError(f"eig_floor={self.eig_floor!r} is not allowed: it must be in [0, 1)")
+        if not 0.0 <= self.eig_floor < 1.0:
+            raise ValueError(f"eig_floor={self.eig_floor!r} is not allowed: {_REALS['eig_floor']}")
         if self.init not in INITS:
             raise ValueError(f"init={self.init!r} is unknown; allowed: {', '.join(INITS)}")
-        if not (isinstance(self.init_factor, (int, float)) and not isinstance(self.init_factor, bool)
-                and 0.0 < self.init_factor and math.isfinite(self.init_factor)):
-            raise ValueError(f"init_factor={self.init_factor!r} is not allowed: it must be a finite number > 0")
+        if not (0.0 < self.init_factor and math.isfinite(self.init_factor)):
+            raise ValueError(f"init_factor={self.init_factor!r} is not allowed: {_REALS['init_factor']}")
         if self.exponent is not None:
             if self.method != "shampoo":
                 raise ValueError(
@@ -153,10 +172,32 @@ class BregTopConfig:
                     f"exponent={self.exponent!r} is not allowed for method='shampoo'; allowed: 0.25 "
                     "(L^-1/4 G R^-1/4, the default) or 0.5"
                 )
-        for name in ("weight_decay", "adam_eps"):
+        if not (self.weight_decay >= 0.0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"weight_decay={self.weight_decay!r} is not allowed: {_REALS['weight_decay']}")
+        if not (self.adam_eps > 0.0 and math.isfinite(self.adam_eps)):
+            raise ValueError(f"adam_eps={self.adam_eps!r} is not allowed: {_REALS['adam_eps']}")
+
+    def _check_types(self) -> None:
+        """ArgumentTypeError (a TypeError and a ValueError) naming the first field of the wrong
+        type: the names must be str, the switches bool, the counts int and every other
+        number a real number (neither bool nor str); only rho, q, c and exponent take None."""
+        for name, allowed in (
+            ("method", f"method must be one of {', '.join(METHODS)}"),
+            ("init", f"init must be one of {', '.join(INITS)}"),
+            ("backend", f"backend must be one of {', '.join(BACKENDS)}"),
+        ):
+            if not isinstance(getattr(self, name), str):
+                raise wrong_type(name, getattr(self, name), allowed)
+        for name in _BOOLS:
+            if not isinstance(getattr(self, name), bool):
+                raise wrong_type(name, getattr(self, name), f"{name} must be True or False")
+        for name, allowed in _REALS.items():
             value = getattr(self, name)
-            if not (value >= 0.0 and math.isfinite(value)):
-                raise ValueError(f"{name}={value!r} is not allowed: it must be a finite number >= 0")
+            if not (is_real(value) or (value is None and name in _OPTIONAL)):
+                raise wrong_type(name, value, allowed)
+        for name, allowed in _INTS.items():
+            if not is_int(getattr(self, name)):
+                raise wrong_type(name, getattr(self, name), allowed)
 
     @property
     def stats(self) -> str:

@@ -10,8 +10,10 @@ receives the block's gradient and sends its update back (see ``bregtop_dist.dist
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,9 +21,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from bregtop_dist.adamw import adamw_step
-from bregtop_dist.block_plan import BlockStack, KronPlan, build_plan, is_kron_shape
+from bregtop_dist.block_plan import HOST_FIELDS, BlockStack, KronPlan, build_plan, is_kron_shape
 from bregtop_dist.config import BregTopConfig
-from bregtop_dist.core.block_step import BlockHyper, KronBlockState, init_block_state, kron_block_step
+from bregtop_dist.core.block_step import BlockHyper, BlockStepResult, KronBlockState, kron_block_step
+from bregtop_dist.core.dispatch import resolve_backend
 from bregtop_dist.distributed.checks import check_same_on_all_ranks, grad_verdict
 from bregtop_dist.distributed.layout import (
     GroupShards,
@@ -34,6 +37,8 @@ from bregtop_dist.distributed.layout import (
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 ShardSource = Callable[[bool], list[GroupShards]]
 
+ADAMW_GRAD_LIMIT = math.sqrt(torch.finfo(torch.float32).max)
+"""Largest |g| the AdamW side takes: its second moment holds g^2 in float32."""
 COMM_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
@@ -59,6 +64,9 @@ def _hyper(cfg: BregTopConfig) -> BlockHyper:
         frequency=cfg.precondition_frequency,
         backend=cfg.backend,
         eig_floor=cfg.eig_floor,
+        exponent=cfg.resolved_exponent,
+        init=cfg.init,
+        init_factor=cfg.init_factor,
     )
 
 
@@ -72,6 +80,23 @@ def _comm_dtype(value: str | torch.dtype) -> torch.dtype:
 
 def _global_shape(p: Tensor) -> tuple[int, ...]:
     return tuple(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 parameter keeps its shape in ds_shape
+
+
+def _check_backend_on_devices(cfg: BregTopConfig, params: Any) -> None:
+    """The backend's ValueError that a group's first step would raise (``triton`` on CPU
+    tensors without ``TRITON_INTERPRET=1``), raised when the group is added. Only the
+    group's matrices that are plain CPU or CUDA tensors are looked at: DTensor, meta and
+    ZeRO-partitioned parameters are left to the step."""
+    if not cfg.bregtop:
+        return
+    tensors = [params] if isinstance(params, Tensor) else list(params or ())
+    devices = {
+        p.device for p in tensors
+        if isinstance(p, Tensor) and is_kron_shape(tuple(p.shape), True) and not is_dtensor(p)
+        and not hasattr(p, "ds_shape") and p.device.type in ("cpu", "cuda")
+    }
+    for device in sorted(devices, key=str):
+        resolve_backend(cfg.backend, device, torch.float32)  # the Kronecker state is float32
 
 
 class BregTop(torch.optim.Optimizer):
@@ -133,9 +158,13 @@ class BregTop(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------- groups and ranks
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group; its settings are validated before the optimizer changes."""
+        """Add a group; its settings, and its backend on its parameters' devices, are
+        validated before the optimizer changes."""
+        params = param_group.get("params")
+        if params is not None and not isinstance(params, (Tensor, set, list)):
+            param_group["params"] = list(params)  # a generator is read once (torch lists it too)
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
-        BregTopConfig.from_group(merged)
+        _check_backend_on_devices(BregTopConfig.from_group(merged), param_group.get("params"))
         super().add_param_group(param_group)
         self._built_params.append(list(self.param_groups[-1]["params"]))
 
@@ -235,31 +264,52 @@ class BregTop(torch.optim.Optimizer):
     # ------------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """One optimizer step; raises :class:`NonFiniteGradientError` (on every rank)
-        before changing anything."""
+        """One optimizer step. Raises :class:`NonFiniteGradientError` for a NaN/inf gradient
+        and :class:`NonFiniteStepError` for finite gradients whose step would leave the
+        float32 range, on every rank, before changing anything; a bad setting put into
+        ``param_groups`` since construction raises ValueError before any group steps."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        rank, world = self._world()
+        _, world = self._world()
         group = self._group()
         views = self._views()
+        configs = [BregTopConfig.from_group(view.settings) for view in views]  # every group, first
         every = [s for v in views for s in v.shards]
-        active, bad = grad_verdict(every, group, world)
-        if bad is not None:
+        limits = [
+            math.inf if is_kron_shape(s.shape, cfg.bregtop) else ADAMW_GRAD_LIMIT
+            for view, cfg in zip(views, configs) for s in view.shards
+        ]
+        verdict = grad_verdict(every, group, world, limits)
+        if verdict.non_finite is not None:
             raise NonFiniteGradientError(
-                f"the gradient of {every[bad].name} contains NaN or inf; "
+                f"the gradient of {every[verdict.non_finite].name} contains NaN or inf; "
                 "no parameter or optimizer state was changed by this step"
             )
-        flags = iter(active)
-        for view in views:
-            cfg = BregTopConfig.from_group(view.settings)
+        if verdict.too_large is not None:
+            raise NonFiniteStepError(
+                f"the gradient of {every[verdict.too_large].name} has entries up to "
+                f"{verdict.largest[verdict.too_large]:.3g}; its AdamW second moment (the squared gradient) "
+                f"leaves the float32 range above {ADAMW_GRAD_LIMIT:.3g} (scale the loss down or clip "
+                "gradients); no parameter or optimizer state was changed by this step"
+            )
+        # Compute every Kronecker step first (state and parameters untouched), check them all,
+        # then commit: a step that would go non-finite anywhere changes nothing anywhere.
+        flags = iter(verdict.active)
+        work: list[tuple[BregTopConfig, list[ParamShard], _PendingKron | None]] = []
+        for view, cfg in zip(views, configs):
             shards = [_with_zero_grad(s) if a and s.grad is None else s for s, a in zip(view.shards, flags)]
             kron_shards = [s for s in shards if is_kron_shape(s.shape, cfg.bregtop)]
+            pending = None
             if kron_shards:
-                plan = self._plan(view, kron_shards, cfg, rank, world)
-                kron_active = [s.grad is not None for s in kron_shards]
-                self._kron_step(plan, kron_shards, kron_active, cfg, group)
+                plan = self._plan(view, kron_shards, cfg, *self._world())
+                pending = self._kron_compute(plan, kron_shards, cfg, group)
+            work.append((cfg, shards, pending))
+        self._check_finite([p for _, _, p in work if p is not None], group, world)
+        for cfg, shards, pending in work:
+            if pending is not None:
+                self._kron_commit(pending, cfg, group)
             for s in shards:
                 if s.grad is None or is_kron_shape(s.shape, cfg.bregtop) or s.value.numel() == 0:
                     continue
@@ -278,48 +328,92 @@ class BregTop(torch.optim.Optimizer):
             self._plans[view.key] = plan
         return plan
 
-    def _kron_step(
-        self, plan: KronPlan, shards: list[ParamShard], active: list[bool], cfg: BregTopConfig,
-        group: dist.ProcessGroup | None,
-    ) -> None:
+    def _kron_compute(
+        self, plan: KronPlan, shards: list[ParamShard], cfg: BregTopConfig, group: dist.ProcessGroup | None
+    ) -> _PendingKron:
+        """Exchange the gradients and run Algorithm 1 on this rank's blocks, committing nothing."""
+        active = [s.grad is not None for s in shards]
         device = shards[0].value.device
         buffers: dict[int, Tensor] = {}
-        work: list[tuple[BlockStack, list[int], Tensor]] = []
+        gathered: list[tuple[BlockStack, list[int], Tensor]] = []
         for stack in plan.stacks.values():
             rows = [k for k, b in enumerate(stack.block_ids) if active[plan.blocks[b].shard]]
             if not rows:
                 continue
             grad = torch.empty((len(rows), *stack.shape), dtype=torch.float32, device=device)
             buffers.update((stack.block_ids[k], g) for k, g in zip(rows, grad))
-            work.append((stack, rows, grad))
+            gathered.append((stack, rows, grad))
         plan.exchange.gather_grads(shards, active, buffers, self._comm_dtype, group)
-        updates: dict[int, Tensor] = {}
-        for stack, rows, grad in work:
-            update = self._step_stack(stack, rows, grad, cfg)
-            updates.update((stack.block_ids[k], u) for k, u in zip(rows, update))
-        if cfg.weight_decay:
-            for s, a in zip(shards, active):
-                if a:
-                    s.value.mul_(1.0 - cfg.lr * cfg.weight_decay)
-        plan.exchange.apply_updates(shards, active, updates, cfg.lr, self._comm_dtype, group)
+        hyper = _hyper(cfg)
+        steps = [self._step_stack(stack, rows, grad, hyper) for stack, rows, grad in gathered]
+        return _PendingKron(plan, shards, active, steps)
 
-    def _step_stack(self, stack: BlockStack, rows: list[int], grad: Tensor, cfg: BregTopConfig) -> Tensor:
-        """Algorithm 1 on the blocks ``rows`` of ``stack`` (gradients ``grad``); their updates."""
-        if stack.state is None:
-            stack.state = stack.empty_state(grad.device)
-        whole = len(rows) == len(stack.block_ids)
+    def _step_stack(self, stack: BlockStack, rows: list[int], grad: Tensor, hyper: BlockHyper) -> _StackStep:
+        """Algorithm 1 on the blocks ``rows`` of ``stack`` (gradients ``grad``), not committed."""
+        base = stack.state if stack.state is not None else stack.empty_state(grad.device)
         idx = torch.tensor(rows, dtype=torch.int64)  # CPU, like the step counts
-        state = stack.state if whole else stack.state.select(idx)
-        fresh = (state.step == 0).nonzero().flatten()
-        if fresh.numel():
-            init, eigh_failed = init_block_state(cfg.stats, grad.index_select(0, fresh.to(grad.device)))
-            state.assign(fresh, init)
-            self._warn_basis(eigh_failed)
-        update, qr_failed = kron_block_step(state, grad, _hyper(cfg), stack.offsets.index_select(0, idx))
-        self._warn_basis(qr_failed)
-        if not whole:
-            stack.state.assign(idx, state)
-        return update
+        whole = len(rows) == len(stack.block_ids)
+        result = kron_block_step(base if whole else base.select(idx), grad, hyper, stack.offsets.index_select(0, idx))
+        return _StackStep(stack, base, idx, whole, grad, result)
+
+    def _check_finite(self, pending: list[_PendingKron], group: dist.ProcessGroup | None, world: int) -> None:
+        """Raise NonFiniteStepError on every rank if any rank's computed step is non-finite."""
+        steps = [(p, s) for p in pending for s in p.steps]
+        rank = self._world()[0]
+        bad = torch.zeros(world, dtype=torch.int32)
+        ok = None
+        if steps:
+            ok = torch.cat([
+                s.result.state.finite_blocks() & torch.isfinite(s.result.update).flatten(1).all(1) for _, s in steps
+            ]).cpu()
+            bad[rank] = int(not bool(ok.all()))
+        if world > 1:
+            on_device = bad.to(pending[0].plan.device if pending else self._any_device())
+            dist.all_reduce(on_device, op=dist.ReduceOp.MAX, group=group)
+            bad = on_device.cpu()
+        if not bool(bad.any()):
+            return
+        unchanged = "no parameter or optimizer state was changed by this step"
+        if not bool(bad[rank]):
+            culprit = int(bad.nonzero()[0])
+            raise NonFiniteStepError(f"the step went non-finite on rank {culprit} (see its error); {unchanged}")
+        assert ok is not None
+        first = int((~ok).nonzero()[0])
+        for plan_step, s in steps:
+            if first < len(s.idx):
+                blk = plan_step.plan.blocks[s.stack.block_ids[int(s.idx[first])]]
+                name = plan_step.shards[blk.shard].name
+                largest = float(s.grad[first].abs().max())
+                raise NonFiniteStepError(
+                    f"the step would make the optimizer state or the update of {name} (a {blk.shape[0]}x"
+                    f"{blk.shape[1]} Kronecker block) non-finite in float32: its gradient (largest entry "
+                    f"{largest:.3g}) is out of the range its statistics can represent next to their current "
+                    f"values (scale the loss down or clip gradients); {unchanged}"
+                )
+            first -= len(s.idx)
+
+    def _any_device(self) -> torch.device:
+        for group in self.param_groups:
+            for p in group["params"]:
+                return p.device
+        return torch.device("cpu")
+
+    def _kron_commit(self, pending: _PendingKron, cfg: BregTopConfig, group: dist.ProcessGroup | None) -> None:
+        """Store the computed states, then decay and update the parameters."""
+        updates: dict[int, Tensor] = {}
+        for s in pending.steps:
+            if s.whole:
+                s.stack.state = s.result.state
+            else:
+                s.base.assign(s.idx, s.result.state)
+                s.stack.state = s.base
+            self._warn_basis(s.result.failed)
+            updates.update((s.stack.block_ids[int(k)], u) for k, u in zip(s.idx, s.result.update))
+        if cfg.weight_decay:
+            for shard, a in zip(pending.shards, pending.active):
+                if a:
+                    shard.value.mul_(1.0 - cfg.lr * cfg.weight_decay)
+        pending.plan.exchange.apply_updates(pending.shards, pending.active, updates, cfg.lr, self._comm_dtype, group)
 
     def _warn_basis(self, failed: Tensor | None) -> None:
         if failed is None or self._warned_basis or not bool(failed.any()):
@@ -329,7 +423,7 @@ class BregTop(torch.optim.Optimizer):
             f"BregTop: eigenbasis computation failed in float32 and float64 for "
             f"{int(failed.sum())} block(s); they keep their previous basis (warned once)",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
@@ -393,7 +487,7 @@ class BregTop(torch.optim.Optimizer):
             id_to_param.update(zip(saved["params"], params))
         self._all_plans()
         stacks = self.kron_stacks
-        kron = state_dict.get("kron_blocks", {})
+        kron = {key: _with_ready(tensors) for key, tensors in state_dict.get("kron_blocks", {}).items()}
         for key, tensors in kron.items():
             stack = stacks.get(key)
             if stack is None:
@@ -415,13 +509,42 @@ class BregTop(torch.optim.Optimizer):
             }
         for plan in self._plans.values():
             for stack in plan.stacks.values():
-                tensors = kron.get(stack.key)
-                stack.state = None if tensors is None else KronBlockState(
+                saved = kron.get(stack.key)
+                stack.state = None if saved is None else KronBlockState(
                     **{
-                        name: tensors[name].detach().to(device="cpu" if name == "step" else plan.device, dtype=dtype, copy=True)
+                        name: saved[name].detach().to(device="cpu" if name in HOST_FIELDS else plan.device, dtype=dtype, copy=True)
                         for name, (_, dtype) in stack.state_shapes().items()
                     }
                 )
+
+
+@dataclass
+class _StackStep:
+    """One stack's computed step: the state it started from, the rows it ran, the result."""
+
+    stack: BlockStack
+    base: KronBlockState
+    idx: Tensor  # (rows,) int64 on the CPU, rows of the stack
+    whole: bool
+    grad: Tensor
+    result: BlockStepResult
+
+
+@dataclass
+class _PendingKron:
+    """A param group's computed Kronecker step, waiting for the finiteness verdict."""
+
+    plan: KronPlan
+    shards: list[ParamShard]
+    active: list[bool]
+    steps: list[_StackStep]
+
+
+def _with_ready(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Block state saved before the ``ready`` field existed: a block was ready once it had stepped."""
+    if "ready" in tensors or "step" not in tensors:
+        return tensors
+    return {**tensors, "ready": tensors["step"] > 0}
 
 
 def _with_zero_grad(shard: ParamShard) -> ParamShard:

@@ -28,12 +28,12 @@ def chi_ref(S: Tensor, top: Tensor, q: float, c: float, eps: float = 0.0) -> Ten
     return c * torch.quantile(inv[~top], q, interpolation="linear")
 
 
-def kron_precondition_ref(M, U_L, U_R, lam_L, lam_R, rho, q, c, eps=0.0) -> Tensor:
-    """Algorithm 2, line by line."""
+def kron_precondition_ref(M, U_L, U_R, lam_L, lam_R, rho, q, c, eps=0.0, p=0.5) -> Tensor:
+    """Algorithm 2, line by line (``p`` of S^-p: 1/2, or Shampoo's 1/4 with rho = 1)."""
     Mt = U_L.T @ M @ U_R
     S = torch.outer(lam_L, lam_R)
     top = top_mask_ref(S, rho)
-    inv = S**-0.5 if eps == 0 else 1.0 / (S.sqrt() + eps)
+    inv = S**-p if eps == 0 else 1.0 / (S**p + eps)
     W = inv.clone()
     if not bool(top.all()):
         W[~top] = chi_ref(S, top, q, c, eps)
@@ -75,6 +75,23 @@ def algorithm1_ref(state: dict, G: Tensor, stats: str, beta1, beta2, refresh: bo
         s["U_L"] = torch.linalg.qr(s["L"] @ s["U_L"]).Q
         s["U_R"] = torch.linalg.qr(s["R"] @ s["U_R"]).Q
     M_hat = kron_precondition_ref(s["M"], s["U_L"], s["U_R"], s["lam_L"], s["lam_R"], rho, q, c, eps)
+    return s, M_hat
+
+
+def kl_methods_clamp_ref(lam: Tensor) -> Tensor:
+    """KL-Shampoo's public code: lam^-1/2 clamped at max(10, min(d, 4000))."""
+    bound = max(10, min(lam.numel(), 4000))
+    return torch.clamp(lam, min=1.0 / bound**2)
+
+
+def algorithm1_kl_methods_ref(state: dict, G: Tensor, stats: str, beta1, beta2, refresh: bool, rho, q, c, eps):
+    """One step in the order of KL-Shampoo's public code: the momentum takes G, the update is
+    preconditioned with the *previous* basis and estimates, then lines 2-5 and the refresh run
+    and the estimates are clamped. Returns (new state, M_hat)."""
+    M = (1 - beta1) * G + beta1 * state["M"]
+    M_hat = kron_precondition_ref(M, state["U_L"], state["U_R"], state["lam_L"], state["lam_R"], rho, q, c, eps)
+    s, _ = algorithm1_ref(state, G, stats, beta1, beta2, refresh, rho, q, c, eps)
+    s["lam_L"], s["lam_R"] = kl_methods_clamp_ref(s["lam_L"]), kl_methods_clamp_ref(s["lam_R"])
     return s, M_hat
 
 

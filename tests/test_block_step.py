@@ -6,18 +6,26 @@ import dataclasses
 
 import pytest
 import torch
-from reference import algorithm1_ref, boundary_gap, kron_precondition_ref, kron_stats_ref
+from reference import (
+    algorithm1_kl_methods_ref,
+    algorithm1_ref,
+    boundary_gap,
+    kron_precondition_ref,
+    kron_stats_ref,
+)
 
 from bregtop_dist.config import PRESETS
 from bregtop_dist.core import bases
 from bregtop_dist.core.block_step import (
     FIRST_EIG_FLOOR,
+    NOISE_FLOOR,
     BlockHyper,
     KronBlockState,
     floor_relative,
     init_block_state,
     kron_block_step,
     lpt_refresh_offsets,
+    noise_floor,
     refresh_due,
 )
 
@@ -40,19 +48,20 @@ def _random_state(gen, bsz, m, n) -> KronBlockState:
         lam_L=(torch.rand(bsz, m, generator=gen, dtype=torch.float64) + 0.05).float(),
         lam_R=(torch.rand(bsz, n, generator=gen, dtype=torch.float64) + 0.05).float(),
         step=torch.full((bsz,), 6, dtype=torch.int64),
+        ready=torch.ones(bsz, dtype=torch.bool),
     )
 
 
 def _as_ref(state: KronBlockState, k: int) -> dict:
     """Block k of the stack as the reference's state (momentum back in the original basis)."""
-    ref = {f: v[k].double() for f, v in state.tensors().items() if f not in ("step", "momentum")}
+    ref = {f: v[k].double() for f, v in state.tensors().items() if f not in ("step", "ready", "momentum")}
     ref["M"] = ref["U_L"] @ state.momentum[k].double() @ ref["U_R"].T
     return ref
 
 
-def _hyper(method: str) -> BlockHyper:
+def _hyper(method: str, **kw) -> BlockHyper:
     p = PRESETS[method]
-    return BlockHyper(stats=p.stats, rho=p.rho, q=p.q, c=p.c, beta1=0.9, beta2=0.95, eps=1e-8, frequency=4)
+    return BlockHyper(stats=p.stats, rho=p.rho, q=p.q, c=p.c, beta1=0.9, beta2=0.95, eps=1e-8, frequency=4, **kw)
 
 
 def _close(got, want, tol=2e-4):
@@ -77,7 +86,10 @@ def test_one_step_equals_algorithm1(gen, method, refresh):
         if all(boundary_gap(r[0]["lam_L"], r[0]["lam_R"], hyper.rho) > 1e-3 for r in refs):
             break
     offset = torch.full((bsz,), 3 if refresh else 1, dtype=torch.int64)  # step 6 -> 7; 7-3 = 4 = T
-    update, failed = kron_block_step(state, grad, hyper, offset)
+    before = {k: v.clone() for k, v in state.tensors().items()}
+    result = kron_block_step(state, grad, hyper, offset)
+    assert all(torch.equal(v, before[k]) for k, v in state.tensors().items())  # functional: input kept
+    state, update, failed = result.state, result.update, result.failed
     assert (failed is None) if not refresh else not failed.any()
     assert state.step.tolist() == [7, 7]
     for k, (ref_state, ref_update) in enumerate(refs):
@@ -96,7 +108,7 @@ def test_first_state_comes_from_the_first_gradient(gen, method):
     stats = PRESETS[method].stats
     m, n = 6, 4  # m > n: the first L is rank deficient
     grad = torch.randn(2, m, n, generator=gen)
-    state, failed = init_block_state(stats, grad)
+    state, failed = init_block_state(_hyper(method), grad)
     assert not failed.any() and state.step.tolist() == [0, 0]
     assert torch.count_nonzero(state.momentum) == 0
     for k in range(2):
@@ -117,9 +129,6 @@ def test_first_state_comes_from_the_first_gradient(gen, method):
             assert float(lam.min()) >= float(floor) * (1 - 1e-5)
 
 
-def test_zero_first_gradient_gives_positive_estimates():
-    state, _ = init_block_state("kl", torch.zeros(1, 3, 2))
-    assert bool((state.lam_L > 0).all()) and bool((state.lam_R > 0).all())
 
 
 def test_refresh_due_follows_offsets():
@@ -211,7 +220,8 @@ def test_eig_floor_damps_the_eigenvalues_used_in_S(gen, method):
         binds = any(bool((floored(r)[0] > r["lam_L"]).any()) for r in refs)
         if binds and all(boundary_gap(*floored(r), hyper.rho) > 1e-3 for r in refs):
             break
-    update, _ = kron_block_step(state, grad, hyper, torch.ones(bsz, dtype=torch.int64))
+    result = kron_block_step(state, grad, hyper, torch.ones(bsz, dtype=torch.int64))
+    update, state = result.update, result.state
     bound = 0
     for k, ref in enumerate(refs):
         lam_l, lam_r = floored(ref)
@@ -227,3 +237,117 @@ def test_floor_relative_is_identity_at_zero(gen):
     lam = torch.rand(3, 7, generator=gen)
     assert floor_relative(lam, 0.0) is lam
     assert torch.equal(floor_relative(lam, 0.5), torch.maximum(lam, 0.5 * lam.amax(-1, keepdim=True)))
+
+
+@pytest.mark.parametrize("method", list(PRESETS))
+@pytest.mark.parametrize("refresh", [False, True])
+def test_kl_methods_step_preconditions_with_the_previous_estimates(gen, method, refresh):
+    """init='kl-methods': precondition with the previous basis and estimates, then update and
+    clamp them (KL-Shampoo's public code), against a float64 reference of that order."""
+    hyper = _hyper(method, init="kl-methods")
+    bsz, m, n = 2, 7, 5
+    for _ in range(20):
+        state = _random_state(gen, bsz, m, n)
+        state.lam_L[0, -1] = 1e-6  # below the clamp 1/max(10, min(d, 4000))^2 = 0.01
+        grad = torch.randn(bsz, m, n, generator=gen)
+        refs = [
+            algorithm1_kl_methods_ref(_as_ref(state, k), grad[k].double(), hyper.stats, hyper.beta1, hyper.beta2,
+                                      refresh, hyper.rho, hyper.q, hyper.c, hyper.eps)
+            for k in range(bsz)
+        ]
+        if all(boundary_gap(state.lam_L[k].double(), state.lam_R[k].double(), hyper.rho) > 1e-3 for k in range(bsz)):
+            break
+    offset = torch.full((bsz,), 3 if refresh else 1, dtype=torch.int64)
+    result = kron_block_step(state, grad, hyper, offset)
+    for k, (ref_state, ref_update) in enumerate(refs):
+        for name in ("L", "R", "lam_L", "lam_R"):
+            _close(getattr(result.state, name)[k], ref_state[name])
+        _close(result.update[k], ref_update)
+    assert float(result.state.lam_L.min()) >= 0.01 * (1 - 1e-6)
+
+
+@pytest.mark.parametrize("method", list(PRESETS))
+def test_kl_methods_first_state_only_initialises(gen, method):
+    """The first non-zero gradient sets L = (1-b2) STATS(G) from the identity state, its
+    eigenbasis and constant estimates init_factor, and gives a zero update."""
+    hyper = _hyper(method, init="kl-methods", init_factor=0.25)
+    m, n = 6, 4
+    grad = torch.randn(2, m, n, generator=gen)
+    empty = KronBlockState(
+        momentum=torch.zeros(2, m, n), L=torch.zeros(2, m, m), R=torch.zeros(2, n, n),
+        U_L=torch.eye(m).repeat(2, 1, 1), U_R=torch.eye(n).repeat(2, 1, 1), lam_L=torch.ones(2, m),
+        lam_R=torch.ones(2, n), step=torch.zeros(2, dtype=torch.int64), ready=torch.zeros(2, dtype=torch.bool),
+    )
+    result = kron_block_step(empty, grad, hyper, torch.zeros(2, dtype=torch.int64))
+    s = result.state
+    assert torch.count_nonzero(result.update) == 0 and s.ready.all() and s.step.tolist() == [0, 0]
+    assert torch.equal(s.lam_L, torch.full((2, m), 0.25)) and torch.equal(s.lam_R, torch.full((2, n), 0.25))
+    eye_l, eye_r = torch.eye(m, dtype=torch.float64), torch.eye(n, dtype=torch.float64)
+    for k in range(2):
+        dL, dR = kron_stats_ref(hyper.stats, grad[k].double(), eye_l, eye_r, torch.ones(m, dtype=torch.float64),
+                                torch.ones(n, dtype=torch.float64), eye_l, eye_r)
+        _close(s.L[k], (1 - hyper.beta2) * dL, 1e-5)
+        _close(s.R[k], (1 - hyper.beta2) * dR, 1e-5)
+        rotated = s.U_L[k].double().T @ dL @ s.U_L[k].double()
+        _close(rotated, torch.diag(torch.diagonal(rotated)), 1e-4)
+
+
+@pytest.mark.parametrize("init", ["first-gradient", "kl-methods"])
+def test_zero_gradient_leaves_a_block_uninitialised_then_the_first_real_one_starts_it(gen, init):
+    hyper = _hyper("bregtop-vn-v2", init=init)
+    m, n = 5, 4
+    state = _random_state(gen, 2, m, n)
+    state.ready[1] = False  # block 1 has never seen a gradient
+    grad = torch.randn(2, m, n, generator=gen)
+    grad[1] = 0.0
+    result = kron_block_step(state, grad, hyper, torch.zeros(2, dtype=torch.int64))
+    assert result.state.ready.tolist() == [True, False]
+    assert torch.count_nonzero(result.update[1]) == 0
+    for name, value in state.tensors().items():  # the uninitialised block is untouched
+        assert torch.equal(getattr(result.state, name)[1], value[1]), name
+    grad[1] = torch.randn(m, n, generator=gen)
+    again = kron_block_step(result.state, grad, hyper, torch.zeros(2, dtype=torch.int64))
+    assert again.state.ready.tolist() == [True, True]
+    moved = torch.count_nonzero(again.update[1]) > 0
+    assert moved if init == "first-gradient" else not moved  # kl-methods: the first step only initialises
+
+
+@pytest.mark.parametrize("method", list(PRESETS))
+def test_zero_gradient_keeps_the_statistics_of_a_ready_block(gen, method):
+    """A zero gradient is no observation: factors and estimates stay, the momentum decays."""
+    hyper = _hyper(method)
+    state = _random_state(gen, 2, 5, 4)
+    grad = torch.randn(2, 5, 4, generator=gen)
+    grad[0] = 0.0
+    result = kron_block_step(state, grad, hyper, torch.full((2,), 2, dtype=torch.int64))
+    for name in ("L", "R", "lam_L", "lam_R"):
+        assert torch.equal(getattr(result.state, name)[0], getattr(state, name)[0]), name
+        assert not torch.equal(getattr(result.state, name)[1], getattr(state, name)[1]), name
+    _close(result.state.momentum[0], hyper.beta1 * state.momentum[0].double(), 1e-6)
+    assert result.state.step.tolist() == [7, 7]
+
+
+def test_shampoo_takes_its_exponent(gen):
+    """Shampoo's update is U_L (Mt / (lam_L lam_R^T)^p) U_R^T for p = 1/4 and 1/2."""
+    for p in (0.25, 0.5):
+        hyper = _hyper("shampoo", exponent=p)
+        state = _random_state(gen, 2, 6, 5)
+        grad = torch.randn(2, 6, 5, generator=gen)
+        result = kron_block_step(state, grad, hyper, torch.ones(2, dtype=torch.int64))
+        for k in range(2):
+            ref_state, _ = algorithm1_ref(_as_ref(state, k), grad[k].double(), "shampoo", hyper.beta1, hyper.beta2,
+                                          False, 1.0, 0.01, 1.0, hyper.eps)
+            want = kron_precondition_ref(ref_state["M"], ref_state["U_L"], ref_state["U_R"], ref_state["lam_L"],
+                                         ref_state["lam_R"], 1.0, 0.01, 1.0, hyper.eps, p=p)
+            _close(result.update[k], want)
+
+
+def test_noise_floor_only_touches_estimates_fp32_cannot_resolve(gen):
+    lam = torch.rand(3, 9, generator=gen) + 0.1
+    assert torch.equal(noise_floor(lam), lam)
+    lam[0, 3] = 0.0
+    lam[1, 2] = 1e-30
+    floored = noise_floor(lam)
+    top = lam.amax(-1)
+    assert floored[0, 3] == NOISE_FLOOR * top[0] and floored[1, 2] == NOISE_FLOOR * top[1]
+    assert float(noise_floor(torch.zeros(1, 4)).min()) == torch.finfo(torch.float32).tiny

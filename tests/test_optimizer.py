@@ -63,8 +63,9 @@ def test_optimizer_equals_algorithm1_per_block(gen, method):
             mats = [step_grads[i] for i in position]
             g = torch.stack([piece(mats, b) for b in blocks]).float()
             if state is None:
-                state, _ = init_block_state(preset.stats, g)
-            update, _ = kron_block_step(state, g, hyper, stack.offsets)
+                state, _ = init_block_state(hyper, g)
+            result = kron_block_step(state, g, hyper, stack.offsets)
+            state, update = result.state, result.update
             for b, u in zip(blocks, update):
                 piece(matrices, b).mul_(1 - 0.05 * 0.1).add_(u, alpha=-0.05)
     for got, want in zip(params, expected):
@@ -122,7 +123,7 @@ def test_bf16_parameters_keep_fp32_state(gen):
     _run(opt, params, _grads(gen, params, 3))
     sd = opt.state_dict()
     for tensors in sd["kron_blocks"].values():
-        assert all(t.dtype in (torch.float32, torch.int64) for t in tensors.values())
+        assert all(t.dtype in (torch.float32, torch.int64, torch.bool) for t in tensors.values())
     assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in params)
 
 

@@ -2,7 +2,9 @@
 
 W is never materialised: each program loads a tile of ``Mt`` and the matching slices of
 ``lam_L`` and ``lam_R``, forms ``S = lam_L lam_R^T`` in registers, decides the top set from the
-threshold and the row-major tie cutoff, and writes ``Mt * S^-1/2`` (top) or ``Mt * chi``.
+threshold and the row-major tie cutoff, and writes ``Mt / (S^power + eps)`` (top) or
+``Mt * chi``. The optimizer passes the square roots of the eigenvalues with power 1 (p = 1/2)
+or 1/2 (Shampoo's p = 1/4), so that S stays in the float32 range.
 One launch covers a whole stack of same-shape blocks (grid axis 0 is the block).
 The torch reference is ``bregtop_dist.core.precondition.apply_top_set``.
 """
@@ -35,6 +37,7 @@ def _masked_scale_kernel(
     stride_out_b,
     stride_out_m,
     EPS_ZERO: tl.constexpr,
+    POWER_ONE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -54,9 +57,15 @@ def _masked_scale_kernel(
     flat = rows[:, None].to(tl.int64) * n + cols[None, :]
     top = (s > thr) | ((s == thr) & (flat <= cutoff))
     if EPS_ZERO:
-        scale = 1.0 / tl.sqrt(s)
+        s = tl.maximum(s, 1.1754943508222875e-38)  # float32's smallest normal: the scale is never inf
+    if POWER_ONE:
+        root = s
     else:
-        scale = 1.0 / (tl.sqrt(s) + eps)
+        root = tl.sqrt(s)
+    if EPS_ZERO:
+        scale = 1.0 / root
+    else:
+        scale = 1.0 / (root + eps)
     w = tl.where(top, scale, chi)
 
     x = tl.load(mt_ptr + blk * stride_b + rows[:, None] * stride_m + cols[None, :], mask=inside, other=0.0)
@@ -77,8 +86,10 @@ def masked_scale(
     chi: Tensor,
     eps: float,
     out: Tensor | None = None,
+    power: float = 0.5,
 ) -> Tensor:
-    """``Mt * W`` for a stack of blocks in one launch.
+    """``Mt * W`` for a stack of blocks in one launch; W is ``1 / (S^power + eps)`` on the
+    top set (``power`` 0.5 or 1), chi elsewhere.
 
     ``mt`` (B, m, n) float32 or bfloat16 with unit stride along n; ``lam_l`` (B, m) and
     ``lam_r`` (B, n) float32; ``threshold``, ``chi`` (B,) float32 and ``cutoff`` (B,) int64 as
@@ -95,6 +106,8 @@ def masked_scale(
     for name, t in (("lam_l", lam_l), ("lam_r", lam_r), ("threshold", threshold), ("chi", chi)):
         if t.dtype != torch.float32:
             raise ValueError(f"{name} must be float32, got {t.dtype}")
+    if power not in (0.5, 1.0):
+        raise ValueError(f"power={power!r} is not allowed; allowed: 0.5, 1.0")
     if out is None:
         out = torch.empty_like(mt)
     grid = (bsz, triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N))
@@ -114,6 +127,7 @@ def masked_scale(
         out.stride(0),
         out.stride(1),
         EPS_ZERO=eps == 0.0,
+        POWER_ONE=power == 1.0,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
     )

@@ -1,7 +1,8 @@
 """Algorithm 1 of the paper on a stack of same-shape Kronecker blocks.
 
-State is float32 whatever the parameter dtype. The first gradient a block sees sets up its
-state (:func:`init_block_state`), then every step runs Algorithm 1 (:func:`kron_block_step`):
+State is float32 whatever the parameter dtype. A block's state is set up by the first
+*non-zero* gradient it sees (:func:`init_block_state`); after that every step runs Algorithm 1
+(:func:`kron_block_step`):
 
 1. ``M <- (1-b1) G + b1 M``, kept in the eigenbasis: ``Mt = U_L^T M U_R`` (see below)
 2. ``(dL, dR) <- STATS(G, U_L, U_R, lam_L, lam_R)``
@@ -10,19 +11,46 @@ state (:func:`init_block_state`), then every step runs Algorithm 1 (:func:`kron_
 5. on refresh steps ``U <- qr(L U)`` (one warm-started power iteration)
 6. ``update = KRONPRECOND(U_L, U_R, lam_L, lam_R, M, rho, q, c)``
 
+The step is functional: it returns the new state and the update and changes nothing, so
+that the optimizer can check the whole step for finiteness before committing any of it.
+
 The momentum is stored rotated, ``Mt = U_L^T M U_R``: the rotated gradient is needed for the
 eigenvalue statistics anyway, so ``Mt <- (1-b1) Gt + b1 Mt`` saves the two products that
 rotate M every step; on a refresh ``Mt`` is carried into the new basis. This is Algorithm 1
 exactly (the bases are orthogonal), up to rounding.
 
-First basis and eigenvalues: the factors start from one application of STATS to the first
-gradient, taken from the identity state (U = I, lam = 1, L = I, R = I); the bases are the
-exact eigenvectors of those factors (``eigh``, eigenvalues descending) and the eigenvalue
-estimates are their eigenvalues raised to at least ``FIRST_EIG_FLOOR`` times their mean (and to
-``TINY``). One gradient gives rank-deficient factors: their near-zero eigenvalues would make
-``S^-1/2`` explode on the first steps (two of them multiply in S). The floor is a uniform,
-scale-matched start in the spirit of KL-Shampoo's constant ``init_factor``; the eigenvalue
-EMA replaces it with the data's own spectrum over about 1/(1-beta2) steps.
+Two initialisations (``BlockHyper.init``):
+
+- ``first-gradient``: the factors start from one application of STATS to the first gradient,
+  taken from the identity state (U = I, lam = 1, L = I, R = I); the bases are the exact
+  eigenvectors of those factors (``eigh``, eigenvalues descending) and the eigenvalue
+  estimates their eigenvalues raised to at least ``FIRST_EIG_FLOOR`` times their mean (one
+  gradient gives rank-deficient factors whose zero eigenvalues would make ``S^-1/2`` explode).
+  The same step then runs Algorithm 1, so the first gradient already moves the parameters.
+- ``kl-methods``: what Lin et al.'s public KL-Shampoo code does (the paper's [11]). The first
+  step only initialises: ``L = (1-b2) STATS(G)`` from the identity state, its eigenbasis,
+  and constant estimates ``lam = init_factor``; no update. Every later step preconditions
+  with the previous step's estimates and basis, then updates the statistics (lines 2-5).
+  The stored estimates are clamped so that ``lam^-1/2 <= max(10, min(d, 4000))`` for a
+  factor of size d, which also bounds the KL weights ``1/lam``.
+
+Inputs real training produces and the paper's algorithm does not anticipate:
+
+- A block whose gradient is exactly zero (a layer in front of a zero-initialised projection,
+  an unrouted expert) learns nothing about its curvature: a not-yet-initialised block stays
+  uninitialised (its update is zero), an initialised one keeps its factors and estimates
+  instead of decaying them towards zero, which would underflow after a few thousand steps
+  and poison the factor weights. The momentum decays as usual.
+- The estimates used in the factor weights and in S are at least ``NOISE_FLOOR`` times the
+  factor's largest (and the dtype's smallest normal number). The rotated gradient carries
+  rounding errors of about ``eps_fp32 |G|``, so estimates below ``eps_fp32^2`` times the
+  largest are rounding noise; an estimate that decays there (a direction the gradients never
+  reach) would otherwise make the KL weights and ``S^-1/2`` blow up on that noise. Estimates
+  that fp32 can resolve are untouched.
+- S is never formed (see :mod:`bregtop_dist.core.precondition`), and the rotated sums are
+  formed from ``Gt sqrt(w)`` (see :func:`bregtop_dist.core.stats.weighted_square_sums`), so
+  eigenvalues and gradients anywhere in the float32 range give finite results where the
+  quantities themselves are representable.
 """
 
 from __future__ import annotations
@@ -35,12 +63,19 @@ from torch import Tensor
 from bregtop_dist.core.bases import eigh_descending, power_qr
 from bregtop_dist.core.dispatch import resolve_backend
 from bregtop_dist.core.precondition import precondition_rotated
-from bregtop_dist.core.stats import EIGEN_WEIGHTED, factor_weights, kron_stats, rotated_diagonals
+from bregtop_dist.core.stats import (
+    EIGEN_WEIGHTED,
+    factor_weights,
+    kron_stats,
+    rotated_diagonals,
+    weighted_square_sums,
+)
 
 FIRST_EIG_FLOOR = 1.0
-"""First eigenvalue estimates are at least this multiple of their mean."""
-TINY = 1e-30
-"""Absolute floor of the first eigenvalue estimates (a zero first gradient)."""
+"""``first-gradient``: first eigenvalue estimates are at least this multiple of their mean."""
+NOISE_FLOOR = torch.finfo(torch.float32).eps ** 2
+"""Estimates used in the weights and in S are at least this fraction of the factor's largest."""
+INITS = ("first-gradient", "kl-methods")
 
 
 @dataclass
@@ -56,6 +91,7 @@ class KronBlockState:
     lam_R: Tensor  # (B, n)
     step: Tensor  # (B,) int64 steps taken, on the CPU whatever the device: the host schedules
     # refreshes from it without waiting for the device
+    ready: Tensor  # (B,) bool, on the CPU: the block has seen a non-zero gradient and has state
 
     def tensors(self) -> dict[str, Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -65,9 +101,22 @@ class KronBlockState:
         return KronBlockState(**{k: v.index_select(0, idx.to(v.device)) for k, v in self.tensors().items()})
 
     def assign(self, idx: Tensor, part: KronBlockState) -> None:
-        """Write ``part`` (from :meth:`select`) back into the blocks ``idx``."""
+        """Write ``part`` (from :meth:`select`) back into the blocks ``idx``, in place."""
         for k, v in self.tensors().items():
             v.index_copy_(0, idx.to(v.device), getattr(part, k))
+
+    def with_rows(self, idx: Tensor, part: KronBlockState) -> KronBlockState:
+        """A new state: this one with the blocks ``idx`` replaced by ``part`` (self unchanged)."""
+        return KronBlockState(
+            **{k: torch.index_copy(v, 0, idx.to(v.device), getattr(part, k)) for k, v in self.tensors().items()}
+        )
+
+    def finite_blocks(self) -> Tensor:
+        """(B,) bool on the state's device: every float field of the block is finite."""
+        ok = torch.ones(self.momentum.shape[0], dtype=torch.bool, device=self.momentum.device)
+        for t in (self.momentum, self.L, self.R, self.lam_L, self.lam_R):
+            ok &= torch.isfinite(t).flatten(1).all(1)
+        return ok
 
 
 @dataclass(frozen=True)
@@ -84,33 +133,82 @@ class BlockHyper:
     frequency: int
     backend: str = "auto"
     eig_floor: float = 0.0  # eigenvalues used in S are at least eig_floor x the factor's largest
+    exponent: float = 0.5  # p of S^-p (Shampoo: 1/4 by default)
+    init: str = "first-gradient"
+    init_factor: float = 0.1  # kl-methods: the constant first estimate
+
+    def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise ValueError(f"init={self.init!r} is unknown; allowed: {', '.join(INITS)}")
 
 
-def init_block_state(stats: str, grad: Tensor) -> tuple[KronBlockState, Tensor]:
-    """State of a stack from its first gradient (B, m, n) float32; also (B,) eigh failures."""
+@dataclass
+class BlockStepResult:
+    """What one step computed for a stack, not yet committed."""
+
+    state: KronBlockState
+    update: Tensor  # (B, m, n) float32; zero for blocks without state
+    failed: Tensor | None  # (B,) bool: eigh/QR failed and the block kept its basis; None: none ran
+
+
+def kl_methods_clamp(lam: Tensor) -> Tensor:
+    """[11]'s clamp of stored estimates: ``lam^-1/2 <= max(10, min(d, 4000))``, d = lam's size."""
+    bound = max(10, min(lam.shape[-1], 4000))
+    return lam.clamp_min(1.0 / bound**2)
+
+
+def noise_floor(lam: Tensor) -> Tensor:
+    """``lam`` (B, d) raised to ``NOISE_FLOOR`` times each block's largest entry and to the
+    dtype's smallest normal number (see the module docstring)."""
+    tiny = torch.finfo(lam.dtype).tiny
+    return torch.maximum(lam, (NOISE_FLOOR * lam.amax(dim=-1, keepdim=True)).clamp_min(tiny))
+
+
+def floor_relative(lam: Tensor, floor: float) -> Tensor:
+    """``lam`` (B, d) raised to at least ``floor`` times each block's largest entry.
+
+    A damping of the preconditioner only (the stored estimates are untouched): it bounds
+    ``S^-1/2`` at ``1 / floor`` times its value at the top of the spectrum.
+    """
+    if floor <= 0.0:
+        return lam
+    return torch.maximum(lam, floor * lam.amax(dim=-1, keepdim=True))
+
+
+def init_block_state(hyper: BlockHyper, grad: Tensor) -> tuple[KronBlockState, Tensor]:
+    """State of a stack from its first non-zero gradient (B, m, n) float32 (see the module
+    docstring for the two initialisations); also (B,) eigh failures."""
     bsz, m, n = grad.shape
     eye_l = torch.eye(m, dtype=grad.dtype, device=grad.device).expand(bsz, m, m)
     eye_r = torch.eye(n, dtype=grad.dtype, device=grad.device).expand(bsz, n, n)
     ones_l = grad.new_ones(bsz, m)
     ones_r = grad.new_ones(bsz, n)
-    d_l, d_r = kron_stats(stats, grad, None, None, ones_l, ones_r, eye_l, eye_r)
-    lam_l, u_l, failed_l = eigh_descending(d_l)
-    lam_r, u_r, failed_r = eigh_descending(d_r)
+    d_l, d_r = kron_stats(hyper.stats, grad, None, None, ones_l, ones_r, eye_l, eye_r)
+    if hyper.init == "kl-methods":  # the factor EMA's first term, from zero
+        d_l, d_r = (1.0 - hyper.beta2) * d_l, (1.0 - hyper.beta2) * d_r
+    eig_l, u_l, failed_l = eigh_descending(d_l)
+    eig_r, u_r, failed_r = eigh_descending(d_r)
+    if hyper.init == "kl-methods":
+        lam_l = kl_methods_clamp(torch.full_like(eig_l, hyper.init_factor))
+        lam_r = kl_methods_clamp(torch.full_like(eig_r, hyper.init_factor))
+    else:
+        lam_l, lam_r = _first_floor(eig_l), _first_floor(eig_r)
     state = KronBlockState(
         momentum=torch.zeros_like(grad),
         L=d_l.contiguous(),
         R=d_r.contiguous(),
         U_L=u_l.contiguous(),
         U_R=u_r.contiguous(),
-        lam_L=_floor(lam_l),
-        lam_R=_floor(lam_r),
+        lam_L=lam_l,
+        lam_R=lam_r,
         step=torch.zeros(bsz, dtype=torch.int64),
+        ready=torch.ones(bsz, dtype=torch.bool),
     )
     return state, failed_l | failed_r
 
 
-def _floor(lam: Tensor) -> Tensor:
-    floor = (FIRST_EIG_FLOOR * lam.clamp_min(0).mean(-1, keepdim=True)).clamp_min(TINY)
+def _first_floor(lam: Tensor) -> Tensor:
+    floor = (FIRST_EIG_FLOOR * lam.clamp_min(0).mean(-1, keepdim=True)).clamp_min(torch.finfo(lam.dtype).tiny)
     return torch.maximum(lam, floor)
 
 
@@ -119,21 +217,22 @@ def refresh_due(step: Tensor, offset: Tensor, frequency: int) -> Tensor:
     return torch.remainder(step - offset, frequency) == 0
 
 
-def _accumulate(s: KronBlockState, grad: Tensor, hyper: BlockHyper) -> None:
-    """Lines 1-5 of Algorithm 1 but the refresh: momentum, factor and eigenvalue EMAs."""
+def _accumulate(s: KronBlockState, grad: Tensor, hyper: BlockHyper, observed: Tensor) -> KronBlockState:
+    """Lines 1-5 of Algorithm 1 but the refresh, into a new state: momentum, factor and
+    eigenvalue EMAs. Blocks whose gradient is zero (``observed`` False) keep their statistics."""
     b1, b2 = hyper.beta1, hyper.beta2
+    decay = torch.where(observed, b2, 1.0).to(grad.dtype)  # zero gradient: no observation, no decay
+    lam_l, lam_r = noise_floor(s.lam_L), noise_floor(s.lam_R)
     if hyper.stats == "f-v1":
         gt = s.U_L.mT @ grad @ s.U_R  # (B, m, n), the gradient in the current eigenbasis
-        d_l, d_r = kron_stats("f-v1", grad, s.U_L, s.U_R, s.lam_L, s.lam_R, s.L, s.R)
-        diag_l, diag_r = rotated_diagonals(
-            "f-v1", gt, s.lam_L, s.lam_R, s.L, s.R, d_l, d_r, s.U_L, s.U_R, G=grad
-        )
-        s.L.lerp_(d_l, 1.0 - b2)
-        s.R.lerp_(d_r, 1.0 - b2)
-        s.momentum.lerp_(gt, 1.0 - b1)
+        d_l, d_r = kron_stats("f-v1", grad, s.U_L, s.U_R, lam_l, lam_r, s.L, s.R)
+        diag_l, diag_r = rotated_diagonals("f-v1", gt, lam_l, lam_r, s.L, s.R, d_l, d_r, s.U_L, s.U_R, G=grad)
+        big_l = s.L * decay[:, None, None] + (1.0 - b2) * d_l
+        big_r = s.R * decay[:, None, None] + (1.0 - b2) * d_r
+        momentum = torch.lerp(s.momentum, gt, 1.0 - b1)
     else:
         # dL = X_L diag(w_L) X_L^T: the factor EMA is one fused product of pre-scaled X.
-        w_l, w_r = factor_weights(hyper.stats, s.lam_L, s.lam_R, s.L, s.R)
+        w_l, w_r = factor_weights(hyper.stats, lam_l, lam_r, s.L, s.R)
         if hyper.stats in EIGEN_WEIGHTED:
             x_r = s.U_L.mT @ grad  # (B, m, n)
             x_l = grad @ s.U_R
@@ -143,78 +242,112 @@ def _accumulate(s: KronBlockState, grad: Tensor, hyper: BlockHyper) -> None:
             gt = s.U_L.mT @ grad @ s.U_R
         scaled_l = x_l * w_l.sqrt()[:, None, :]
         scaled_r = x_r * w_r.sqrt()[:, :, None]
-        s.L.baddbmm_(scaled_l, scaled_l.mT, beta=b2, alpha=1.0 - b2)
-        s.R.baddbmm_(scaled_r.mT, scaled_r, beta=b2, alpha=1.0 - b2)
-        diag_l, diag_r = _weighted_sums_and_momentum(s, gt, w_l, w_r, b1, hyper.backend)
-    s.lam_L.lerp_(diag_l, 1.0 - b2)
-    s.lam_R.lerp_(diag_r, 1.0 - b2)
-    s.step += 1
+        big_l = torch.baddbmm(s.L * decay[:, None, None], scaled_l, scaled_l.mT, alpha=1.0 - b2)
+        big_r = torch.baddbmm(s.R * decay[:, None, None], scaled_r.mT, scaled_r, alpha=1.0 - b2)
+        diag_l, diag_r, momentum = _weighted_sums_and_momentum(s.momentum, gt, w_l, w_r, b1, hyper.backend)
+    new_lam_l = s.lam_L * decay[:, None] + (1.0 - b2) * diag_l
+    new_lam_r = s.lam_R * decay[:, None] + (1.0 - b2) * diag_r
+    if hyper.init == "kl-methods":
+        new_lam_l, new_lam_r = kl_methods_clamp(new_lam_l), kl_methods_clamp(new_lam_r)
+    return KronBlockState(
+        momentum=momentum, L=big_l, R=big_r, U_L=s.U_L, U_R=s.U_R, lam_L=new_lam_l, lam_R=new_lam_r,
+        step=s.step + 1, ready=s.ready,
+    )
 
 
 def _weighted_sums_and_momentum(
-    s: KronBlockState, gt: Tensor, w_l: Tensor, w_r: Tensor, b1: float, backend: str
-) -> tuple[Tensor, Tensor]:
-    """``rowsum(Gt^2 w_L)``, ``colsum(Gt^2 w_R)`` and ``Mt <- lerp(Mt, Gt, 1 - b1)``: one fused
-    pass of the Triton kernel where the backend allows it, torch otherwise."""
+    momentum: Tensor, gt: Tensor, w_l: Tensor, w_r: Tensor, b1: float, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``rowsum(Gt^2 w_L)``, ``colsum(Gt^2 w_R)`` and the new ``lerp(Mt, Gt, 1 - b1)``: one
+    fused pass of the Triton kernel where the backend allows it, torch otherwise."""
     if b1 > 0.5 and resolve_backend(backend, gt.device, torch.float32) == "triton":
         from triton_kernels.rotated_stats import rotated_stats
 
-        return rotated_stats(gt.contiguous(), w_l, w_r, s.momentum, b1)
-    sq = gt * gt
-    s.momentum.lerp_(gt, 1.0 - b1)
-    return (sq * w_l[:, None, :]).sum(-1), (sq * w_r[:, :, None]).sum(-2)
+        new = momentum.clone()
+        diag_l, diag_r = rotated_stats(gt.contiguous(), w_l, w_r, new, b1)
+        return diag_l, diag_r, new
+    diag_l, diag_r = weighted_square_sums(gt, w_l, w_r)
+    return diag_l, diag_r, torch.lerp(momentum, gt, 1.0 - b1)
 
 
-def _refresh(s: KronBlockState, idx: Tensor) -> Tensor:
-    """Line 7 for the blocks ``idx``: ``U <- qr(L U)``, the rotated momentum carried along.
-
-    Returns (len(idx),) bool: blocks whose QR failed and kept their previous basis.
-    """
+def _refresh(s: KronBlockState, idx: Tensor) -> tuple[KronBlockState, Tensor]:
+    """Line 7 for the blocks ``idx``: ``U <- qr(L U)``, the rotated momentum carried along,
+    into a new state. Also (len(idx),) bool: blocks whose QR failed and kept their basis."""
     old_l, old_r = s.U_L[idx], s.U_R[idx]
     new_l, failed_l = power_qr(s.L[idx], old_l)
     new_r, failed_r = power_qr(s.R[idx], old_r)
     # U_new^T (U_old Mt U_old^T) U_new: four m x n products, cheaper than forming the m x m
     # change of basis U_new^T U_old.
     momentum = old_l @ s.momentum[idx] @ old_r.mT
-    s.momentum.index_copy_(0, idx, new_l.mT @ momentum @ new_r)
-    s.U_L.index_copy_(0, idx, new_l)
-    s.U_R.index_copy_(0, idx, new_r)
-    return failed_l | failed_r
+    new = KronBlockState(**s.tensors())
+    new.momentum = torch.index_copy(s.momentum, 0, idx, new_l.mT @ momentum @ new_r)
+    new.U_L = torch.index_copy(s.U_L, 0, idx, new_l)
+    new.U_R = torch.index_copy(s.U_R, 0, idx, new_r)
+    return new, failed_l | failed_r
 
 
-def kron_block_step(
-    state: KronBlockState, grad: Tensor, hyper: BlockHyper, offset: Tensor
-) -> tuple[Tensor, Tensor | None]:
-    """One step of Algorithm 1 on every block of ``state`` (updated in place).
+def _precondition(mt: Tensor, lam_l: Tensor, lam_r: Tensor, u_l: Tensor, u_r: Tensor, hyper: BlockHyper) -> Tensor:
+    """Line 6: ``U_L (Mt * W) U_R^T`` from the estimates (damped by eig_floor, noise-floored)."""
+    lam_l = noise_floor(floor_relative(lam_l, hyper.eig_floor))
+    lam_r = noise_floor(floor_relative(lam_r, hyper.eig_floor))
+    pre = precondition_rotated(mt, lam_l, lam_r, hyper.rho, hyper.q, hyper.c, hyper.eps, hyper.backend, hyper.exponent)
+    return u_l @ pre @ u_r.mT
 
-    ``grad`` is (B, m, n) float32, ``offset`` (B,) the blocks' refresh offsets (CPU, as
-    ``state.step``). Returns (update M_hat (B, m, n), failures): ``failures`` is None when no
-    block refreshed, else (B,) bool, the blocks whose QR failed and kept their basis.
-    """
-    _accumulate(state, grad, hyper)
+
+def _step_initialised(
+    state: KronBlockState, grad: Tensor, hyper: BlockHyper, offset: Tensor, observed: Tensor
+) -> BlockStepResult:
+    """Algorithm 1 on blocks that all have state."""
+    new = _accumulate(state, grad, hyper, observed)
+    update = None
+    if hyper.init == "kl-methods":  # the previous estimates and basis, the new momentum
+        update = _precondition(new.momentum, state.lam_L, state.lam_R, state.U_L, state.U_R, hyper)
     failed = None
-    due = refresh_due(state.step, offset, hyper.frequency)  # on the host: no device sync
+    due = refresh_due(new.step, offset, hyper.frequency)  # on the host: no device sync
     if bool(due.any()):
         idx = due.nonzero().flatten().to(grad.device)
+        new, qr_failed = _refresh(new, idx)
         failed = torch.zeros(grad.shape[0], dtype=torch.bool, device=grad.device)
-        failed[idx] = _refresh(state, idx)
-    s = state
-    lam_l, lam_r = floor_relative(s.lam_L, hyper.eig_floor), floor_relative(s.lam_R, hyper.eig_floor)
-    pre = precondition_rotated(s.momentum, lam_l, lam_r, hyper.rho, hyper.q, hyper.c, hyper.eps, hyper.backend)
-    return s.U_L @ pre @ s.U_R.mT, failed
+        failed[idx] = qr_failed
+    if update is None:
+        update = _precondition(new.momentum, new.lam_L, new.lam_R, new.U_L, new.U_R, hyper)
+    return BlockStepResult(new, update, failed)
 
 
-def floor_relative(lam: Tensor, floor: float) -> Tensor:
-    """``lam`` (B, d) raised to at least ``floor`` times each block's largest entry.
+def kron_block_step(state: KronBlockState, grad: Tensor, hyper: BlockHyper, offset: Tensor) -> BlockStepResult:
+    """One step of Algorithm 1 on every block of ``state`` (which is not changed).
 
-    A damping of the preconditioner only (the stored estimates are untouched): it bounds
-    ``S^-1/2`` at ``1 / floor`` times its value at the top of the spectrum. The Frobenius
-    baselines need it: their bottom estimates can collapse towards zero, and then ``S^-1/2``
-    on those directions explodes and training stops.
+    ``grad`` is (B, m, n) float32, ``offset`` (B,) the blocks' refresh offsets (CPU, as
+    ``state.step``). Blocks without state are initialised by a non-zero gradient and left as
+    they are by a zero one (update zero).
     """
-    if floor <= 0.0:
-        return lam
-    return torch.maximum(lam, floor * lam.amax(dim=-1, keepdim=True))
+    observed = grad.flatten(1).abs().amax(1) > 0  # (B,) on the device
+    if bool(state.ready.all()):  # the usual case: no host read of the device
+        return _step_initialised(state, grad, hyper, offset, observed)
+
+    starting = ~state.ready & observed.cpu()
+    new, failed = state, None
+    if bool(starting.any()):
+        idx = starting.nonzero().flatten()
+        init, init_failed = init_block_state(hyper, grad.index_select(0, idx.to(grad.device)))
+        new = state.with_rows(idx, init)
+        failed = torch.zeros(grad.shape[0], dtype=torch.bool, device=grad.device)
+        failed[idx.to(grad.device)] = init_failed
+    live = state.ready | starting if hyper.init == "first-gradient" else state.ready
+    update = torch.zeros_like(grad)
+    if bool(live.any()):
+        idx = live.nonzero().flatten()
+        dev_idx = idx.to(grad.device)
+        part = _step_initialised(
+            new.select(idx), grad.index_select(0, dev_idx), hyper, offset.index_select(0, idx),
+            observed.index_select(0, dev_idx),
+        )
+        new = new.with_rows(idx, part.state)
+        update.index_copy_(0, dev_idx, part.update)
+        if part.failed is not None:
+            failed = torch.zeros(grad.shape[0], dtype=torch.bool, device=grad.device) if failed is None else failed
+            failed[dev_idx] |= part.failed
+    return BlockStepResult(new, update, failed)
 
 
 def lpt_refresh_offsets(costs: list[float], frequency: int, stagger: bool) -> list[int]:

@@ -4,9 +4,16 @@ In the Kronecker eigenbasis the rotated momentum ``Mt = U_L^T M U_R`` is scaled 
 by ``W``: the K = ceil(rho*m*n) largest entries of ``S = lam_L lam_R^T`` (the top set) get
 ``S^-1/2``, every other entry gets ``chi = c * Quantile_q{S^-1/2 over the bottom set}``.
 With ``eps > 0`` every ``S^-1/2`` reads ``1 / (sqrt(S) + eps)``; ``eps = 0`` is the paper.
+Shampoo's ``p = 1/4`` reads ``S^-1/4`` in place of ``S^-1/2`` (rho = 1 there).
 
-Ties in S are broken by row-major position (the first K entries of a stable descending
-sort form the top set). The threshold and the quantile come from
+S itself is never formed, not even entrywise: the eigenvalues of the two factors can each be
+anywhere in the float range while their product is not (1e25 x 1e25 overflows float32, 1e-25
+x 1e-25 underflows it), although ``S^-1/2`` is representable. Everything here works on the
+*root spectrum* ``sqrt(S) = sqrt(lam_L) sqrt(lam_R)^T``, which has the same order as S and
+stays in range; a ``power`` of 1 (p = 1/2) or 1/2 (p = 1/4) turns it into the scale.
+
+Ties are broken by row-major position (the first K entries of a stable descending sort
+form the top set). The threshold and the quantile come from
 :mod:`bregtop_dist.core.selection`, never from sorting the m*n entries.
 """
 
@@ -20,6 +27,7 @@ from torch import Tensor
 
 from bregtop_dist.core.dispatch import BACKENDS, resolve_backend
 from bregtop_dist.core.selection import kth_largest_product, row_counts_at_least
+from bregtop_dist.core.validate import check_floating_tensor, is_real, wrong_type
 
 
 def top_count(rho: float, m: int, n: int) -> int:
@@ -27,14 +35,30 @@ def top_count(rho: float, m: int, n: int) -> int:
     return max(1, math.ceil(rho * m * n))
 
 
-def inverse_sqrt(s: Tensor, eps: float) -> Tensor:
-    """The top-set scale ``S^-1/2`` (``1 / (sqrt(S) + eps)`` when eps > 0)."""
-    return torch.rsqrt(s) if eps == 0.0 else 1.0 / (torch.sqrt(s) + eps)
+POWERS = (0.5, 1.0)
+"""``power`` of the scale ``1 / (x^power + eps)`` of a spectrum x: 0.5 on S (or on the root
+spectrum for Shampoo's p = 1/4), 1 on the root spectrum (p = 1/2)."""
 
 
-def _inverse_sqrt_(s: Tensor, eps: float) -> Tensor:
-    """:func:`inverse_sqrt` in place (S is not needed afterwards)."""
-    return s.rsqrt_() if eps == 0.0 else s.sqrt_().add_(eps).reciprocal_()
+def inverse_power(x: Tensor, eps: float, power: float = 0.5) -> Tensor:
+    """The top-set scale ``1 / (x^power + eps)`` of spectrum entries ``x``; ``x^-power`` when
+    eps = 0, with x raised to the smallest normal number first so that it is never inf."""
+    if eps == 0.0:
+        return x.clamp_min(torch.finfo(x.dtype).tiny).pow(-power)
+    return 1.0 / ((x if power == 1.0 else x.sqrt()) + eps)
+
+
+def _inverse_power_(x: Tensor, eps: float, power: float) -> Tensor:
+    """:func:`inverse_power` in place (x is not needed afterwards)."""
+    if eps == 0.0:
+        return x.clamp_min_(torch.finfo(x.dtype).tiny).pow_(-power)
+    return (x if power == 1.0 else x.sqrt_()).add_(eps).reciprocal_()
+
+
+def spectrum_root(lam: Tensor) -> Tensor:
+    """``sqrt(lam)``, with lam raised to the smallest normal number first: the factor of the
+    root spectrum ``sqrt(S)``, whose entries then lie in [tiny, max] of lam's dtype."""
+    return lam.clamp_min(torch.finfo(lam.dtype).tiny).sqrt()
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -56,9 +80,12 @@ class TopSet:
     chi: Tensor  # (B,) the bottom-set scale
 
 
-def select_top_set(lam_l: Tensor, lam_r: Tensor, rho: float, q: float, c: float, eps: float = 0.0) -> TopSet:
-    """The top set and chi of Algorithm 2 from (B, m), (B, n) non-negative eigenvalues of one
-    float dtype, found from the sorted vectors (S is formed only when ties straddle the cut)."""
+def select_top_set(
+    lam_l: Tensor, lam_r: Tensor, rho: float, q: float, c: float, eps: float = 0.0, power: float = 0.5
+) -> TopSet:
+    """The top set and chi of Algorithm 2 from (B, m), (B, n) non-negative factors of a
+    spectrum ``lam_l lam_r^T`` of one float dtype (eigenvalues with ``power`` 0.5, their
+    square roots with ``power`` 1), found from the sorted vectors."""
     bsz, m = lam_l.shape
     n = lam_r.shape[-1]
     k = top_count(rho, m, n)
@@ -80,7 +107,7 @@ def select_top_set(lam_l: Tensor, lam_r: Tensor, rho: float, q: float, c: float,
     ranks = torch.tensor([k - 1, k + below, k + above], dtype=torch.int64, device=lam_l.device)
     stats = kth_largest_product(a_desc, b_asc, ranks.expand(bsz, 3).contiguous())
     threshold = stats[:, 0]
-    chi = c * torch.lerp(inverse_sqrt(stats[:, 1], eps), inverse_sqrt(stats[:, 2], eps), weight)
+    chi = c * torch.lerp(inverse_power(stats[:, 1], eps, power), inverse_power(stats[:, 2], eps, power), weight)
 
     cutoff = _tie_cutoff(lam_l, lam_r, b_asc, threshold, k)
     return TopSet(threshold=threshold, cutoff=cutoff, chi=chi)
@@ -109,9 +136,12 @@ def _tie_cutoff(lam_l: Tensor, lam_r: Tensor, b_asc: Tensor, threshold: Tensor, 
     return torch.where(straddles, row * n + col, torch.full_like(row, m * n - 1))
 
 
-def apply_top_set(mt: Tensor, lam_l: Tensor, lam_r: Tensor, top: TopSet, eps: float) -> Tensor:
-    """``Mt * W`` (B, m, n): ``S^-1/2`` on the top set, chi elsewhere. The torch reference of
-    the fused Triton kernel ``triton_kernels.masked_scale``; computed in lam's dtype."""
+def apply_top_set(
+    mt: Tensor, lam_l: Tensor, lam_r: Tensor, top: TopSet, eps: float, power: float = 0.5
+) -> Tensor:
+    """``Mt * W`` (B, m, n): ``1 / ((lam_l lam_r^T)^power + eps)`` on the top set, chi
+    elsewhere. The torch reference of the fused Triton kernel ``triton_kernels.masked_scale``;
+    computed in lam's dtype."""
     bsz, m = lam_l.shape
     n = lam_r.shape[-1]
     s = lam_l[:, :, None] * lam_r[:, None, :]
@@ -121,17 +151,16 @@ def apply_top_set(mt: Tensor, lam_l: Tensor, lam_r: Tensor, top: TopSet, eps: fl
         in_top = (s > thr) | ((s == thr) & (flat <= top.cutoff[:, None, None]))
     else:
         in_top = s >= thr
-    w = torch.where(in_top, _inverse_sqrt_(s, eps), top.chi[:, None, None].to(s.dtype))
+    w = torch.where(in_top, _inverse_power_(s, eps, power), top.chi[:, None, None].to(s.dtype))
     return w.mul_(mt)
 
 
 def precondition_weights(
-    lam_l: Tensor, lam_r: Tensor, rho: float, q: float, c: float, eps: float = 0.0
+    lam_l: Tensor, lam_r: Tensor, rho: float, q: float, c: float, eps: float = 0.0, exponent: float = 0.5
 ) -> Tensor:
     """The scaling matrix W of Algorithm 2 for a batch of blocks: (B, m, n) from (B, m), (B, n)."""
-    top = select_top_set(lam_l, lam_r, rho, q, c, eps)
     ones = lam_l.new_ones(lam_l.shape[0], lam_l.shape[1], lam_r.shape[-1])
-    return apply_top_set(ones, lam_l, lam_r, top, eps)
+    return precondition_rotated(ones, lam_l, lam_r, rho, q, c, eps, "torch", exponent)
 
 
 def precondition_rotated(
@@ -143,33 +172,50 @@ def precondition_rotated(
     c: float,
     eps: float,
     backend: str = "auto",
+    exponent: float = 0.5,
 ) -> Tensor:
     """``Mt * W`` for a batch of blocks already in the eigenbasis; (B, m, n) in mt's dtype.
 
-    ``backend`` picks the masked scaling (see :mod:`bregtop_dist.core.dispatch`).
+    ``backend`` picks the masked scaling (see :mod:`bregtop_dist.core.dispatch`);
+    ``exponent`` is p of ``S^-p`` (1/2, or Shampoo's 1/4). Works on the root spectrum, so
+    any eigenvalues of the dtype's range give a finite scale.
     """
     dtype = _compute_dtype(lam_l, lam_r)
-    lam_l, lam_r = lam_l.to(dtype), lam_r.to(dtype)
-    top = select_top_set(lam_l, lam_r, rho, q, c, eps)
+    root_l, root_r = spectrum_root(lam_l.to(dtype)), spectrum_root(lam_r.to(dtype))
+    power = 2.0 * exponent
+    top = select_top_set(root_l, root_r, rho, q, c, eps, power)
     if resolve_backend(backend, mt.device, dtype) == "triton":
         from triton_kernels.masked_scale import masked_scale
 
         scaled = mt if mt.dtype in (torch.float32, torch.bfloat16) else mt.float()
-        out = masked_scale(scaled.contiguous(), lam_l, lam_r, top.threshold, top.cutoff, top.chi, eps)
+        out = masked_scale(scaled.contiguous(), root_l, root_r, top.threshold, top.cutoff, top.chi, eps, power=power)
         return out.to(mt.dtype)
-    return apply_top_set(mt.to(dtype), lam_l, lam_r, top, eps).to(mt.dtype)
+    return apply_top_set(mt.to(dtype), root_l, root_r, top, eps, power).to(mt.dtype)
+
+
+SELECTION_ALLOWED = {
+    "rho": "rho must be a number in (0, 1]",
+    "q": "q must be a number in [0, 1]",
+    "c": "c must be > 0 and finite",
+    "eps": "it must be a finite number >= 0",
+}
+"""What each selection setting allows, as error messages say it."""
 
 
 def check_selection(rho: float | None, q: float | None, c: float | None, eps: float | None) -> None:
-    """ValueError naming the first of rho, q, c, eps outside its range (None is not checked)."""
+    """Error naming the first of rho, q, c, eps of the wrong type (ArgumentTypeError: not a
+    real number, or a bool) or outside its range (ValueError); None is not checked."""
+    for name, value in (("rho", rho), ("q", q), ("c", c), ("eps", eps)):
+        if value is not None and not is_real(value):
+            raise wrong_type(name, value, SELECTION_ALLOWED[name])
     if rho is not None and not 0.0 < rho <= 1.0:
         raise ValueError(f"rho={rho!r} is outside the allowed range (0, 1]")
     if q is not None and not 0.0 <= q <= 1.0:
         raise ValueError(f"q={q!r} is outside the allowed range [0, 1]")
-    if c is not None and not c > 0.0:
-        raise ValueError(f"c={c!r} is not allowed: c must be > 0")
+    if c is not None and not (c > 0.0 and math.isfinite(c)):
+        raise ValueError(f"c={c!r} is not allowed: {SELECTION_ALLOWED['c']}")
     if eps is not None and not (eps >= 0.0 and math.isfinite(eps)):
-        raise ValueError(f"eps={eps!r} is not allowed: it must be a finite number >= 0")
+        raise ValueError(f"eps={eps!r} is not allowed: {SELECTION_ALLOWED['eps']}")
 
 
 def _check_inputs(
@@ -184,6 +230,12 @@ def _check_inputs(
     eps: float,
     backend: str,
 ) -> None:
+    for name, t in (("M", m_mat), ("U_L", u_l), ("U_R", u_r), ("lam_L", lam_l), ("lam_R", lam_r)):
+        if t is not None or name in ("M", "lam_L", "lam_R"):
+            check_floating_tensor(name, t)
+    for name, value in (("rho", rho), ("q", q), ("c", c), ("eps", eps)):
+        if value is None:  # check_selection lets None through (a preset), kron_precondition may not
+            raise wrong_type(name, value, SELECTION_ALLOWED[name])
     if m_mat.ndim != 2:
         raise ValueError(f"M must be a matrix (m, n), got shape {tuple(m_mat.shape)}")
     m, n = m_mat.shape
@@ -222,9 +274,11 @@ def kron_precondition(
 
     ``U_L``/``U_R`` may be ``None`` (identity: ``M`` is already in the eigenbasis).
     ``backend`` is ``auto``, ``torch`` or ``triton`` (see :mod:`bregtop_dist.core.dispatch`).
-    Returns a tensor of M's shape and dtype.
+    Returns a tensor of M's shape and dtype (empty when m or n is 0).
     """
     _check_inputs(M, U_L, U_R, lam_L, lam_R, rho, q, c, eps, backend)
+    if M.numel() == 0:  # m == 0 or n == 0: no entry to scale (and no top set to select)
+        return torch.empty_like(M)
     dtype = _compute_dtype(M, lam_L, lam_R)
     mt = M.to(dtype)
     if U_L is not None:

@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from bregtop_dist.core.validate import ArgumentTypeError, check_floating_tensor
+
 STATS_METHODS = ("shampoo", "kl", "vn-v1", "vn-v2", "f-v1", "f-v2")
 EIGEN_WEIGHTED = ("kl", "f-v2")
 """Methods whose weight is diagonal in the other factor's eigenbasis: X_L = G U_R, X_R = U_L^T G."""
@@ -101,6 +103,50 @@ def _fv1_diagonals(
     return diag_l, diag_r
 
 
+def _check_stats_inputs(
+    G: Tensor,
+    U_L: Tensor | None,
+    U_R: Tensor | None,
+    lam_L: Tensor,
+    lam_R: Tensor,
+    L: Tensor | None,
+    R: Tensor | None,
+) -> torch.Size:
+    """The batch shape of :func:`kron_stats`' tensors, after refusing the first that is not a
+    floating tensor of G's dtype (ArgumentTypeError) or has the wrong shape (ValueError)."""
+    check_floating_tensor("G", G)
+    if G.ndim < 2:
+        raise ValueError(f"G has shape {tuple(G.shape)}; it must be (..., m, n), at least 2-D")
+    m, n = G.shape[-2:]
+    batches = {"G": G.shape[:-2]}
+    for name, t, dims, symbols in (
+        ("U_L", U_L, (m, m), "m, m"), ("U_R", U_R, (n, n), "n, n"), ("lam_L", lam_L, (m,), "m"),
+        ("lam_R", lam_R, (n,), "n"), ("L", L, (m, m), "m, m"), ("R", R, (n, n), "n, n"),
+    ):
+        optional = name not in ("lam_L", "lam_R")
+        if t is None and optional:
+            continue
+        t = check_floating_tensor(name, t)  # lam_L/lam_R = None are refused here
+        if t.dtype != G.dtype:
+            raise ArgumentTypeError(
+                f"{name} has dtype {t.dtype} and G has {G.dtype}; kron_stats takes tensors of one floating dtype"
+            )
+        if t.ndim < len(dims) or tuple(t.shape[t.ndim - len(dims):]) != dims:
+            allowed = f"(..., {symbols}) = (..., {', '.join(map(str, dims))})"
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)}; it must be {allowed} for G of shape "
+                f"{tuple(G.shape)}{', or None' if optional else ''}"
+            )
+        batches[name] = t.shape[: t.ndim - len(dims)]
+    try:
+        return torch.broadcast_shapes(*batches.values())
+    except RuntimeError:
+        raise ValueError(
+            "the leading (batch) dimensions of kron_stats' tensors must broadcast together; got "
+            + ", ".join(f"{k} {tuple(b)}" for k, b in batches.items())
+        ) from None
+
+
 def kron_stats(
     method: str,
     G: Tensor,
@@ -114,9 +160,14 @@ def kron_stats(
     """The factor increments (dL, dR) of ``method`` for gradient G (..., m, n).
 
     ``U_L``/``U_R`` may be ``None`` (identity). ``L``/``R`` are the current factors, needed
-    by vn-v1 and f-v1.
+    by vn-v1 and f-v1. Every tensor is floating point, of G's dtype; when m or n is 0 the
+    increments are empty.
     """
     _check(method, L, R)
+    batch = _check_stats_inputs(G, U_L, U_R, lam_L, lam_R, L, R)
+    m, n = G.shape[-2:]
+    if m == 0 or n == 0:  # (f-v1 would divide 0 by Tr(L^2) = 0)
+        return G.new_zeros((*batch, m, m)), G.new_zeros((*batch, n, n))
     if method == "f-v1":
         assert L is not None and R is not None
         d_l = G @ R @ G.mT / (R * R).sum((-2, -1))[..., None, None]
@@ -157,5 +208,13 @@ def rotated_diagonals(
         assert L is not None and R is not None
         return _fv1_diagonals(G, U_L, U_R, L, R, dL, dR)
     w_l, w_r = factor_weights(method, lam_L, lam_R, L, R)
-    sq = Gt * Gt
-    return (sq * w_l[..., None, :]).sum(-1), (sq * w_r[..., :, None]).sum(-2)
+    return weighted_square_sums(Gt, w_l, w_r)
+
+
+def weighted_square_sums(Gt: Tensor, w_l: Tensor, w_r: Tensor) -> tuple[Tensor, Tensor]:
+    """``rowsum(Gt^2 w_L)`` and ``colsum(Gt^2 w_R)``, each formed as a square of
+    ``Gt sqrt(w)``: where Gt is large and w small (as they are when the statistics have the
+    gradient's scale), ``Gt^2`` alone would overflow float32 although the sums do not."""
+    rows = Gt * w_l.sqrt()[..., None, :]
+    cols = Gt * w_r.sqrt()[..., :, None]
+    return (rows * rows).sum(-1), (cols * cols).sum(-2)
