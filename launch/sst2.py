@@ -7,9 +7,11 @@ groups, no weight decay; Adam for embeddings, biases, norms and the head, the ch
 for the other matrices. The measure is the number of steps until the EMA (0.98) of the
 training loss falls below 0.05; the EMA starts at the first step's loss.
 
-Writes ``OUT/metrics.jsonl`` (one line per step), ``OUT/summary.json`` (per method),
-``OUT/ema_loss.png`` (the EMA curves of every method in the summary) and prints a table.
-Runs on one process, under ``torchrun ... --cpu`` and under ``accelerate launch``.
+Each (method, seed) is one row: ``seeds="0,1,2"`` trains every method once per seed, the seed
+fixing both the model's initialisation and the data order. Writes ``OUT/metrics.jsonl`` (one
+line per step, with its method and seed), ``OUT/summary.json`` (one entry per row, keyed
+``METHOD/seedN``), ``OUT/ema_loss.png`` (the EMA curves of every row in the summary) and
+prints a table. Runs on one process, under ``torchrun ... --cpu`` and under ``accelerate launch``.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from bregtop_dist import METHODS, BregTop, NonFiniteGradientError, param_groups
+from bregtop_dist import METHODS, BregTop, BregTopConfig, NonFiniteGradientError, param_groups
 from launch.engines import build
-from launch.jobconfig import ConfigError, from_sources, job_parser
+from launch.jobconfig import ConfigError, from_sources, job_parser, parse_list
 from launch.models import EncoderClassifier
 from launch.sst2_data import DEFAULT_DEV, DEFAULT_TRAIN, DataError, Encoded, collate, load_sst2, wordpiece
 
@@ -51,12 +53,16 @@ class SST2Config:
     target_loss: float = 0.05
     ema: float = 0.98
     stop_at_target: bool = True  # stop a method once its EMA is below the target
-    seed: int = 0
+    seed: int = 0  # the seed of the model's initialisation and of the data order
+    seeds: str | None = None  # comma-separated seeds ("0,1,2"), one row per (method, seed); replaces seed
     out: Path = Path("runs/sst2")
     batch_size: int = 128  # global, over all processes
     lr: float = 1e-3
     precondition_frequency: int = 10
     eig_floor: float = 0.0  # BregTop's damping, the same for every row (0: the paper's algorithm)
+    init: str = "first-gradient"  # BregTop's state initialisation: first-gradient or kl-methods (Lin et al.'s code)
+    init_factor: float = 0.1  # kl-methods only: the constant first eigenvalue estimate
+    exponent: float | None = None  # the shampoo row's p of S^-p (0.25 or 0.5; None: BregTop's default, 0.25)
     loss_reduction: str = "mean"  # "mean": F.mse_loss over batch and classes; "sum": summed over classes
     vocab_size: int = 30000
     max_len: int = 128
@@ -70,7 +76,7 @@ class SST2Config:
     dataset: str | None = None  # a Hub dataset name instead of the files (needs a network)
     cache_dir: Path = Path("runs/cache")
     log_every: int = 50
-    resume: bool = False  # skip methods already in OUT/summary.json with the same settings
+    resume: bool = False  # skip (method, seed) rows already in OUT/summary.json with the same settings
     cpu: bool = False  # force the CPU (for torchrun on a CPU machine)
     deepspeed: Path | None = None  # a DeepSpeed JSON (configs/deepspeed/) whose optimizer block selects BregTop
 
@@ -96,6 +102,16 @@ class SST2Config:
             raise ValueError(f"dim={self.dim} must be a multiple of heads={self.heads}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
+        if self.seeds is not None:
+            if self.seed != 0:
+                raise ValueError(f"seed={self.seed!r} and seeds={self.seeds!r}: set one of them, not both")
+            parse_list(self.seeds, "seeds")
+        if self.exponent is not None and "shampoo" not in self.methods:
+            raise ValueError(f"exponent={self.exponent!r} applies to the shampoo row only, which "
+                             f"method={self.method!r} does not run")
+        for method in self.methods:  # BregTop's own checks, before any row has run
+            if method != "adamw":
+                BregTopConfig(**self.bregtop_settings(method))
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -103,10 +119,37 @@ class SST2Config:
             return METHODS
         return tuple(dict.fromkeys(m.strip() for m in self.method.split(",") if m.strip()))
 
-    def fingerprint(self) -> dict[str, Any]:
-        """The settings a result depends on (what ``--resume`` compares)."""
-        skip = {"method", "out", "resume", "log_every", "cache_dir", "cpu", "deepspeed"}
-        return {k: str(v) for k, v in dataclasses.asdict(self).items() if k not in skip}
+    @property
+    def seed_list(self) -> tuple[int, ...]:
+        """The seeds to run: ``seeds`` when given, else ``seed``."""
+        if self.seeds is None:
+            return (self.seed,)
+        return tuple(dict.fromkeys(parse_list(self.seeds, "seeds")))
+
+    def bregtop_settings(self, method: str) -> dict[str, Any]:
+        """The settings a BregTop row passes to the optimizer (an ``adamw`` row passes none of
+        them). ``exponent`` goes to the shampoo row only, and only when set."""
+        settings: dict[str, Any] = {"method": method, "lr": self.lr, "weight_decay": 0.0,
+                                    "precondition_frequency": self.precondition_frequency,
+                                    "eig_floor": self.eig_floor, "init": self.init, "init_factor": self.init_factor}
+        if method == "shampoo" and self.exponent is not None:
+            settings["exponent"] = self.exponent
+        return settings
+
+    def fingerprint(self, method: str | None = None, seed: int | None = None) -> dict[str, Any]:
+        """The settings a row's result depends on (what ``--resume`` compares): the row's seed
+        in place of seed/seeds, and exponent only on the shampoo row, the one that uses it."""
+        skip = {"method", "seeds", "out", "resume", "log_every", "cache_dir", "cpu", "deepspeed"}
+        out = {k: str(v) for k, v in dataclasses.asdict(self).items() if k not in skip}
+        out["seed"] = str(self.seed_list[0] if seed is None else seed)
+        if method is not None and method != "shampoo":
+            out["exponent"] = "None"
+        return out
+
+
+def row_key(method: str, seed: int) -> str:
+    """The summary.json key of one (method, seed) row."""
+    return f"{method}/seed{seed}"
 
 
 # ----------------------------------------------------------------------------- training
@@ -149,10 +192,10 @@ class Progress:
             self.bar.close()
 
 
-def run_method(method: str, cfg: SST2Config, accelerator: Any, train: Encoded, dev: Encoded, vocab: int,
-               metrics: Any) -> dict[str, Any]:
-    """Train one method from the common initialisation; its summary row."""
-    torch.manual_seed(cfg.seed)
+def run_method(method: str, seed: int, cfg: SST2Config, accelerator: Any, train: Encoded, dev: Encoded,
+               vocab: int, metrics: Any) -> dict[str, Any]:
+    """Train one method from the initialisation and data order of ``seed``; its summary row."""
+    torch.manual_seed(seed)
     model = EncoderClassifier(vocab, cfg.dim, cfg.layers, cfg.heads, cfg.ff, cfg.max_len, dropout=cfg.dropout)
     n_params = sum(p.numel() for p in model.parameters())
     if cfg.batch_size % accelerator.num_processes:
@@ -160,18 +203,22 @@ def run_method(method: str, cfg: SST2Config, accelerator: Any, train: Encoded, d
     per_process = cfg.batch_size // accelerator.num_processes
     if method == "adamw" and cfg.deepspeed is not None:
         raise ConfigError("--deepspeed configs select BregTop; run adamw without --deepspeed")
-    overrides = {"method": method, "lr": cfg.lr, "weight_decay": 0.0}
-    if method != "adamw":
-        overrides["precondition_frequency"] = cfg.precondition_frequency
-        overrides["eig_floor"] = cfg.eig_floor
+    if method == "adamw":
+        overrides: dict[str, Any] = {"method": method, "lr": cfg.lr, "weight_decay": 0.0}
+        applied: dict[str, Any] = {"init": None, "init_factor": None, "exponent": None, "eig_floor": None}
+    else:
+        overrides = cfg.bregtop_settings(method)
+        resolved = BregTopConfig(**overrides)
+        applied = {"init": resolved.init, "init_factor": resolved.init_factor,
+                   "exponent": resolved.resolved_exponent, "eig_floor": resolved.eig_floor}
     engine = build(accelerator, model, make_optimizer, overrides, cfg.deepspeed, per_process)
     opt = engine.optimizer
     loader = engine.prepare_loader(DataLoader(train, batch_size=per_process, shuffle=True, drop_last=True,
-                                              collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed)))
+                                              collate_fn=collate, generator=torch.Generator().manual_seed(seed)))
     dev_loader = engine.prepare_loader(DataLoader(dev, batch_size=256, collate_fn=collate))
     model = engine.model
 
-    progress = Progress(method, cfg.max_steps, cfg.log_every, accelerator.is_main_process)
+    progress = Progress(row_key(method, seed), cfg.max_steps, cfg.log_every, accelerator.is_main_process)
     ema = math.nan
     reached: int | None = None
     diverged: int | None = None  # the step whose loss or gradient was NaN/inf; the row ends there
@@ -197,19 +244,21 @@ def run_method(method: str, cfg: SST2Config, accelerator: Any, train: Encoded, d
             if reached is None and ema < cfg.target_loss:
                 reached = step
             if metrics is not None:
-                metrics.write(json.dumps({"method": method, "step": step, "loss": value, "ema": ema,
-                                          "lr": opt.param_groups[0]["lr"], "step_time_s": time.perf_counter() - t0}) + "\n")
+                metrics.write(json.dumps({"method": method, "seed": seed, "step": step, "loss": value, "ema": ema,
+                                          "lr": opt.param_groups[0]["lr"],
+                                          "step_time_s": time.perf_counter() - t0}) + "\n")
             progress.update(step, value, ema)
             if step >= cfg.max_steps or (reached and cfg.stop_at_target):
                 break
     progress.close()
     if diverged is not None and accelerator.is_main_process:
-        print(f"[{method}] diverged: the loss or a gradient was NaN/inf at step {diverged}", flush=True)
+        print(f"[{row_key(method, seed)}] diverged: the loss or a gradient was NaN/inf at step {diverged}", flush=True)
     wall = time.perf_counter() - started
     return {
+        "method": method, "seed": seed, **applied,
         "steps_to_target": reached, "final_step": step, "final_ema_loss": ema, "diverged_at": diverged,
         "dev_accuracy": evaluate(model, dev_loader, accelerator), "wall_time_s": wall,
-        "n_params": n_params, "settings": cfg.fingerprint(),
+        "n_params": n_params, "settings": cfg.fingerprint(method, seed),
     }
 
 
@@ -227,29 +276,49 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator: Any) -> float:
 
 
 # ------------------------------------------------------------------------------ reports
-def ema_curves(metrics: Path, methods: list[str]) -> dict[str, list[tuple[int, float]]]:
-    """(step, EMA) of the last run of each of ``methods`` in ``metrics`` (a run restarts at step 1)."""
+def row_method(key: str, row: dict[str, Any]) -> str:
+    """The method of a summary row (summaries written before seeds were keyed by method)."""
+    return str(row.get("method", key))
+
+
+def row_seed(row: dict[str, Any]) -> int:
+    """The seed of a summary row (summaries written before seeds hold it in their settings)."""
+    return int(row["seed"]) if "seed" in row else int(row["settings"]["seed"])
+
+
+def ema_curves(metrics: Path, keys: list[str]) -> dict[str, list[tuple[int, float]]]:
+    """(step, EMA) of the last run of each summary row in ``keys`` found in ``metrics`` (a run
+    restarts at step 1). Lines are keyed like the summary: ``METHOD/seedN``, or the method
+    alone for lines written before seeds."""
+    wanted = set(keys)
     out: dict[str, list[tuple[int, float]]] = {}
     for line in metrics.read_text().splitlines():
         row = json.loads(line)
-        if row["method"] in methods:
+        key = row_key(row["method"], row["seed"]) if "seed" in row else row["method"]
+        if key in wanted:
             if row["step"] == 1:
-                out[row["method"]] = []
-            out.setdefault(row["method"], []).append((row["step"], row["ema"]))
+                out[key] = []
+            out.setdefault(key, []).append((row["step"], row["ema"]))
     return out
 
 
 def plot(summary: dict[str, Any], metrics_path: Path, target: float, out: Path) -> None:
-    """EMA-loss curves of every method in the summary (the newest run of each)."""
+    """EMA-loss curves of every row in the summary (the newest run of each); one colour per
+    method, one line per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for method, points in ema_curves(metrics_path, list(summary)).items():
+    colours: dict[str, Any] = {}
+    for key, points in ema_curves(metrics_path, list(summary)).items():
+        method = row_method(key, summary[key])
         steps, values = zip(*points)
-        ax.plot(steps, values, label=method, linestyle="--" if not method.startswith("bregtop") else "-")
+        first = method not in colours
+        line, = ax.plot(steps, values, color=colours.get(method), label=method if first else None, linewidth=1.0,
+                        linestyle="-" if method.startswith("bregtop") else "--")
+        colours.setdefault(method, line.get_color())
     ax.axhline(target, color="black", linewidth=0.8)
     ax.set_yscale("log")
     ax.set_xlabel("step")
@@ -262,12 +331,12 @@ def plot(summary: dict[str, Any], metrics_path: Path, target: float, out: Path) 
 
 
 def format_table(summary: dict[str, Any]) -> str:
-    head = f"{'method':<15}{'steps<target':>13}{'paper':>7}{'final EMA':>11}{'dev acc':>9}{'wall s':>9}"
+    head = f"{'method':<15}{'seed':>5}{'steps<target':>13}{'paper':>7}{'final EMA':>11}{'dev acc':>9}{'wall s':>9}"
     lines = [head, "-" * len(head)]
-    for method, row in summary.items():
-        steps = row["steps_to_target"]
+    for key, row in summary.items():
+        method, steps = row_method(key, row), row["steps_to_target"]
         lines.append(
-            f"{method:<15}{steps if steps is not None else '-':>13}{PAPER_TABLE4.get(method, '-'):>7}"
+            f"{method:<15}{row_seed(row):>5}{steps if steps is not None else '-':>13}{PAPER_TABLE4.get(method, '-'):>7}"
             f"{row['final_ema_loss']:>11.4f}{row['dev_accuracy']:>9.3f}{row['wall_time_s']:>9.0f}"
         )
     return "\n".join(lines)
@@ -291,6 +360,13 @@ def main(argv: list[str] | None = None) -> int:
 def run(cfg: SST2Config) -> int:
     from accelerate import Accelerator
 
+    out = Path(cfg.out)
+    summary_path, metrics_path = out / "summary.json", out / "metrics.jsonl"
+    summary: dict[str, Any] = json.loads(summary_path.read_text()) if cfg.resume and summary_path.is_file() else {}
+    if any("method" not in row for row in summary.values()):  # keyed by method, one seed, seedless metrics
+        raise ConfigError(f"--resume: {str(summary_path)!r} was written before seeds (rows keyed by method) "
+                          "and cannot be extended; pass a new --out")
+
     accelerator = Accelerator(cpu=cfg.cpu)
     train_split, dev_split = load_sst2(cfg.train_file, cfg.dev_file, cfg.dataset)
     with accelerator.main_process_first():
@@ -298,9 +374,6 @@ def run(cfg: SST2Config) -> int:
     train, dev = Encoded(train_split, tokenizer, cfg.max_len), Encoded(dev_split, tokenizer, cfg.max_len)
     vocab = tokenizer.get_vocab_size()
 
-    out = Path(cfg.out)
-    summary_path, metrics_path = out / "summary.json", out / "metrics.jsonl"
-    summary: dict[str, Any] = json.loads(summary_path.read_text()) if cfg.resume and summary_path.is_file() else {}
     main_proc = accelerator.is_main_process
     if main_proc:
         out.mkdir(parents=True, exist_ok=True)
@@ -308,21 +381,23 @@ def run(cfg: SST2Config) -> int:
             metrics_path.write_text("")
         print(f"SST-2: {len(train)} train / {len(dev)} dev sentences, WordPiece vocabulary {vocab}; "
               f"{accelerator.num_processes} process(es) on {accelerator.device}", flush=True)
-    for method in cfg.methods:
-        done = summary.get(method)
-        if done is not None and done.get("settings") == cfg.fingerprint():
-            continue
-        metrics = metrics_path.open("a") if main_proc else None
-        try:
-            row = run_method(method, cfg, accelerator, train, dev, vocab, metrics)
-        finally:
-            if metrics is not None:
-                metrics.close()
-        summary[method] = row
-        if main_proc:
-            summary_path.write_text(json.dumps(summary, indent=2) + "\n")
-            print(f"[{method}] steps to EMA < {cfg.target_loss}: {row['steps_to_target']}; "
-                  f"dev accuracy {row['dev_accuracy']:.3f}; {row['wall_time_s']:.0f} s", flush=True)
+    for seed in cfg.seed_list:  # seed-major: an interrupted run holds whole tables
+        for method in cfg.methods:
+            key = row_key(method, seed)
+            done = summary.get(key)
+            if done is not None and done.get("settings") == cfg.fingerprint(method, seed):
+                continue
+            metrics = metrics_path.open("a") if main_proc else None
+            try:
+                row = run_method(method, seed, cfg, accelerator, train, dev, vocab, metrics)
+            finally:
+                if metrics is not None:
+                    metrics.close()
+            summary[key] = row
+            if main_proc:
+                summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+                print(f"[{key}] steps to EMA < {cfg.target_loss}: {row['steps_to_target']}; "
+                      f"dev accuracy {row['dev_accuracy']:.3f}; {row['wall_time_s']:.0f} s", flush=True)
     if main_proc:
         plot(summary, metrics_path, cfg.target_loss, out / "ema_loss.png")
         print(format_table(summary))

@@ -16,6 +16,7 @@ from bregtop_dist import METHODS, BregTop
 from bregtop_dist.integrations.deepspeed import bregtop_settings, load_config
 from launch import lm, sst2
 from launch.jobconfig import ConfigError, from_sources
+from launch.sst2_data import SHIPPED_VOCABULARIES, load_sst2, wordpiece
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_SST2 = ["--dim", "16", "--layers", "1", "--heads", "2", "--ff", "32", "--vocab-size", "500", "--max-len", "32",
@@ -40,7 +41,7 @@ def test_sst2_writes_metrics_summary_plot_and_table(tmp_path, capsys):
     args = ["--method", "kl,bregtop-vn-v2", "--max-steps", "3", "--out", str(out), "--cache-dir", str(cache), *TINY_SST2]
     assert sst2.main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert list(summary) == ["kl", "bregtop-vn-v2"]
+    assert list(summary) == ["kl/seed0", "bregtop-vn-v2/seed0"]
     for row in summary.values():
         assert row["final_step"] == 3 and row["steps_to_target"] is None
         assert 0.0 <= row["dev_accuracy"] <= 1.0 and row["wall_time_s"] > 0
@@ -50,12 +51,12 @@ def test_sst2_writes_metrics_summary_plot_and_table(tmp_path, capsys):
     assert lines[1]["ema"] == pytest.approx(0.98 * lines[0]["ema"] + 0.02 * lines[1]["loss"])
     assert (out / "ema_loss.png").stat().st_size > 1000
     printed = capsys.readouterr().out
-    assert "[kl] step 1 loss" in printed and "steps<target" in printed
+    assert "[kl/seed0] step 1 loss" in printed and "steps<target" in printed
 
     # --resume skips what is done with the same settings
     assert sst2.main([*args, "--resume"]) == 0
     assert len(_rows(out / "metrics.jsonl")) == 6
-    assert "[kl] step 1 loss" not in capsys.readouterr().out
+    assert "[kl/seed0] step 1 loss" not in capsys.readouterr().out
 
 
 def test_sst2_stops_at_the_target_and_runs_all_rows(tmp_path):
@@ -63,7 +64,7 @@ def test_sst2_stops_at_the_target_and_runs_all_rows(tmp_path):
     assert sst2.main(["--method", "all", "--max-steps", "2", "--target-loss", "10", "--out", str(out),
                       "--cache-dir", str(tmp_path / "cache"), *TINY_SST2]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert list(summary) == list(METHODS)
+    assert list(summary) == [f"{m}/seed0" for m in METHODS]
     assert all(row["steps_to_target"] == 1 and row["final_step"] == 1 for row in summary.values())
 
 
@@ -75,6 +76,12 @@ def test_sst2_stops_at_the_target_and_runs_all_rows(tmp_path):
         (["--ema", "1.5"], "ema=1.5 must be in (0, 1)"),
         (["--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
         (["--dim", "30", "--heads", "4"], "dim=30 must be a multiple of heads=4"),
+        (["--seeds", "0,x"], "seeds='0,x' must be comma-separated int values"),
+        (["--seed", "3", "--seeds", "0,1"], "seed=3 and seeds='0,1': set one of them, not both"),
+        (["--method", "kl", "--exponent", "0.5"], "exponent=0.5 applies to the shampoo row only"),
+        (["--method", "shampoo", "--exponent", "0.3"], "exponent=0.3 is not allowed for method='shampoo'"),
+        (["--init", "zeros"], "init='zeros' is unknown; allowed: first-gradient, kl-methods"),
+        (["--init-factor", "0"], "init_factor=0.0 is not allowed"),
     ],
 )
 def test_sst2_bad_input_is_one_line(args, message, capsys, tmp_path):
@@ -94,6 +101,72 @@ def test_config_files_reject_unknown_keys_and_wrong_types(tmp_path):
     bad.write_text("max_steps: 10\n")
     cfg = from_sources(sst2.SST2Config, bad, sst2.build_parser().parse_args(["--max-steps", "7"]))
     assert cfg.max_steps == 7  # the command line wins over the file
+
+
+def test_sst2_seeds_are_rows_with_their_settings_and_resume_skips_them(tmp_path, capsys):
+    """Two seeds, init kl-methods, through the CLI: one row per (method, seed), each recording
+    the settings BregTop got; --resume with a third seed runs only that seed's rows."""
+    out = tmp_path / "run"
+    for split, rows in (("train", 1000), ("dev", 100)):  # small files keep the test fast
+        lines = (ROOT / f"data/sst2/{split}.tsv").read_text().splitlines(keepends=True)
+        (tmp_path / f"{split}.tsv").write_text("".join(lines[: rows + 1]))
+    args = ["--method", "kl,shampoo", "--seeds", "0,1", "--init", "kl-methods", "--init-factor", "0.2",
+            "--exponent", "0.5", "--max-steps", "2", "--train-file", str(tmp_path / "train.tsv"),
+            "--dev-file", str(tmp_path / "dev.tsv"), "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
+            *TINY_SST2]
+    assert sst2.main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == ["kl/seed0", "shampoo/seed0", "kl/seed1", "shampoo/seed1"]
+    for key, row in summary.items():
+        method, seed = key.split("/seed")
+        assert (row["method"], row["seed"], row["settings"]["seed"]) == (method, int(seed), seed)
+        assert (row["init"], row["init_factor"], row["eig_floor"], row["final_step"]) == ("kl-methods", 0.2, 0.0, 2)
+        assert row["settings"]["init"] == "kl-methods" and row["settings"]["init_factor"] == "0.2"
+        assert row["exponent"] == 0.5  # the shampoo row's setting; kl's divergence fixes p = 1/2
+        assert row["settings"]["exponent"] == ("0.5" if method == "shampoo" else "None")
+    lines = _rows(out / "metrics.jsonl")
+    assert [(r["seed"], r["method"], r["step"]) for r in lines] == [
+        (seed, m, step) for seed in (0, 1) for m in ("kl", "shampoo") for step in (1, 2)]
+    assert lines[0]["loss"] != lines[4]["loss"]  # the seed sets the initialisation and the data order
+    assert "[shampoo/seed1] step 1 loss" in capsys.readouterr().out
+
+    assert sst2.main([*[a if a != "0,1" else "0,1,2" for a in args], "--resume"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == ["kl/seed0", "shampoo/seed0", "kl/seed1", "shampoo/seed1", "kl/seed2", "shampoo/seed2"]
+    assert [r["seed"] for r in _rows(out / "metrics.jsonl")][8:] == [2, 2, 2, 2]
+    printed = capsys.readouterr().out
+    assert "[kl/seed2] step 1 loss" in printed and "[kl/seed0] step 1 loss" not in printed
+
+
+def test_sst2_does_not_resume_a_summary_from_before_seeds(tmp_path, capsys):
+    (tmp_path / "summary.json").write_text(json.dumps({"kl": {"steps_to_target": 5, "settings": {"seed": "0"}}}))
+    assert sst2.main(["--method", "kl", "--resume", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "was written before seeds (rows keyed by method)" in err and "\n" not in err
+
+
+def test_sst2_passes_init_and_exponent_only_to_the_rows_that_take_them():
+    import torch
+
+    cfg = sst2.SST2Config(method="shampoo,kl", init="kl-methods", init_factor=0.3, exponent=0.5, eig_floor=1e-3)
+    assert cfg.bregtop_settings("shampoo")["exponent"] == 0.5 and "exponent" not in cfg.bregtop_settings("kl")
+    for method in ("shampoo", "kl"):
+        settings = cfg.bregtop_settings(method)
+        assert (settings["init"], settings["init_factor"], settings["eig_floor"]) == ("kl-methods", 0.3, 1e-3)
+        BregTop([torch.nn.Parameter(torch.randn(4, 3))], **settings)  # BregTop takes every setting
+    assert "exponent" not in sst2.SST2Config(method="shampoo").bregtop_settings("shampoo")
+    assert sst2.SST2Config(seeds="2, 0,2").seed_list == (2, 0) and sst2.SST2Config(seed=5).seed_list == (5,)
+
+
+def test_the_default_settings_use_the_shipped_vocabulary(tmp_path):
+    """The WordPiece trainer is not deterministic, so every machine trains the same model only
+    if the job's default settings find the shipped 30k vocabulary (and train nothing)."""
+    cfg = sst2.SST2Config(cache_dir=tmp_path)
+    train, _ = load_sst2(cfg.train_file, cfg.dev_file, cfg.dataset)
+    tokenizer = wordpiece(train.sentences, cfg.vocab_size, cfg.cache_dir)
+    assert not any(tmp_path.iterdir())
+    assert tokenizer.get_vocab_size() == 20831
+    assert (SHIPPED_VOCABULARIES / "wordpiece-30000-3a111c3000d0.json").is_file()
 
 
 # ------------------------------------------------------------------------- shipped configs
@@ -178,7 +251,7 @@ def test_sst2_under_torchrun_ddp(tmp_path):
     printed = _torchrun("launch.sst2", ["--method", "bregtop-vn-v2", "--max-steps", "2", "--out", str(out),
                                         "--cache-dir", str(tmp_path / "cache"), *TINY_SST2], ROOT)
     assert "2 process(es)" in printed
-    assert json.loads((out / "summary.json").read_text())["bregtop-vn-v2"]["final_step"] == 2
+    assert json.loads((out / "summary.json").read_text())["bregtop-vn-v2/seed0"]["final_step"] == 2
 
 
 def test_lm_under_torchrun_with_deepspeed_zero3_resumes(tmp_path, small_text):
@@ -207,6 +280,7 @@ def test_sst2_row_that_diverges_ends_and_the_run_goes_on(method, tmp_path, capsy
     assert sst2.main(["--method", f"{method},kl", "--lr", "1e9", "--max-steps", "30", "--out", str(out),
                       "--cache-dir", str(tmp_path / "cache"), *TINY_SST2]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary[method]["diverged_at"] is not None and summary[method]["steps_to_target"] is None
-    assert set(summary) == {method, "kl"}
-    assert f"[{method}] diverged" in capsys.readouterr().out
+    row = summary[f"{method}/seed0"]
+    assert row["diverged_at"] is not None and row["steps_to_target"] is None
+    assert set(summary) == {f"{method}/seed0", "kl/seed0"}
+    assert f"[{method}/seed0] diverged" in capsys.readouterr().out
