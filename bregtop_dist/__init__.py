@@ -3,10 +3,12 @@
 from bregtop_dist.config import METHODS, PRESETS, BregTopConfig
 from bregtop_dist.core.precondition import kron_precondition
 from bregtop_dist.core.stats import kron_stats
+from bregtop_dist.core.validate import ArgumentTypeError
 from bregtop_dist.grouping import param_groups
 from bregtop_dist.optimizer import BregTop, NonFiniteGradientError, NonFiniteStepError
 
 __all__ = [
+    "ArgumentTypeError",
     "BregTop",
     "BregTopConfig",
     "METHODS",

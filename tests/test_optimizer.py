@@ -352,3 +352,34 @@ def test_matrices_swapped_for_flat_partitions_are_refused(gen):
 def test_eig_floor_is_checked(bad):
     with pytest.raises(ValueError, match=r"eig_floor=.* is not allowed: it must be in \[0, 1\)"):
         BregTop([nn.Parameter(torch.randn(3, 4))], eig_floor=bad)
+
+
+@pytest.mark.parametrize("key,value", [("lr", float("nan")), ("eps", None), ("method", "adam")])
+def test_a_bad_setting_put_into_a_later_group_fails_before_any_group_steps(gen, key, value):
+    """param_groups is public and mutable: every group is validated before the first one steps."""
+    params = _params(gen)
+    opt = BregTop([{"params": params[:2]}, {"params": params[2:]}], lr=1e-2)
+    for p, g in zip(params, _grads(gen, params, 1)[0]):
+        p.grad = g
+    opt.param_groups[1][key] = value
+    before = [p.detach().clone() for p in params]
+    with pytest.raises((ValueError, TypeError), match=key):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert not opt.state and not opt.state_dict()["kron_blocks"]
+
+
+def test_shampoo_defaults_to_the_fourth_root_and_keeps_the_square_root_reachable(gen):
+    from bregtop_dist.config import BregTopConfig
+
+    assert BregTopConfig(method="shampoo").resolved_exponent == 0.25
+    assert BregTopConfig(method="shampoo", exponent=0.5).resolved_exponent == 0.5
+    assert BregTopConfig(method="kl").resolved_exponent == 0.5
+    params = _params(gen)
+    grads = _grads(gen, params, 3)
+    moved = {}
+    for p_exp in (0.25, 0.5):
+        ps = [nn.Parameter(p.detach().clone()) for p in params]
+        _run(BregTop(ps, method="shampoo", exponent=p_exp, lr=1e-2), ps, grads)
+        moved[p_exp] = ps[0].detach()
+    assert not torch.equal(moved[0.25], moved[0.5])
