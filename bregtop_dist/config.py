@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from bregtop_dist.core.block_step import INITS
 from bregtop_dist.core.dispatch import BACKENDS
 from bregtop_dist.core.precondition import SELECTION_ALLOWED, check_selection
 from bregtop_dist.core.stats import STATS_METHODS
@@ -45,7 +46,6 @@ PRESETS: dict[str, MethodPreset] = {
     "bregtop-f-v2": MethodPreset(stats="f-v2", **_F),
 }
 METHODS = tuple(PRESETS)
-INITS = ("first-gradient", "kl-methods")
 SHAMPOO_EXPONENTS = (0.25, 0.5)
 
 
