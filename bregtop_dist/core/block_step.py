@@ -66,8 +66,8 @@ from bregtop_dist.core.precondition import precondition_rotated
 from bregtop_dist.core.stats import (
     EIGEN_WEIGHTED,
     factor_weights,
-    kron_stats,
     rotated_diagonals,
+    stats_increments,
     weighted_square_sums,
 )
 
@@ -183,7 +183,7 @@ def init_block_state(hyper: BlockHyper, grad: Tensor) -> tuple[KronBlockState, T
     eye_r = torch.eye(n, dtype=grad.dtype, device=grad.device).expand(bsz, n, n)
     ones_l = grad.new_ones(bsz, m)
     ones_r = grad.new_ones(bsz, n)
-    d_l, d_r = kron_stats(hyper.stats, grad, None, None, ones_l, ones_r, eye_l, eye_r)
+    d_l, d_r = stats_increments(hyper.stats, grad, None, None, ones_l, ones_r, eye_l, eye_r)
     if hyper.init == "kl-methods":  # the factor EMA's first term, from zero
         d_l, d_r = (1.0 - hyper.beta2) * d_l, (1.0 - hyper.beta2) * d_r
     eig_l, u_l, failed_l = eigh_descending(d_l)
@@ -225,7 +225,7 @@ def _accumulate(s: KronBlockState, grad: Tensor, hyper: BlockHyper, observed: Te
     lam_l, lam_r = noise_floor(s.lam_L), noise_floor(s.lam_R)
     if hyper.stats == "f-v1":
         gt = s.U_L.mT @ grad @ s.U_R  # (B, m, n), the gradient in the current eigenbasis
-        d_l, d_r = kron_stats("f-v1", grad, s.U_L, s.U_R, lam_l, lam_r, s.L, s.R)
+        d_l, d_r = stats_increments("f-v1", grad, s.U_L, s.U_R, lam_l, lam_r, s.L, s.R)
         diag_l, diag_r = rotated_diagonals("f-v1", gt, lam_l, lam_r, s.L, s.R, d_l, d_r, s.U_L, s.U_R, G=grad)
         big_l = s.L * decay[:, None, None] + (1.0 - b2) * d_l
         big_r = s.R * decay[:, None, None] + (1.0 - b2) * d_r

@@ -168,6 +168,21 @@ def kron_stats(
     m, n = G.shape[-2:]
     if m == 0 or n == 0:  # (f-v1 would divide 0 by Tr(L^2) = 0)
         return G.new_zeros((*batch, m, m)), G.new_zeros((*batch, n, n))
+    return stats_increments(method, G, U_L, U_R, lam_L, lam_R, L, R)
+
+
+def stats_increments(
+    method: str,
+    G: Tensor,
+    U_L: Tensor | None,
+    U_R: Tensor | None,
+    lam_L: Tensor,
+    lam_R: Tensor,
+    L: Tensor | None = None,
+    R: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`kron_stats` without its input checks, for the optimizer's step, whose inputs
+    are its own state (non-empty float32 stacks of matching shapes)."""
     if method == "f-v1":
         assert L is not None and R is not None
         d_l = G @ R @ G.mT / (R * R).sum((-2, -1))[..., None, None]
