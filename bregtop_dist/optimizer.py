@@ -25,6 +25,7 @@ from bregtop_dist.block_plan import HOST_FIELDS, BlockStack, KronPlan, build_pla
 from bregtop_dist.config import BregTopConfig
 from bregtop_dist.core.block_step import BlockHyper, BlockStepResult, KronBlockState, kron_block_step
 from bregtop_dist.core.dispatch import resolve_backend
+from bregtop_dist.core.finite import finite_rows
 from bregtop_dist.distributed.checks import check_same_on_all_ranks, grad_verdict
 from bregtop_dist.distributed.layout import (
     GroupShards,
@@ -364,7 +365,7 @@ class BregTop(torch.optim.Optimizer):
         ok = None
         if steps:
             ok = torch.cat([
-                s.result.state.finite_blocks() & torch.isfinite(s.result.update).flatten(1).all(1) for _, s in steps
+                s.result.state.finite_blocks() & finite_rows(s.result.update) for _, s in steps
             ]).cpu()
             bad[rank] = int(not bool(ok.all()))
         if world > 1:

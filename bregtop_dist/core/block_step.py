@@ -62,6 +62,7 @@ from torch import Tensor
 
 from bregtop_dist.core.bases import eigh_descending, power_qr
 from bregtop_dist.core.dispatch import resolve_backend
+from bregtop_dist.core.finite import finite_rows, nonzero_rows
 from bregtop_dist.core.precondition import precondition_rotated
 from bregtop_dist.core.stats import (
     EIGEN_WEIGHTED,
@@ -113,9 +114,9 @@ class KronBlockState:
 
     def finite_blocks(self) -> Tensor:
         """(B,) bool on the state's device: every float field of the block is finite."""
-        ok = torch.ones(self.momentum.shape[0], dtype=torch.bool, device=self.momentum.device)
-        for t in (self.momentum, self.L, self.R, self.lam_L, self.lam_R):
-            ok &= torch.isfinite(t).flatten(1).all(1)
+        ok = finite_rows(self.momentum)
+        for t in (self.L, self.R, self.lam_L, self.lam_R):
+            ok &= finite_rows(t)
         return ok
 
 
@@ -321,7 +322,7 @@ def kron_block_step(state: KronBlockState, grad: Tensor, hyper: BlockHyper, offs
     ``state.step``). Blocks without state are initialised by a non-zero gradient and left as
     they are by a zero one (update zero).
     """
-    observed = grad.flatten(1).abs().amax(1) > 0  # (B,) on the device
+    observed = nonzero_rows(grad)  # (B,) on the device
     if bool(state.ready.all()):  # the usual case: no host read of the device
         return _step_initialised(state, grad, hyper, offset, observed)
 

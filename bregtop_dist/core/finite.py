@@ -1,0 +1,30 @@
+"""Per-block finiteness, checked on every step, so it has to be cheap.
+
+``torch.isfinite(t).all()`` materialises a bool tensor the size of ``t`` through three
+elementwise passes; on the Kronecker factors that costs about as much as the factors' update.
+The largest and the smallest entry answer the same question exactly (max/min reductions
+propagate NaN, and an inf is its own extreme) in two reductions that allocate nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def finite_rows(t: Tensor) -> Tensor:
+    """(B,) bool on ``t``'s device: row ``b`` of ``t`` (B, ...) holds no NaN and no inf."""
+    if t.numel() == 0:
+        return torch.ones(t.shape[0], dtype=torch.bool, device=t.device)
+    flat = t.flatten(1)
+    return torch.isfinite(flat.amax(1)) & torch.isfinite(flat.amin(1))
+
+
+def nonzero_rows(t: Tensor) -> Tensor:
+    """(B,) bool on ``t``'s device: row ``b`` of ``t`` (B, ...) has an entry that is not 0.
+
+    NaN counts as non-zero (the step's finiteness checks then report it)."""
+    if t.numel() == 0:
+        return torch.zeros(t.shape[0], dtype=torch.bool, device=t.device)
+    flat = t.flatten(1)
+    return (flat.amax(1) != 0) | (flat.amin(1) != 0)
