@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,9 +21,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from bregtop_dist.adamw import adamw_step
-from bregtop_dist.block_plan import HOST_FIELDS, BlockStack, KronPlan, build_plan, is_kron_shape
+from bregtop_dist.block_plan import BlockStack, KronPlan, build_plan, is_kron_shape
 from bregtop_dist.config import BregTopConfig
-from bregtop_dist.core.block_step import BlockHyper, BlockStepResult, KronBlockState, kron_block_step
+from bregtop_dist.core.block_state import KronBlockState
+from bregtop_dist.core.block_step import BlockHyper, BlockStepResult, kron_block_step
 from bregtop_dist.core.dispatch import resolve_backend
 from bregtop_dist.core.finite import finite_rows
 from bregtop_dist.distributed.checks import check_same_on_all_ranks, grad_verdict
@@ -33,6 +34,15 @@ from bregtop_dist.distributed.layout import (
     dtensor_shard,
     is_dtensor,
     replicated_shard,
+)
+from bregtop_dist.state_format import (
+    KRON,
+    KronTiles,
+    adamw_for_loading,
+    adamw_for_saving,
+    describe_tile,
+    saved_block,
+    to_cpu_block,
 )
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
@@ -154,6 +164,7 @@ class BregTop(torch.optim.Optimizer):
         self._shard_source: ShardSource | None = None
         self._built_params: list[list[Tensor]] = []  # as added, before any engine replaces them
         self._warned_basis = False
+        self._gathered = False  # consolidate_state_dict put other ranks' blocks into state
         super().__init__(params, defaults)
         self._check_ranks_agree()
 
@@ -212,6 +223,8 @@ class BregTop(torch.optim.Optimizer):
         self._shard_source = source
         self._process_group = process_group
         self._plans.clear()
+        for entry in self.state.values():
+            entry.pop(KRON, None)
 
     @property
     def built_params(self) -> list[list[Tensor]]:
@@ -273,6 +286,7 @@ class BregTop(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._drop_gathered()
         _, world = self._world()
         group = self._group()
         views = self._views()
@@ -327,6 +341,7 @@ class BregTop(torch.optim.Optimizer):
                 view.key, shards, cfg.max_precond_dim, cfg.precondition_frequency, cfg.stagger_refresh, rank, world
             )
             self._plans[view.key] = plan
+            self._register_tiles(plan)
         return plan
 
     def _kron_compute(
@@ -434,20 +449,46 @@ class BregTop(torch.optim.Optimizer):
             return self.built_params
         return [list(g["params"]) for g in self.param_groups]
 
-    def _all_plans(self) -> None:
-        """Plans for every group (they are otherwise made by the first step that needs them)."""
+    def _all_plans(self) -> list[GroupShards]:
+        """Plans for every group (they are otherwise made by the first step that needs them);
+        returns every group's shards."""
         rank, world = self._world()
-        for view in self._views(every_group=True):
+        views = self._views(every_group=True)
+        for view in views:
             cfg = BregTopConfig.from_group(view.settings)
             kron = [s for s in view.shards if is_kron_shape(s.shape, cfg.bregtop)]
             if kron:
                 self._plan(view, kron, cfg, rank, world)
+        return views
+
+    def _register_tiles(self, plan: KronPlan) -> None:
+        """``state[p]["kron"]`` for every Kronecker parameter of ``plan`` (on every rank, so
+        that every rank's state names every parameter), holding the tiles this rank owns."""
+        tiles = [self.state[p].setdefault(KRON, KronTiles()) for p in plan.params]
+        for stack in plan.stacks.values():
+            for row, bid in enumerate(stack.block_ids):
+                blk = plan.blocks[bid]
+                tiles[blk.shard].own(blk.tile, stack, row)
+
+    def _tiles(self) -> list[KronTiles]:
+        return [v[KRON] for v in self.state.values() if isinstance(v.get(KRON), KronTiles)]
+
+    def _drop_gathered(self) -> None:
+        if self._gathered:
+            for tiles in self._tiles():
+                tiles.gathered.clear()
+            self._gathered = False
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's state: torch's layout for the AdamW side (``state``, ``param_groups``),
-        ``kron_blocks`` with the stacked Kronecker state of the blocks this rank owns (per
-        stack ``"<group>:<m>x<n>"``), and ``world_size``. Load it on the same rank of a run
-        with the same world size."""
+        """torch's layout, world-size independent (see :mod:`bregtop_dist.state_format`).
+
+        ``state`` holds, per parameter, the AdamW-side state (DTensors for DTensor parameters)
+        or ``{"kron": {tile: block fields}}`` with the Kronecker blocks this rank owns, plus the
+        other ranks' blocks on the rank that last ran :meth:`consolidate_state_dict` (until
+        the next step). Collective-free: it may be called on one rank only. Every rank's dict
+        together (torch.distributed.checkpoint), or one consolidated dict, loads at any world
+        size."""
+        self._all_plans()
         index: dict[int, int] = {}
         groups = []
         for group, params in zip(self.param_groups, self._logical()):
@@ -456,19 +497,54 @@ class BregTop(torch.optim.Optimizer):
                 index.setdefault(id(p), len(index))
                 ids.append(index[id(p)])
             groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": ids})
-        state = {index[id(p)]: dict(v) for p, v in self.state.items() if id(p) in index}
-        kron = {key: stack.state.tensors() for key, stack in self.kron_stacks.items() if stack.state is not None}
-        return {"state": state, "param_groups": groups, "kron_blocks": kron, "world_size": self._world()[1]}
+        state: dict[int, dict[str, Any]] = {}
+        for p, entry in self.state.items():
+            if id(p) not in index:
+                continue
+            state[index[id(p)]] = {
+                k: {t: dict(b) for t, b in v.items()} if k == KRON else adamw_for_saving(p, v)
+                for k, v in entry.items()
+            }
+        return {"state": state, "param_groups": groups}
+
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        """Gather every rank's Kronecker blocks to rank ``to`` (a rank of the optimizer's
+        process group), so that its next :meth:`state_dict` holds the whole state, for savers
+        that write rank ``to``'s dict alone (Accelerate's ``save_state`` and the Trainer under
+        DDP). A collective: call it on every rank. The gathered copies are dropped at the next
+        step. AdamW-side state is not gathered (it is replicated under DDP)."""
+        rank, world = self._world()
+        if not 0 <= to < world:
+            raise ValueError(f"to={to!r} is not a rank of the optimizer's {world}-rank process group")
+        self._all_plans()
+        self._drop_gathered()
+        if world == 1:
+            return
+        mine = {
+            (plan.key, bid): to_cpu_block(stack.state.block(row))
+            for plan in self._plans.values() for stack in plan.stacks.values() if stack.state is not None
+            for row, bid in enumerate(stack.block_ids)
+        }
+        group = self._group()
+        received: list[Any] | None = [None] * world if rank == to else None
+        dst = to if group is None else dist.get_global_rank(group, to)
+        dist.gather_object(mine, received, dst=dst, group=group)
+        if received is None:
+            return
+        for r, blocks in enumerate(received):
+            if r == rank:
+                continue
+            for (key, bid), block in blocks.items():
+                plan = self._plans[key]
+                blk = plan.blocks[bid]
+                self.state[plan.params[blk.shard]][KRON].gathered[str(blk.tile)] = block
+        self._gathered = True
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict`; everything is validated before anything changes."""
-        world = self._world()[1]
-        saved_world = state_dict.get("world_size", 1)
-        if saved_world != world:
-            raise ValueError(
-                f"the state dict was saved with world_size={saved_world}, this run has {world}; "
-                "BregTop's sharded state loads only at the world size it was saved with"
-            )
+        """Load a :meth:`state_dict` saved at any world size (or torch.distributed.checkpoint's
+        form of it, keyed by parameter name); this rank takes the Kronecker blocks it owns.
+        Everything is validated, and agreed on by every rank, before anything changes."""
+        rank, world = self._world()
         saved_groups = state_dict["param_groups"]
         logical = self._logical()
         if len(saved_groups) != len(self.param_groups):
@@ -476,7 +552,7 @@ class BregTop(torch.optim.Optimizer):
                 f"the state dict has {len(saved_groups)} param groups, this optimizer has "
                 f"{len(self.param_groups)}"
             )
-        id_to_param: dict[int, Tensor] = {}
+        key_to_param: dict[Any, Tensor] = {}
         for gi, (saved, group, params) in enumerate(zip(saved_groups, self.param_groups, logical)):
             if len(saved["params"]) != len(params):
                 raise ValueError(
@@ -485,38 +561,109 @@ class BregTop(torch.optim.Optimizer):
                 )
             merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
             BregTopConfig.from_group(merged)
-            id_to_param.update(zip(saved["params"], params))
-        self._all_plans()
-        stacks = self.kron_stacks
-        kron = {key: _with_ready(tensors) for key, tensors in state_dict.get("kron_blocks", {}).items()}
-        for key, tensors in kron.items():
-            stack = stacks.get(key)
-            if stack is None:
-                raise ValueError(f"the state dict has block stack {key!r}, unknown to this optimizer on this rank")
-            for name, (shape, _) in stack.state_shapes().items():
-                got = tensors.get(name)
-                if got is None or tuple(got.shape) != shape:
-                    found = None if got is None else tuple(got.shape)
-                    raise ValueError(f"block stack {key!r} field {name!r}: expected shape {shape}, got {found}")
+            key_to_param.update(zip(saved["params"], params))
+        views = self._all_plans()
+        saved_state = {id(key_to_param[k]): v for k, v in state_dict["state"].items() if k in key_to_param}
+        if "kron_blocks" in state_dict:  # the format before tiles: per-rank stacks, same world size only
+            saved_state = self._from_stacked(state_dict, saved_state, world)
+
+        # Take this rank's part, checking it; agree with the other ranks on the first problem.
+        problems: list[tuple[int, str]] = []  # (position of the block or parameter, what is wrong)
+        blocks: dict[tuple[str, tuple[int, int]], list[Mapping[str, Tensor]]] = {}
+        for pi, plan in enumerate(self._plans.values()):
+            for stack in plan.stacks.values():
+                rows = blocks.setdefault((plan.key, stack.shape), [])
+                for bid in stack.block_ids:
+                    blk = plan.blocks[bid]
+                    block = saved_block(saved_state.get(id(plan.params[blk.shard])), blk.tile)
+                    why = "it is missing" if block is None else KronBlockState.check_block(block, *blk.shape)
+                    if why is not None:
+                        problems.append((_position(pi, bid), why))
+                    else:
+                        rows.append(block)  # type: ignore[arg-type]
+        adamw: dict[int, dict[str, Any]] = {}
+        kron_params = {id(p) for plan in self._plans.values() for p in plan.params}
+        shards = {id(s.param): s for view in views for s in view.shards}
+        for i, p in enumerate(key_to_param.values()):
+            entry = saved_state.get(id(p))
+            if id(p) in kron_params or not entry or id(p) not in shards:
+                continue
+            try:
+                adamw[id(p)] = {k: adamw_for_loading(shards[id(p)], rank, k, v) for k, v in entry.items() if k != KRON}
+            except ValueError as e:
+                problems.append((_position(len(self._plans), i), str(e)))
+        self._agree_on_load(min(problems, default=None), rank, world)
 
         # Validated: now change state.
         for saved, group in zip(saved_groups, self.param_groups):
             group.update({k: v for k, v in saved.items() if k != "params"})
         self.state.clear()
-        for pid, pstate in state_dict["state"].items():
-            param = id_to_param[pid]
-            self.state[param] = {
-                k: v.detach().clone().to(param.device) if torch.is_tensor(v) else v for k, v in pstate.items()
+        self._gathered = False
+        params = {id(p): p for p in key_to_param.values()}
+        for pid, entry in adamw.items():
+            device = shards[pid].value.device
+            self.state[params[pid]] = {
+                k: v.detach().to(device, copy=True) if torch.is_tensor(v) else v for k, v in entry.items()
             }
         for plan in self._plans.values():
             for stack in plan.stacks.values():
-                saved = kron.get(stack.key)
-                stack.state = None if saved is None else KronBlockState(
-                    **{
-                        name: saved[name].detach().to(device="cpu" if name in HOST_FIELDS else plan.device, dtype=dtype, copy=True)
-                        for name, (_, dtype) in stack.state_shapes().items()
-                    }
-                )
+                stack.state = KronBlockState.from_blocks(blocks[(plan.key, stack.shape)], plan.device)
+            self._register_tiles(plan)
+
+    def _agree_on_load(self, problem: tuple[int, str] | None, rank: int, world: int) -> None:
+        """Raise on every rank if any rank found a problem, naming the first one."""
+        first = _NO_PROBLEM if problem is None else problem[0]
+        if world > 1:
+            code = torch.tensor([first], dtype=torch.int64, device=next(iter(self._plans.values())).device
+                                if self._plans else self._any_device())
+            dist.all_reduce(code, op=dist.ReduceOp.MIN, group=self._group())
+            first = int(code)
+        if first == _NO_PROBLEM:
+            return
+        what = self._describe_position(first)
+        if problem is not None and problem[0] == first:
+            detail = problem[1]
+        else:
+            detail = "another rank found it (see that rank's error)"
+        unchanged = "nothing was loaded"
+        raise ValueError(
+            f"cannot load the optimizer state: {what}: {detail}; {unchanged}. A state dict holds the "
+            "Kronecker blocks of the ranks that wrote it: a file written by rank 0 alone (Accelerate's "
+            "save_state, the Trainer) holds every block only if consolidate_state_dict() ran on every "
+            "rank first (see the README's checkpoint section)"
+        )
+
+    def _describe_position(self, position: int) -> str:
+        pi, bid = divmod(position, _PER_PLAN)
+        plans = list(self._plans.values())
+        if pi < len(plans):
+            plan = plans[pi]
+            blk = plan.blocks[bid]
+            return describe_tile(plan.names[blk.shard], blk.tile, blk.shape)
+        return f"the AdamW-side state of parameter {bid} of the state dict"
+
+    def _from_stacked(self, state_dict: dict[str, Any], saved_state: dict[int, Any], world: int) -> dict[int, Any]:
+        """A state dict of the earlier format (``kron_blocks`` per stack of this rank) in tiles,
+        which is possible at the world size it was saved with."""
+        saved_world = state_dict.get("world_size", 1)
+        if saved_world != world:
+            raise ValueError(
+                f"the state dict was saved with world_size={saved_world} in BregTop's earlier per-rank format "
+                f"(kron_blocks), and this run has {world}; that format loads only at the world size it was saved "
+                "with. Load it there and save again: the current format loads at any world size"
+            )
+        out = {k: dict(v) for k, v in saved_state.items()}
+        stacks = self.kron_stacks
+        for key, tensors in state_dict["kron_blocks"].items():
+            stack = stacks.get(key)
+            if stack is None:
+                raise ValueError(f"the state dict has block stack {key!r}, unknown to this optimizer on this rank")
+            plan = self._plans[stack.plan]
+            for row, bid in enumerate(stack.block_ids):
+                blk = plan.blocks[bid]
+                entry = out.setdefault(id(plan.params[blk.shard]), {})
+                entry.setdefault(KRON, {})[str(blk.tile)] = {k: v[row] for k, v in tensors.items()}
+        return out
 
 
 @dataclass
@@ -541,11 +688,13 @@ class _PendingKron:
     steps: list[_StackStep]
 
 
-def _with_ready(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Block state saved before the ``ready`` field existed: a block was ready once it had stepped."""
-    if "ready" in tensors or "step" not in tensors:
-        return tensors
-    return {**tensors, "ready": tensors["step"] > 0}
+_PER_PLAN = 1 << 40
+_NO_PROBLEM = (1 << 62) - 1
+
+
+def _position(plan_index: int, item: int) -> int:
+    """One int for (plan, block) or (after the plans, a parameter): what load agrees on."""
+    return plan_index * _PER_PLAN + item
 
 
 def _with_zero_grad(shard: ParamShard) -> ParamShard:

@@ -12,6 +12,7 @@ from bregtop_dist.core.blocking import block_slices
 from bregtop_dist.distributed.assignment import assign_owners, plan_blocks, refresh_cost, step_cost
 from bregtop_dist.distributed.exchange import Exchange, intersect
 from bregtop_dist.distributed.layout import chunk_rows, rect_view
+from state_tensors import state_tensors
 
 
 def _random_ranges(gen, numel, world):
@@ -111,13 +112,30 @@ def test_comm_dtype_is_checked(bad):
         BregTop([p], comm_dtype=bad)
 
 
-def test_state_dict_refuses_another_world_size(gen):
-    p = torch.nn.Parameter(torch.randn(6, 5, generator=gen))
-    opt = BregTop([p])
-    p.grad = torch.randn(6, 5, generator=gen)
-    opt.step()
-    saved = opt.state_dict()
-    assert saved["world_size"] == 1
-    saved["world_size"] = 2
-    with pytest.raises(ValueError, match="saved with world_size=2, this run has 1"):
-        BregTop([p]).load_state_dict(saved)
+def _legacy(opt: BregTop) -> dict:
+    """The state dict as the per-rank format before tiles wrote it: stacks keyed
+    "<group>:<m>x<n>", no ``ready`` field, ``world_size``."""
+    sd = opt.state_dict()
+    state = {pid: e for pid, e in sd["state"].items() if "kron" not in e}
+    stacks = {
+        key: {k: v.clone() for k, v in stack.state.tensors().items() if k != "ready"}
+        for key, stack in opt.kron_stacks.items()
+    }
+    return {"state": state, "param_groups": sd["param_groups"], "kron_blocks": stacks, "world_size": 1}
+
+
+def test_the_earlier_per_rank_format_loads_at_its_world_size_only(gen):
+    params = [torch.nn.Parameter(torch.randn(*s, generator=gen)) for s in [(6, 5), (20, 3), (4,)]]
+    opt = BregTop(params, max_precond_dim=8)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    legacy = _legacy(opt)
+    fresh = BregTop(params, max_precond_dim=8)
+    fresh.load_state_dict(legacy)
+    want, got = state_tensors(opt.state_dict()), state_tensors(fresh.state_dict())
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    legacy["world_size"] = 2
+    with pytest.raises(ValueError, match=r"saved with world_size=2 in BregTop's earlier per-rank format .* this run has 1"):
+        BregTop(params, max_precond_dim=8).load_state_dict(legacy)

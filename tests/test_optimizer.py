@@ -16,6 +16,7 @@ from bregtop_dist.config import PRESETS
 from bregtop_dist.core import bases
 from bregtop_dist.core.block_step import BlockHyper, init_block_state, kron_block_step
 from bregtop_dist.distributed.layout import replicated_shard
+from state_tensors import kron_blocks, state_tensors
 
 
 def _params(gen, dtype=torch.float32):
@@ -84,15 +85,17 @@ def test_adamw_side_equals_torch_adamw(gen):
     _run(ref, twins[2:], [g[2:] for g in grads])
     for p, t in zip(params[2:], twins[2:]):  # a 4-D tensor in an AdamW group and a 1-D tensor
         assert torch.allclose(p, t, rtol=1e-6, atol=1e-7)
-    assert set(opt.state) == {params[2], params[3]}  # Kronecker state lives in block stacks
+    assert set(opt.state) == {params[0], params[1], params[2], params[3]}
+    assert set(opt.state[params[0]]) == {"kron"} and set(opt.state[params[2]]) == {"step", "exp_avg", "exp_avg_sq"}
 
 
 def test_one_dimensional_tensors_go_to_adamw_by_themselves(gen):
     params = _params(gen)
     opt = BregTop(params)
     _run(opt, params, _grads(gen, params, 2))
-    assert set(opt.state) == {params[3]}
-    assert set(opt.state_dict()["kron_blocks"]) == {"0:12x9", "0:30x8", "0:6x12"}
+    assert [set(opt.state[p]) for p in params] == [{"kron"}] * 3 + [{"step", "exp_avg", "exp_avg_sq"}]
+    shapes = {tuple(b["momentum"].shape) for b in kron_blocks(opt.state_dict()).values()}
+    assert shapes == {(12, 9), (30, 8), (6, 12)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -122,7 +125,7 @@ def test_bf16_parameters_keep_fp32_state(gen):
     opt = BregTop(params, lr=1e-2)
     _run(opt, params, _grads(gen, params, 3))
     sd = opt.state_dict()
-    for tensors in sd["kron_blocks"].values():
+    for tensors in kron_blocks(sd).values():
         assert all(t.dtype in (torch.float32, torch.int64, torch.bool) for t in tensors.values())
     assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in params)
 
@@ -132,15 +135,16 @@ def test_parameters_without_gradient_are_skipped(gen):
     opt = BregTop(params, max_precond_dim=16)
     _run(opt, params, _grads(gen, params, 2))
     before = [p.detach().clone() for p in params]
-    steps_before = {k: v["step"].clone() for k, v in opt.state_dict()["kron_blocks"].items()}
+    steps_before = {k: int(v["step"]) for k, v in kron_blocks(opt.state_dict()).items()}
     for p in params:
         p.grad = None
     params[0].grad = torch.randn(params[0].shape, generator=gen)
     opt.step()
     assert not torch.equal(params[0], before[0])
     assert all(torch.equal(p, b) for p, b in zip(params[1:], before[1:]))
-    steps = {k: v["step"] for k, v in opt.state_dict()["kron_blocks"].items()}
-    assert steps["0:12x9"].tolist() == [3] and steps["0:15x8"].tolist() == steps_before["0:15x8"].tolist()
+    steps = {k: int(v["step"]) for k, v in kron_blocks(opt.state_dict()).items()}
+    assert steps[(0, "0")] == 3  # params[0] (12 x 9, one block) stepped
+    assert all(steps[k] == steps_before[k] == 2 for k in steps if k[0] != 0)
 
 
 def test_non_finite_gradient_names_the_parameter_and_changes_nothing(gen):
@@ -157,10 +161,9 @@ def test_non_finite_gradient_names_the_parameter_and_changes_nothing(gen):
         opt.step()
     state, values = opt.state_dict(), list(model.parameters())
     assert all(torch.equal(p, v) for p, v in zip(values, snapshot[1]))
-    for key, tensors in state["kron_blocks"].items():
-        assert all(torch.equal(t, snapshot[0]["kron_blocks"][key][k]) for k, t in tensors.items())
-    for pid, s in state["state"].items():
-        assert all(torch.equal(t, snapshot[0]["state"][pid][k]) for k, t in s.items())
+    want = state_tensors(snapshot[0])
+    got = state_tensors(state)
+    assert set(got) == set(want) and all(torch.equal(t, want[k]) for k, t in got.items())
 
 
 def test_unnamed_parameters_are_named_by_position(gen):
@@ -234,8 +237,14 @@ def test_load_state_dict_validates_before_changing_anything(gen):
     _run(opt, params, _grads(gen, params, 2))
     good = copy.deepcopy(opt.state_dict())
     bad = copy.deepcopy(good)
-    bad["kron_blocks"]["0:12x9"]["L"] = torch.zeros(1, 5, 5)
-    with pytest.raises(ValueError, match=r"block stack '0:12x9' field 'L': expected shape \(1, 12, 12\), got \(1, 5, 5\)"):
+    bad["state"][0]["kron"]["0"]["L"] = torch.zeros(5, 5)
+    with pytest.raises(ValueError, match=r"Kronecker block 0 \(a 12x9 tile\) of param_groups\[0\]\['params'\]\[0\] "
+                       r"\(shape \(12, 9\)\): field 'L' has shape \(5, 5\), expected \(12, 12\)"):
+        opt.load_state_dict(bad)
+    bad = copy.deepcopy(good)
+    del bad["state"][1]["kron"]["1"]
+    with pytest.raises(ValueError, match=r"Kronecker block 1 \(a 15x8 tile\) of param_groups\[0\]\['params'\]\[1\] "
+                       r"\(shape \(30, 8\)\): it is missing; nothing was loaded"):
         opt.load_state_dict(bad)
     bad = copy.deepcopy(good)
     bad["param_groups"][0]["q"] = -1.0
@@ -246,8 +255,8 @@ def test_load_state_dict_validates_before_changing_anything(gen):
     with pytest.raises(ValueError, match="the state dict has 2 param groups, this optimizer has 1"):
         opt.load_state_dict(bad)
     after = opt.state_dict()
-    for key, tensors in after["kron_blocks"].items():
-        assert all(torch.equal(t, good["kron_blocks"][key][k]) for k, t in tensors.items())
+    want = state_tensors(good)
+    assert all(torch.equal(t, want[k]) for k, t in state_tensors(after).items())
     assert after["param_groups"][0]["q"] == good["param_groups"][0]["q"]
 
 
@@ -366,7 +375,7 @@ def test_a_bad_setting_put_into_a_later_group_fails_before_any_group_steps(gen, 
     with pytest.raises((ValueError, TypeError), match=key):
         opt.step()
     assert all(torch.equal(p, b) for p, b in zip(params, before))
-    assert not opt.state and not opt.state_dict()["kron_blocks"]
+    assert not opt.state and not opt.kron_stacks
 
 
 def test_shampoo_defaults_to_the_fourth_root_and_keeps_the_square_root_reachable(gen):

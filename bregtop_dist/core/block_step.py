@@ -55,14 +55,15 @@ Inputs real training produces and the paper's algorithm does not anticipate:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from bregtop_dist.core.bases import eigh_descending, power_qr
+from bregtop_dist.core.block_state import KronBlockState
 from bregtop_dist.core.dispatch import resolve_backend
-from bregtop_dist.core.finite import finite_rows, nonzero_rows
+from bregtop_dist.core.finite import nonzero_rows
 from bregtop_dist.core.precondition import precondition_rotated
 from bregtop_dist.core.stats import (
     EIGEN_WEIGHTED,
@@ -77,47 +78,6 @@ FIRST_EIG_FLOOR = 1.0
 NOISE_FLOOR = torch.finfo(torch.float32).eps ** 2
 """Estimates used in the weights and in S are at least this fraction of the factor's largest."""
 INITS = ("first-gradient", "kl-methods")
-
-
-@dataclass
-class KronBlockState:
-    """Optimizer state of B same-shape blocks, each field stacked on dim 0 (float32)."""
-
-    momentum: Tensor  # (B, m, n), in the eigenbasis: U_L^T M U_R
-    L: Tensor  # (B, m, m)
-    R: Tensor  # (B, n, n)
-    U_L: Tensor  # (B, m, m), columns are eigenvector estimates
-    U_R: Tensor  # (B, n, n)
-    lam_L: Tensor  # (B, m), eigenvalue estimates in U_L's column order
-    lam_R: Tensor  # (B, n)
-    step: Tensor  # (B,) int64 steps taken, on the CPU whatever the device: the host schedules
-    # refreshes from it without waiting for the device
-    ready: Tensor  # (B,) bool, on the CPU: the block has seen a non-zero gradient and has state
-
-    def tensors(self) -> dict[str, Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    def select(self, idx: Tensor) -> KronBlockState:
-        """A copy holding the blocks ``idx``."""
-        return KronBlockState(**{k: v.index_select(0, idx.to(v.device)) for k, v in self.tensors().items()})
-
-    def assign(self, idx: Tensor, part: KronBlockState) -> None:
-        """Write ``part`` (from :meth:`select`) back into the blocks ``idx``, in place."""
-        for k, v in self.tensors().items():
-            v.index_copy_(0, idx.to(v.device), getattr(part, k))
-
-    def with_rows(self, idx: Tensor, part: KronBlockState) -> KronBlockState:
-        """A new state: this one with the blocks ``idx`` replaced by ``part`` (self unchanged)."""
-        return KronBlockState(
-            **{k: torch.index_copy(v, 0, idx.to(v.device), getattr(part, k)) for k, v in self.tensors().items()}
-        )
-
-    def finite_blocks(self) -> Tensor:
-        """(B,) bool on the state's device: every float field of the block is finite."""
-        ok = finite_rows(self.momentum)
-        for t in (self.L, self.R, self.lam_L, self.lam_R):
-            ok &= finite_rows(t)
-        return ok
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,11 @@ def refresh_cost(m: int, n: int) -> float:
 @dataclass(frozen=True)
 class Block:
     """One Kronecker block of a plan: the parameter it lives in (index into the plan's
-    Kronecker shards), its slice of that parameter's 2-D view, refresh offset and owner."""
+    Kronecker shards), its tile (index among that parameter's blocks, which is how a
+    checkpoint names it), its slice of the parameter's 2-D view, refresh offset and owner."""
 
     shard: int
+    tile: int
     cols: int  # columns of the parameter's 2-D view
     slice: BlockSlice
     offset: int
@@ -51,15 +53,15 @@ def plan_blocks(
     shapes: list[tuple[int, ...]], max_dim: int, frequency: int, stagger: bool, world: int
 ) -> list[Block]:
     """The blocks of parameters with global ``shapes``, in parameter then tile order."""
-    cut: list[tuple[int, int, BlockSlice]] = []
+    cut: list[tuple[int, int, int, BlockSlice]] = []
     for j, shape in enumerate(shapes):
         rows, cols = matrix_shape(shape)
-        cut.extend((j, cols, b) for b in block_slices(rows, cols, max_dim))
-    refresh = [refresh_cost(*b.shape) for _, _, b in cut]
+        cut.extend((j, t, cols, b) for t, b in enumerate(block_slices(rows, cols, max_dim)))
+    refresh = [refresh_cost(*b.shape) for *_, b in cut]
     offsets = lpt_refresh_offsets(refresh, frequency, stagger)
-    owners = assign_owners([step_cost(*b.shape) for _, _, b in cut], refresh, offsets, world)
+    owners = assign_owners([step_cost(*b.shape) for *_, b in cut], refresh, offsets, world)
     return [
-        Block(j, cols, b, offset, owner) for (j, cols, b), offset, owner in zip(cut, offsets, owners)
+        Block(j, t, cols, b, offset, owner) for (j, t, cols, b), offset, owner in zip(cut, offsets, owners)
     ]
 
 

@@ -1,0 +1,138 @@
+"""The Kronecker state of same-shape blocks, and its schema: the one place that says which
+fields a block has, their shapes and dtypes, where they live, how a block starts, and how one
+block is written out and read back.
+
+A stack holds B blocks with every field stacked on dim 0, which is how the step runs them.
+A checkpoint holds blocks one by one (:meth:`KronBlockState.block`), keyed by the parameter
+and tile they belong to, so that it does not depend on which rank stacked which blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from bregtop_dist.core.finite import finite_rows
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One field of a block: its dims in terms of the block's (m, n), dtype, and whether it
+    lives on the CPU whatever the device (the host schedules from it without a device sync)."""
+
+    name: str
+    dims: tuple[str, ...]  # "m" and "n"; () for a per-block scalar
+    dtype: torch.dtype
+    on_host: bool = False
+
+    def shape(self, m: int, n: int) -> tuple[int, ...]:
+        return tuple(m if d == "m" else n for d in self.dims)
+
+
+SCHEMA: tuple[FieldSpec, ...] = (
+    FieldSpec("momentum", ("m", "n"), torch.float32),
+    FieldSpec("L", ("m", "m"), torch.float32),
+    FieldSpec("R", ("n", "n"), torch.float32),
+    FieldSpec("U_L", ("m", "m"), torch.float32),
+    FieldSpec("U_R", ("n", "n"), torch.float32),
+    FieldSpec("lam_L", ("m",), torch.float32),
+    FieldSpec("lam_R", ("n",), torch.float32),
+    FieldSpec("step", (), torch.int64, on_host=True),
+    FieldSpec("ready", (), torch.bool, on_host=True),
+)
+HOST_FIELDS = tuple(f.name for f in SCHEMA if f.on_host)
+
+
+@dataclass
+class KronBlockState:
+    """Optimizer state of B same-shape blocks, each field stacked on dim 0 (see ``SCHEMA``)."""
+
+    momentum: Tensor  # (B, m, n), in the eigenbasis: U_L^T M U_R
+    L: Tensor  # (B, m, m)
+    R: Tensor  # (B, n, n)
+    U_L: Tensor  # (B, m, m), columns are eigenvector estimates
+    U_R: Tensor  # (B, n, n)
+    lam_L: Tensor  # (B, m), eigenvalue estimates in U_L's column order
+    lam_R: Tensor  # (B, n)
+    step: Tensor  # (B,) int64 steps taken, on the CPU whatever the device
+    ready: Tensor  # (B,) bool, on the CPU: the block has seen a non-zero gradient and has state
+
+    # ------------------------------------------------------------------ schema
+    @staticmethod
+    def shapes(m: int, n: int, count: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """(shape, dtype) of every field of ``count`` stacked m x n blocks."""
+        return {f.name: ((count, *f.shape(m, n)), f.dtype) for f in SCHEMA}
+
+    @classmethod
+    def empty(cls, m: int, n: int, count: int, device: torch.device | str = "cpu") -> KronBlockState:
+        """``count`` blocks none of which is ready (each is initialised by its first non-zero
+        gradient): zero factors and momentum, identity bases, unit eigenvalue estimates."""
+        out = {
+            f.name: torch.zeros((count, *f.shape(m, n)), dtype=f.dtype, device="cpu" if f.on_host else device)
+            for f in SCHEMA
+        }
+        out["U_L"] += torch.eye(m, device=device)
+        out["U_R"] += torch.eye(n, device=device)
+        out["lam_L"] += 1.0
+        out["lam_R"] += 1.0
+        return cls(**out)
+
+    @staticmethod
+    def check_block(block: Mapping[str, Tensor], m: int, n: int) -> str | None:
+        """Why ``block`` (one block's fields, as :meth:`block` writes them) cannot be an m x n
+        block's state, or None when it can."""
+        if not isinstance(block, Mapping):
+            return f"expected a dict of the fields {[f.name for f in SCHEMA]}, got {type(block).__name__}"
+        for f in SCHEMA:
+            got = block.get(f.name)
+            if f.name == "ready" and got is None and "step" in block:
+                continue  # saved before the field existed: see from_blocks
+            if not isinstance(got, Tensor):
+                return f"field {f.name!r} is missing" if got is None else f"field {f.name!r} is not a tensor"
+            if tuple(got.shape) != f.shape(m, n):
+                return f"field {f.name!r} has shape {tuple(got.shape)}, expected {f.shape(m, n)} for a {m}x{n} block"
+        return None
+
+    @classmethod
+    def from_blocks(cls, blocks: list[Mapping[str, Tensor]], device: torch.device | str) -> KronBlockState:
+        """Stack blocks written by :meth:`block` (checked with :meth:`check_block`) into a new
+        state on ``device`` (host fields on the CPU). A block saved before ``ready`` existed
+        was ready once it had stepped."""
+        out = {}
+        for f in SCHEMA:
+            rows = [b["step"] > 0 if f.name == "ready" and "ready" not in b else b[f.name] for b in blocks]
+            out[f.name] = torch.stack([r.detach().to("cpu" if f.on_host else device, f.dtype) for r in rows])
+        return cls(**out)
+
+    # --------------------------------------------------------------- per block
+    def block(self, row: int) -> dict[str, Tensor]:
+        """The fields of block ``row`` (views, not copies): one block as a checkpoint holds it."""
+        return {f.name: getattr(self, f.name)[row] for f in SCHEMA}
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def select(self, idx: Tensor) -> KronBlockState:
+        """A copy holding the blocks ``idx``."""
+        return KronBlockState(**{k: v.index_select(0, idx.to(v.device)) for k, v in self.tensors().items()})
+
+    def assign(self, idx: Tensor, part: KronBlockState) -> None:
+        """Write ``part`` (from :meth:`select`) back into the blocks ``idx``, in place."""
+        for k, v in self.tensors().items():
+            v.index_copy_(0, idx.to(v.device), getattr(part, k))
+
+    def with_rows(self, idx: Tensor, part: KronBlockState) -> KronBlockState:
+        """A new state: this one with the blocks ``idx`` replaced by ``part`` (self unchanged)."""
+        return KronBlockState(
+            **{k: torch.index_copy(v, 0, idx.to(v.device), getattr(part, k)) for k, v in self.tensors().items()}
+        )
+
+    def finite_blocks(self) -> Tensor:
+        """(B,) bool on the state's device: every float field of the block is finite."""
+        ok = finite_rows(self.momentum)
+        for t in (self.L, self.R, self.lam_L, self.lam_R):
+            ok &= finite_rows(t)
+        return ok
