@@ -165,6 +165,7 @@ class BregTop(torch.optim.Optimizer):
         self._built_params: list[list[Tensor]] = []  # as added, before any engine replaces them
         self._warned_basis = False
         self._gathered = False  # consolidate_state_dict put other ranks' blocks into state
+        self._gathered_adamw: dict[Tensor, dict[str, Any]] = {}  # and full AdamW state of DTensor params
         super().__init__(params, defaults)
         self._check_ranks_agree()
 
@@ -477,6 +478,7 @@ class BregTop(torch.optim.Optimizer):
         if self._gathered:
             for tiles in self._tiles():
                 tiles.gathered.clear()
+            self._gathered_adamw = {}
             self._gathered = False
 
     def state_dict(self) -> dict[str, Any]:
@@ -497,12 +499,13 @@ class BregTop(torch.optim.Optimizer):
                 index.setdefault(id(p), len(index))
                 ids.append(index[id(p)])
             groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": ids})
-        state: dict[int, dict[str, Any]] = {}
+        state: dict[int, dict[str, Any]] = {i: {} for i in index.values()}  # every parameter, as DCP expects
         for p, entry in self.state.items():
             if id(p) not in index:
                 continue
+            full = self._gathered_adamw.get(p)
             state[index[id(p)]] = {
-                k: {t: dict(b) for t, b in v.items()} if k == KRON else adamw_for_saving(p, v)
+                k: {t: dict(b) for t, b in v.items()} if k == KRON else full[k] if full else adamw_for_saving(p, v)
                 for k, v in entry.items()
             }
         return {"state": state, "param_groups": groups}
@@ -516,7 +519,7 @@ class BregTop(torch.optim.Optimizer):
         rank, world = self._world()
         if not 0 <= to < world:
             raise ValueError(f"to={to!r} is not a rank of the optimizer's {world}-rank process group")
-        self._all_plans()
+        views = self._all_plans()
         self._drop_gathered()
         if world == 1:
             return
@@ -529,6 +532,8 @@ class BregTop(torch.optim.Optimizer):
         received: list[Any] | None = [None] * world if rank == to else None
         dst = to if group is None else dist.get_global_rank(group, to)
         dist.gather_object(mine, received, dst=dst, group=group)
+        adamw = self._gather_sharded_adamw(views)
+        self._gathered = True
         if received is None:
             return
         for r, blocks in enumerate(received):
@@ -538,7 +543,32 @@ class BregTop(torch.optim.Optimizer):
                 plan = self._plans[key]
                 blk = plan.blocks[bid]
                 self.state[plan.params[blk.shard]][KRON].gathered[str(blk.tile)] = block
-        self._gathered = True
+        self._gathered_adamw = adamw
+
+    def _gather_sharded_adamw(self, views: list[GroupShards]) -> dict[Tensor, dict[str, Any]]:
+        """Full copies of the AdamW-side state of DTensor parameters (a collective per
+        parameter, in the same order on every rank; ranks whose shard is empty add nothing)."""
+        from torch.distributed.tensor import DTensor
+
+        full: dict[Tensor, dict[str, Any]] = {}
+        for view in views:
+            cfg = BregTopConfig.from_group(view.settings)
+            for s in view.shards:
+                if is_kron_shape(s.shape, cfg.bregtop) or not is_dtensor(s.param):
+                    continue
+                mine = self.state.get(s.param, {})
+                step = mine.get("step", torch.zeros((), dtype=torch.float32)).reshape(1).to(s.value.device, copy=True)
+                dist.all_reduce(step, op=dist.ReduceOp.MAX, group=s.param.device_mesh.get_group())  # type: ignore[attr-defined]
+                if float(step) == 0.0:
+                    continue
+                entry: dict[str, Any] = {"step": step.reshape(()).cpu()}
+                for key in ("exp_avg", "exp_avg_sq"):
+                    local = mine.get(key, torch.zeros_like(s.value, dtype=torch.float32))
+                    whole = DTensor.from_local(local, s.param.device_mesh, s.param.placements, run_check=False,  # type: ignore[attr-defined]
+                                               shape=s.param.shape, stride=s.param.stride())
+                    entry[key] = whole.full_tensor().cpu()
+                full[s.param] = entry
+        return full
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict` saved at any world size (or torch.distributed.checkpoint's
@@ -567,8 +597,39 @@ class BregTop(torch.optim.Optimizer):
         if "kron_blocks" in state_dict:  # the format before tiles: per-rank stacks, same world size only
             saved_state = self._from_stacked(state_dict, saved_state, world)
 
-        # Take this rank's part, checking it; agree with the other ranks on the first problem.
-        problems: list[tuple[int, str]] = []  # (position of the block or parameter, what is wrong)
+        # Take this rank's part, checking it; agree with the other ranks on the first problem
+        # (a rank that fails unexpectedly still takes part, so that no rank waits forever).
+        shards = {id(s.param): s for view in views for s in view.shards}
+        try:
+            blocks, adamw, problem = self._take_saved(saved_state, list(key_to_param.values()), shards, rank)
+        except Exception as err:  # noqa: BLE001 - re-raised below, after the other ranks know
+            self._agree_on_load((-1, f"{type(err).__name__}: {err}"), rank, world)
+            raise
+        self._agree_on_load(problem, rank, world)
+
+        # Validated: now change state.
+        for saved, group in zip(saved_groups, self.param_groups):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        self.state.clear()
+        self._gathered, self._gathered_adamw = False, {}
+        params = {id(p): p for p in key_to_param.values()}
+        for pid, entry in adamw.items():
+            device = shards[pid].value.device
+            self.state[params[pid]] = {
+                k: v.detach().to(device, copy=True) if torch.is_tensor(v) else v for k, v in entry.items()
+            }
+        for plan in self._plans.values():
+            for stack in plan.stacks.values():
+                stack.state = KronBlockState.from_blocks(blocks[(plan.key, stack.shape)], plan.device)
+            self._register_tiles(plan)
+
+    def _take_saved(
+        self, saved_state: dict[int, Any], params: list[Tensor], shards: dict[int, ParamShard], rank: int,
+    ) -> tuple[dict[tuple[str, tuple[int, int]], list[Mapping[str, Tensor]]], dict[int, dict[str, Any]],
+               tuple[int, str] | None]:
+        """This rank's part of a saved state (keyed by id of parameter): its blocks per stack in
+        row order, its AdamW-side entries, and the first problem (position, what is wrong)."""
+        problems: list[tuple[int, str]] = []
         blocks: dict[tuple[str, tuple[int, int]], list[Mapping[str, Tensor]]] = {}
         for pi, plan in enumerate(self._plans.values()):
             for stack in plan.stacks.values():
@@ -583,8 +644,7 @@ class BregTop(torch.optim.Optimizer):
                         rows.append(block)  # type: ignore[arg-type]
         adamw: dict[int, dict[str, Any]] = {}
         kron_params = {id(p) for plan in self._plans.values() for p in plan.params}
-        shards = {id(s.param): s for view in views for s in view.shards}
-        for i, p in enumerate(key_to_param.values()):
+        for i, p in enumerate(params):
             entry = saved_state.get(id(p))
             if id(p) in kron_params or not entry or id(p) not in shards:
                 continue
@@ -592,23 +652,7 @@ class BregTop(torch.optim.Optimizer):
                 adamw[id(p)] = {k: adamw_for_loading(shards[id(p)], rank, k, v) for k, v in entry.items() if k != KRON}
             except ValueError as e:
                 problems.append((_position(len(self._plans), i), str(e)))
-        self._agree_on_load(min(problems, default=None), rank, world)
-
-        # Validated: now change state.
-        for saved, group in zip(saved_groups, self.param_groups):
-            group.update({k: v for k, v in saved.items() if k != "params"})
-        self.state.clear()
-        self._gathered = False
-        params = {id(p): p for p in key_to_param.values()}
-        for pid, entry in adamw.items():
-            device = shards[pid].value.device
-            self.state[params[pid]] = {
-                k: v.detach().to(device, copy=True) if torch.is_tensor(v) else v for k, v in entry.items()
-            }
-        for plan in self._plans.values():
-            for stack in plan.stacks.values():
-                stack.state = KronBlockState.from_blocks(blocks[(plan.key, stack.shape)], plan.device)
-            self._register_tiles(plan)
+        return blocks, adamw, min(problems, default=None)
 
     def _agree_on_load(self, problem: tuple[int, str] | None, rank: int, world: int) -> None:
         """Raise on every rank if any rank found a problem, naming the first one."""
@@ -620,7 +664,7 @@ class BregTop(torch.optim.Optimizer):
             first = int(code)
         if first == _NO_PROBLEM:
             return
-        what = self._describe_position(first)
+        what = "a rank failed while reading it" if first == -1 else self._describe_position(first)
         if problem is not None and problem[0] == first:
             detail = problem[1]
         else:

@@ -18,14 +18,20 @@ import torch.multiprocessing as mp
 TIMEOUT_S = 600
 
 
-def _entry(rank: int, world: int, workdir: str, names: list[str]) -> None:
+def _entry(rank: int, world: int, workdir: str, names: list[str], module: str) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # what torchrun would set; DeepSpeed reads them
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
     import torch
     import torch.distributed as dist
 
-    import dist_scenarios
+    import faulthandler
+    import importlib
+
+    if os.environ.get("BREGTOP_HANG_DUMP_S"):  # debugging a hang: every rank's stack after that many seconds
+        faulthandler.dump_traceback_later(float(os.environ["BREGTOP_HANG_DUMP_S"]), exit=True)
+
+    scenarios = importlib.import_module(module)
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{workdir}/store", rank=rank, world_size=world)
@@ -33,7 +39,7 @@ def _entry(rank: int, world: int, workdir: str, names: list[str]) -> None:
     results: dict[str, str] = {}
     for name in names:
         try:
-            dist_scenarios.SCENARIOS[name](rank, world, singles[rank], Path(workdir))
+            scenarios.SCENARIOS[name](rank, world, singles[rank], Path(workdir))
             results[name] = "ok"
         except Exception:  # reported to the test, which fails with this text
             results[name] = traceback.format_exc()
@@ -42,10 +48,10 @@ def _entry(rank: int, world: int, workdir: str, names: list[str]) -> None:
     dist.destroy_process_group()
 
 
-def run_scenarios(world: int, names: list[str], workdir: Path) -> dict[str, list[str]]:
-    """Per scenario, the verdict of every rank ("ok" or a traceback)."""
+def run_scenarios(world: int, names: list[str], workdir: Path, module: str = "dist_scenarios") -> dict[str, list[str]]:
+    """Per scenario of ``module``'s SCENARIOS, the verdict of every rank ("ok" or a traceback)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    ctx = mp.start_processes(_entry, args=(world, str(workdir), names), nprocs=world, join=False, start_method="spawn")
+    ctx = mp.start_processes(_entry, args=(world, str(workdir), names, module), nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:

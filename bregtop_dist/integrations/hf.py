@@ -12,8 +12,12 @@ AdamW side (:func:`bregtop_dist.param_groups`). The Trainer's own weight-decay s
 replaced by that grouping, so weight decay is a BregTop setting here (``weight_decay=...``),
 not ``TrainingArguments.weight_decay``.
 
-Under DeepSpeed ZeRO add :class:`AttachZeroFragments` to the callbacks: it points BregTop at
-the fragments ZeRO hands it once training starts.
+Under DDP add :class:`ConsolidateOnSave` to the callbacks: the Trainer writes the optimizer's
+``state_dict()`` from process 0 alone, and the callback gathers BregTop's blocks there first
+(on every process, before each checkpoint). Without it a checkpoint of a multi-process run
+holds process 0's blocks only and resuming refuses it, naming a missing block. Under DeepSpeed
+ZeRO add :class:`AttachZeroFragments` instead: it points BregTop at the fragments ZeRO hands
+it once training starts (DeepSpeed saves every rank's state itself).
 """
 
 from __future__ import annotations
@@ -56,3 +60,28 @@ class AttachZeroFragments(_callback_base()):  # type: ignore[misc]
             from bregtop_dist.integrations.deepspeed import attach_prepared
 
             attach_prepared(optimizer)
+
+
+class ConsolidateOnSave(_callback_base()):  # type: ignore[misc]
+    """Trainer callback: before each checkpoint, gather BregTop's Kronecker blocks to process
+    0, which writes the optimizer state (see :meth:`BregTop.consolidate_state_dict`). Runs on
+    every process; for ``save_strategy="best"``, whose decision comes after evaluation, it
+    gathers after every evaluation."""
+
+    def _gather(self, optimizer: Any) -> None:
+        from bregtop_dist.integrations.accelerate import find_bregtop
+
+        if optimizer is not None:
+            find_bregtop(optimizer).consolidate_state_dict(to=0)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+        if control.should_save:
+            self._gather(optimizer)
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+        if control.should_save:
+            self._gather(optimizer)
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+        if str(getattr(args, "save_strategy", "")).endswith("best"):
+            self._gather(optimizer)

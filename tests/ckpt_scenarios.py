@@ -1,0 +1,159 @@
+"""Checkpoint scenarios for ``dist_harness``: a run saved at one world size through a user's
+path, continued at another, must equal the uninterrupted single-process run.
+
+``save_*`` scenarios train SAVE_AT steps and write under ``workdir.parent / "ckpt"``;
+``resume_*`` scenarios (run later, at any world size) load from there, train to STEPS and
+compare with the single-process reference. Every rank feeds the same batches (see
+``dist_scenarios``), so the engines' gradients equal the single-process ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bregtop_dist import BregTop, param_groups
+from dist_scenarios import FP32_TOL, SETTINGS, STEPS, Net, assert_close, fsdp2, full, reference, train
+
+SAVE_AT = 4  # one refresh period (precondition_frequency=3) and a step into the next
+
+
+def _ckpt(workdir: Path, name: str) -> Path:
+    return workdir.parent / "ckpt" / name
+
+
+def _build(engine: str, world: int, weights: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, nn.Module, BregTop]:
+    """(model, what to call, optimizer) for ``engine``: ``ddp``, ``fsdp2``."""
+    model = Net()
+    if weights is not None:
+        model.load_state_dict(weights)
+    if engine == "fsdp2":
+        fsdp2(model, world)
+        return model, model, BregTop(param_groups(model), **SETTINGS)
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model, DistributedDataParallel(model), BregTop(param_groups(model), **SETTINGS)
+
+
+def _full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: full(v.detach()).clone() for k, v in model.state_dict().items()}
+
+
+# ------------------------------------------------------------------ torch.distributed.checkpoint
+def _save_dcp(engine: str, rank: int, world: int, workdir: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model, call, opt = _build(engine, world)
+    train(call, opt, range(SAVE_AT))
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(_ckpt(workdir, f"dcp-{engine}")))
+
+
+def _resume_dcp(engine: str, rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model, call, opt = _build(engine, world)
+    msd, osd = get_state_dict(model, opt)
+    dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(_ckpt(workdir, f"dcp-{engine}")))
+    set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
+    train(call, opt, range(SAVE_AT, STEPS))
+    assert_close(model, reference(single), FP32_TOL)
+
+
+def save_dcp_fsdp2(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+    _save_dcp("fsdp2", rank, world, workdir)
+
+
+def save_dcp_ddp(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+    _save_dcp("ddp", rank, world, workdir)
+
+
+def resume_dcp_fsdp2(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+    _resume_dcp("fsdp2", rank, world, single, workdir)
+
+
+def resume_dcp_ddp(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+    _resume_dcp("ddp", rank, world, single, workdir)
+
+
+# --------------------------------------------------- BregTop's own state_dict, written by rank 0
+def _save_rank0(engine: str, consolidate: bool, rank: int, world: int, workdir: Path) -> None:
+    model, call, opt = _build(engine, world)
+    train(call, opt, range(SAVE_AT))
+    if consolidate:
+        opt.consolidate_state_dict(to=0)
+    weights = _full_weights(model)
+    state = opt.state_dict()  # rank 0 alone writes it, as Accelerate and the Trainer do
+    if rank == 0:
+        path = _ckpt(workdir, f"rank0-{engine}-{'consolidated' if consolidate else 'plain'}.pt")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": weights, "optim": state}, path)
+    dist.barrier()
+
+
+def _load_rank0(engine: str, consolidate: bool, world: int, workdir: Path) -> tuple[nn.Module, nn.Module, BregTop]:
+    path = _ckpt(workdir, f"rank0-{engine}-{'consolidated' if consolidate else 'plain'}.pt")
+    saved = torch.load(path, weights_only=True)
+    model, call, opt = _build(engine, world, saved["model"])
+    opt.load_state_dict(saved["optim"])
+    return model, call, opt
+
+
+def save_rank0_consolidated_ddp(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+    _save_rank0("ddp", True, rank, world, workdir)
+
+
+def save_rank0_consolidated_fsdp2(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+    _save_rank0("fsdp2", True, rank, world, workdir)
+
+
+def save_rank0_plain_ddp(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+    _save_rank0("ddp", False, rank, world, workdir)
+
+
+def resume_rank0_consolidated_ddp(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+    model, call, opt = _load_rank0("ddp", True, world, workdir)
+    train(call, opt, range(SAVE_AT, STEPS))
+    assert_close(model, reference(single), FP32_TOL)
+
+
+def resume_rank0_consolidated_fsdp2(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+    model, call, opt = _load_rank0("fsdp2", True, world, workdir)
+    train(call, opt, range(SAVE_AT, STEPS))
+    assert_close(model, reference(single), FP32_TOL)
+
+
+def resume_rank0_plain_is_refused_on_every_rank(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+    """Rank 0's dict without consolidation lacks rank 1's blocks: every rank refuses it, naming
+    a parameter, and the optimizer is left as it was."""
+    path = _ckpt(workdir, "rank0-ddp-plain.pt")
+    saved = torch.load(path, weights_only=True)
+    model, call, opt = _build("ddp", world, saved["model"])
+    try:
+        opt.load_state_dict(saved["optim"])
+    except ValueError as err:
+        text = str(err)
+        assert "Kronecker block" in text and "of " in text and "nothing was loaded" in text, text
+        assert "consolidate_state_dict()" in text, text
+    else:
+        raise AssertionError(f"rank {rank}: a state dict without rank 1's blocks was accepted")
+    dist.barrier()
+
+
+CKPT_SAVE: dict[str, Callable[[int, int, dist.ProcessGroup, Path], None]] = {
+    f.__name__: f
+    for f in (save_dcp_fsdp2, save_dcp_ddp, save_rank0_consolidated_ddp, save_rank0_consolidated_fsdp2,
+              save_rank0_plain_ddp)
+}
+CKPT_RESUME: dict[str, Callable[[int, int, dist.ProcessGroup, Path], None]] = {
+    f.__name__: f
+    for f in (resume_dcp_fsdp2, resume_dcp_ddp, resume_rank0_consolidated_ddp, resume_rank0_consolidated_fsdp2,
+              resume_rank0_plain_is_refused_on_every_rank)
+}
+SCENARIOS = {**CKPT_SAVE, **CKPT_RESUME}
