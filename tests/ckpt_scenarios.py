@@ -146,14 +146,78 @@ def resume_rank0_plain_is_refused_on_every_rank(rank: int, world: int, single: d
     dist.barrier()
 
 
+# ---------------------------------------------------------------------------- DeepSpeed ZeRO
+def _ds_run(engine, steps: range) -> None:  # noqa: ANN001
+    from dist_scenarios import batch
+
+    for step in steps:
+        loss = engine(batch(step))
+        engine.backward(loss)
+        engine.step()
+
+
+def _save_zero(stage: int, rank: int, world: int, workdir: Path) -> None:
+    from bregtop_dist.integrations.deepspeed import initialize
+    from dist_scenarios import _ds_config
+
+    engine, _, _, _ = initialize(model=Net(), config=_ds_config(stage))
+    _ds_run(engine, range(SAVE_AT))
+    engine.save_checkpoint(str(_ckpt(workdir, f"zero{stage}")), tag="saved")
+
+
+def _resume_zero(stage: int, rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+    """At the saved world size: the single-process run. At another: refused on every rank with
+    a message that says what to do (ZeRO's partitions are per rank)."""
+    import deepspeed
+
+    from bregtop_dist.integrations.deepspeed import initialize, load_checkpoint
+    from dist_scenarios import _ds_config
+
+    model = Net(seed=5)
+    engine, _, _, _ = initialize(model=model, config=_ds_config(stage))
+    try:
+        load_checkpoint(engine, _ckpt(workdir, f"zero{stage}"), tag="saved")
+    except ValueError as err:
+        assert world != SAVED_WORLD, f"ZeRO-{stage} at the saved world size: {err!r}"
+        assert f"saved by {SAVED_WORLD} data-parallel ranks and this run has {world}" in str(err), str(err)
+        return
+    assert world == SAVED_WORLD, f"ZeRO-{stage}: a {SAVED_WORLD}-rank checkpoint loaded at {world} ranks"
+    _ds_run(engine, range(SAVE_AT, STEPS))
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=stage == 3):
+        got = {k: v.detach().clone() for k, v in model.named_parameters()}
+    want = reference(single)
+    for name, value in got.items():
+        rel = float((value - want[name]).abs().max() / want[name].abs().max())
+        assert rel <= FP32_TOL, f"ZeRO-{stage} {name}: max relative difference {rel:.3g}"
+
+
+SAVED_WORLD = 2
+
+
+def save_zero2(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+    _save_zero(2, rank, world, workdir)
+
+
+def save_zero3(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+    _save_zero(3, rank, world, workdir)
+
+
+def resume_zero2(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+    _resume_zero(2, rank, world, single, workdir)
+
+
+def resume_zero3(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+    _resume_zero(3, rank, world, single, workdir)
+
+
 CKPT_SAVE: dict[str, Callable[[int, int, dist.ProcessGroup, Path], None]] = {
     f.__name__: f
     for f in (save_dcp_fsdp2, save_dcp_ddp, save_rank0_consolidated_ddp, save_rank0_consolidated_fsdp2,
-              save_rank0_plain_ddp)
+              save_rank0_plain_ddp, save_zero2, save_zero3)
 }
 CKPT_RESUME: dict[str, Callable[[int, int, dist.ProcessGroup, Path], None]] = {
     f.__name__: f
     for f in (resume_dcp_fsdp2, resume_dcp_ddp, resume_rank0_consolidated_ddp, resume_rank0_consolidated_fsdp2,
-              resume_rank0_plain_is_refused_on_every_rank)
+              resume_rank0_plain_is_refused_on_every_rank, resume_zero2, resume_zero3)
 }
 SCENARIOS = {**CKPT_SAVE, **CKPT_RESUME}

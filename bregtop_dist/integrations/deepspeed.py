@@ -208,3 +208,26 @@ def _fragment(p: Tensor, name: str, ranges: Sequence[Range], flat: Tensor, offse
     shape = tuple(getattr(p, "ds_shape", p.shape))
     return ParamShard(p, name, shape, tuple(ranges), value, grad)
 
+
+
+def load_checkpoint(engine: Any, load_dir: str | os.PathLike[str], tag: str | None = None, **kwargs: Any) -> Any:
+    """``engine.load_checkpoint`` after checking, on every rank, that the checkpoint was saved
+    at this data-parallel world size: DeepSpeed's ZeRO partitions (and BregTop's state inside
+    them) load only there, and at another size some ranks find no file and fail without saying
+    why. Returns what ``engine.load_checkpoint`` returns."""
+    root = Path(load_dir)
+    if tag is None:
+        latest = root / "latest"
+        if not latest.is_file():
+            raise FileNotFoundError(f"{str(root)!r} has no 'latest' file; pass the checkpoint's tag")
+        tag = latest.read_text().strip()
+    saved = len(list((root / str(tag)).glob("*zero_pp_rank_*_optim_states.pt")))
+    world = engine.dp_world_size if hasattr(engine, "dp_world_size") else dist.get_world_size()
+    if saved and saved != world:
+        raise ValueError(
+            f"the DeepSpeed checkpoint {str(root / str(tag))!r} was saved by {saved} data-parallel ranks and "
+            f"this run has {world}: ZeRO's partitioned optimizer state loads only at the world size it was "
+            f"saved with. Resume on {saved} ranks, or save BregTop's state in the world-size independent "
+            "format (torch.distributed.checkpoint, see the README's checkpoint section) and load that"
+        )
+    return engine.load_checkpoint(str(root), tag=tag, **kwargs)
