@@ -12,6 +12,15 @@ import torch
 from torch import Tensor
 
 
+def init_adamw_state(state: dict[str, Any], param: Tensor) -> None:
+    """The state of a parameter that has not stepped: step 0 and zero moments (its first step
+    is then exactly a fresh one). Made before the first step too, so that every parameter's
+    state has its keys wherever a checkpoint template is taken."""
+    state["step"] = torch.zeros((), dtype=torch.float32)
+    state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32)
+    state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32)
+
+
 def adamw_step(
     param: Tensor,
     grad: Tensor,
@@ -24,9 +33,7 @@ def adamw_step(
 ) -> None:
     """One bias-corrected AdamW step of ``param`` (in place), with decoupled weight decay."""
     if not state:
-        state["step"] = torch.zeros((), dtype=torch.float32)
-        state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32)
-        state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32)
+        init_adamw_state(state, param)
     b1, b2 = betas
     state["step"] += 1
     step = float(state["step"])

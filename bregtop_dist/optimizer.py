@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from bregtop_dist.adamw import adamw_step
+from bregtop_dist.adamw import adamw_step, init_adamw_state
 from bregtop_dist.block_plan import BlockStack, KronPlan, build_plan, is_kron_shape
 from bregtop_dist.config import BregTopConfig
 from bregtop_dist.core.block_state import KronBlockState
@@ -451,8 +451,8 @@ class BregTop(torch.optim.Optimizer):
         return [list(g["params"]) for g in self.param_groups]
 
     def _all_plans(self) -> list[GroupShards]:
-        """Plans for every group (they are otherwise made by the first step that needs them);
-        returns every group's shards."""
+        """Plans for every group (they are otherwise made by the first step that needs them),
+        and the AdamW side's not-yet-stepped state; returns every group's shards."""
         rank, world = self._world()
         views = self._views(every_group=True)
         for view in views:
@@ -460,6 +460,9 @@ class BregTop(torch.optim.Optimizer):
             kron = [s for s in view.shards if is_kron_shape(s.shape, cfg.bregtop)]
             if kron:
                 self._plan(view, kron, cfg, rank, world)
+            for s in view.shards:
+                if not is_kron_shape(s.shape, cfg.bregtop) and not self.state.get(s.param):
+                    init_adamw_state(self.state[s.param], s.value)
         return views
 
     def _register_tiles(self, plan: KronPlan) -> None:

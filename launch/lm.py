@@ -3,9 +3,12 @@
 GPT-2 BPE from the shipped files; Tiny Shakespeare by default, any local text file
 (``--data``) or Hub dataset (``--dataset``, needs a network) otherwise; the last
 ``val_fraction`` of the tokens is the validation set. Prints and logs train loss, validation
-loss and perplexity; saves a checkpoint (model, optimizer state of every rank, step) every
-``--ckpt-every`` steps and at the end, and ``--resume`` continues from it exactly: batches are
-chosen by step number, so the data position is the step. Sizes go from a few layers up to
+loss and perplexity; saves a checkpoint (model and optimizer through
+torch.distributed.checkpoint, step) every ``--ckpt-every`` steps and at the end, written
+atomically and verified on reading (see :mod:`launch.checkpoints`), and ``--resume`` continues
+from the newest complete one exactly, at any process count: batches are chosen by step number,
+so the data position is the step (``batch_size`` is per process, so another process count
+trains on larger or smaller batches from there). Sizes go from a few layers up to
 GPT-2 small (``--preset gpt2``, 124M parameters).
 
 Runs on one process, under ``torchrun --nproc_per_node N -m launch.lm --cpu`` and under
@@ -28,6 +31,8 @@ import torch
 from torch import nn
 
 from bregtop_dist import METHODS, BregTop, param_groups
+from launch import checkpoints
+from launch.checkpoints import CheckpointError, check_dcp_metadata
 from launch.engines import build
 from launch.jobconfig import ConfigError, from_sources, job_parser
 from launch.lm_data import DEFAULT_TEXT, GPT2_DIR, DataError, batch_at, gpt2_tokenizer, load_text, token_ids
@@ -105,8 +110,29 @@ def evaluate(model: Any, ids: torch.Tensor, cfg: LMConfig, accelerator: Any) -> 
     return float(torch.stack(losses).mean())
 
 
-def checkpoint_paths(out: Path, rank: int) -> tuple[Path, Path]:
-    return out / "ckpt" / "model.pt", out / "ckpt" / f"optimizer-rank{rank}.pt"
+def _plain(model: Any, opt: Any, accelerator: Any) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The model and optimizer inside Accelerate's wrappers (what torch.distributed.checkpoint reads)."""
+    return accelerator.unwrap_model(model), getattr(opt, "optimizer", opt)
+
+
+def save_state(folder: Path, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    """Model and optimizer into ``folder`` with torch.distributed.checkpoint (every rank)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(folder))
+
+
+def load_state(folder: Path, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    """Model and optimizer from a folder :func:`save_state` wrote, at any process count."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    check_dcp_metadata(folder)
+    msd, osd = get_state_dict(model, opt)
+    dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(folder))
+    set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(from_sources(LMConfig, args.config, args))
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, CheckpointError) as err:
         print(f"python -m launch.lm: error: {err}", file=sys.stderr)
         return 2
 
@@ -136,16 +162,15 @@ def run(cfg: LMConfig) -> int:
     torch.manual_seed(cfg.seed)
     model = GPT(tokenizer.get_vocab_size(), layers, heads, dim, block)
     out = Path(cfg.out)
-    model_path, opt_path = checkpoint_paths(out, accelerator.process_index)
+    ckpt_root = out / "ckpt"
     start = 0
-    saved: dict[str, Any] | None = None
+    resume_from: Path | None = None
     if cfg.resume:
-        if not model_path.is_file():
-            raise DataError(f"--resume: no checkpoint at {str(model_path)!r}; run without --resume first")
-        saved = torch.load(model_path, weights_only=False)
-        if saved["model"] is not None:
-            model.load_state_dict(saved["model"])
-        start = int(saved["step"])
+        try:
+            resume_from, marker = checkpoints.latest(ckpt_root)
+        except CheckpointError as err:
+            raise DataError(f"--resume: {err}") from None
+        start = int(marker["step"])
     if cfg.method == "adamw" and cfg.deepspeed is not None:
         raise ConfigError("--deepspeed configs select BregTop; run adamw without --deepspeed")
     overrides: dict[str, Any] = {"method": cfg.method, "lr": cfg.lr, "weight_decay": cfg.weight_decay}
@@ -154,11 +179,13 @@ def run(cfg: LMConfig) -> int:
     engine = build(accelerator, model, make_optimizer, overrides, cfg.deepspeed, cfg.batch_size)
     model, opt = engine.model, engine.optimizer
     direct_ds = cfg.deepspeed is not None and hasattr(model, "save_checkpoint")
-    if saved is not None:
+    if resume_from is not None:
         if direct_ds:
-            model.load_checkpoint(str(model_path.parent / "deepspeed"), tag="resume")
+            from bregtop_dist.integrations.deepspeed import load_checkpoint
+
+            load_checkpoint(model, resume_from / "deepspeed", tag="resume")
         else:
-            opt.load_state_dict(torch.load(opt_path, weights_only=False))
+            load_state(resume_from, *_plain(model, opt, accelerator))
 
     main_proc = accelerator.is_main_process
     metrics = None
@@ -172,18 +199,15 @@ def run(cfg: LMConfig) -> int:
         print(f"{'step':>6}{'train loss':>12}{'val loss':>10}{'val ppl':>10}{'ms/step':>9}", flush=True)
 
     def save(step: int) -> None:
-        accelerator.wait_for_everyone()
-        model_path.parent.mkdir(parents=True, exist_ok=True)
-        if direct_ds:  # the engine writes model, BregTop state of every rank, and its own state
-            model.save_checkpoint(str(model_path.parent / "deepspeed"), tag="resume")
-            state = None
-        else:
-            state = accelerator.get_state_dict(model)
-            torch.save(opt.state_dict(), opt_path)
-        if main_proc:
-            torch.save({"model": state, "step": step, "config": {k: str(v) for k, v in dataclasses.asdict(cfg).items()}},
-                       model_path)
-        accelerator.wait_for_everyone()
+        def write(folder: Path) -> None:
+            if direct_ds:  # the engine writes model, BregTop state of every rank, and its own state
+                model.save_checkpoint(str(folder / "deepspeed"), tag="resume")
+            else:
+                save_state(folder, *_plain(model, opt, accelerator))
+
+        config = {k: str(v) for k, v in dataclasses.asdict(cfg).items()}
+        checkpoints.save(ckpt_root, step, write, {"config": config, "processes": accelerator.num_processes},
+                         main_proc, accelerator.wait_for_everyone)
 
     model.train()
     train_loss, t0 = math.nan, time.perf_counter()
@@ -206,7 +230,7 @@ def run(cfg: LMConfig) -> int:
             save(done)
     if metrics is not None:
         metrics.close()
-        print(f"wrote {out / 'metrics.jsonl'} and {model_path.parent}")
+        print(f"wrote {out / 'metrics.jsonl'} and {ckpt_root}")
     accelerator.wait_for_everyone()
     return 0
 

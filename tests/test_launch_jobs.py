@@ -224,7 +224,7 @@ def test_lm_resume_continues_exactly(tmp_path, small_text, capsys):
     [
         (["--method", "lion"], "method='lion' is not allowed"),
         (["--data", "nope.txt"], "text file 'nope.txt' does not exist; pass --data FILE"),
-        (["--resume"], "--resume: no checkpoint at"),
+        (["--resume"], "--resume: no complete checkpoint under"),
         (["--preset", "huge"], "preset='huge' is not allowed"),
     ],
 )
