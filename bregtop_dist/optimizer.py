@@ -224,8 +224,11 @@ class BregTop(torch.optim.Optimizer):
         self._shard_source = source
         self._process_group = process_group
         self._plans.clear()
-        for entry in self.state.values():
+        for p in list(self.state):  # made for the tensors before the engine: rebuilt for its fragments
+            entry = self.state[p]
             entry.pop(KRON, None)
+            if not entry or float(entry.get("step", 1)) == 0.0:
+                del self.state[p]
 
     @property
     def built_params(self) -> list[list[Tensor]]:
