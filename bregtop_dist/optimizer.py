@@ -618,10 +618,10 @@ class BregTop(torch.optim.Optimizer):
             group.update({k: v for k, v in saved.items() if k != "params"})
         self.state.clear()
         self._gathered, self._gathered_adamw = False, {}
-        params = {id(p): p for p in key_to_param.values()}
+        by_id = {id(p): p for p in key_to_param.values()}
         for pid, entry in adamw.items():
             device = shards[pid].value.device
-            self.state[params[pid]] = {
+            self.state[by_id[pid]] = {
                 k: v.detach().to(device, copy=True) if torch.is_tensor(v) else v for k, v in entry.items()
             }
         for plan in self._plans.values():

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from bregtop_dist import BregTop, param_groups
+
 from dist_scenarios import FP32_TOL, SETTINGS, STEPS, Net, assert_close, fsdp2, full, reference, train
 
 SAVE_AT = 4  # one refresh period (precondition_frequency=3) and a step into the next
@@ -158,6 +159,7 @@ def _ds_run(engine, steps: range) -> None:  # noqa: ANN001
 
 def _save_zero(stage: int, rank: int, world: int, workdir: Path) -> None:
     from bregtop_dist.integrations.deepspeed import initialize
+
     from dist_scenarios import _ds_config
 
     engine, _, _, _ = initialize(model=Net(), config=_ds_config(stage))
@@ -171,6 +173,7 @@ def _resume_zero(stage: int, rank: int, world: int, single: dist.ProcessGroup, w
     import deepspeed
 
     from bregtop_dist.integrations.deepspeed import initialize, load_checkpoint
+
     from dist_scenarios import _ds_config
 
     model = Net(seed=5)

@@ -22,11 +22,11 @@ def _entry(rank: int, world: int, workdir: str, names: list[str], module: str) -
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # what torchrun would set; DeepSpeed reads them
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
-    import torch
-    import torch.distributed as dist
-
     import faulthandler
     import importlib
+
+    import torch
+    import torch.distributed as dist
 
     if os.environ.get("BREGTOP_HANG_DUMP_S"):  # debugging a hang: every rank's stack after that many seconds
         faulthandler.dump_traceback_later(float(os.environ["BREGTOP_HANG_DUMP_S"]), exit=True)

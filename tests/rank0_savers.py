@@ -21,6 +21,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bregtop_dist import BregTop, param_groups  # noqa: E402
+
 from dist_scenarios import FP32_TOL, SETTINGS, STEPS, Net, assert_close, batch, reference  # noqa: E402
 
 SAVE_AT = 4
@@ -86,8 +87,9 @@ class _LoadedEqualsSaved(_callback_base()):  # type: ignore[misc]
         self.path = path
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):  # noqa: ANN001
-        from bregtop_dist.integrations.accelerate import find_bregtop
         from state_tensors import kron_blocks
+
+        from bregtop_dist.integrations.accelerate import find_bregtop
 
         opt = find_bregtop(optimizer)
         opt.consolidate_state_dict(to=0)

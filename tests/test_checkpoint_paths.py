@@ -4,8 +4,8 @@ ranks equals the uninterrupted single-process run (see ckpt_scenarios)."""
 from __future__ import annotations
 
 import pytest
-
 from ckpt_scenarios import CKPT_RESUME, CKPT_SAVE
+
 from dist_harness import run_scenarios
 
 SAVED_AT = 2

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_launch_jobs import ROOT, TINY_LM, _rows, _torchrun
 
 from launch import checkpoints, lm
 from launch.checkpoints import CheckpointError
-from test_launch_jobs import ROOT, TINY_LM, _rows, _torchrun
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 

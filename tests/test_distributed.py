@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import BASE_SEED
+
 from dist_harness import run_scenarios
 from dist_scenarios import SCENARIOS
 

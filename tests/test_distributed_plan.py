@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
+from state_tensors import state_tensors
 
 from bregtop_dist import BregTop
 from bregtop_dist.core.blocking import block_slices
 from bregtop_dist.distributed.assignment import assign_owners, plan_blocks, refresh_cost, step_cost
 from bregtop_dist.distributed.exchange import Exchange, intersect
 from bregtop_dist.distributed.layout import chunk_rows, rect_view
-from state_tensors import state_tensors
 
 
 def _random_ranges(gen, numel, world):

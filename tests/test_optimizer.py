@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from state_tensors import kron_blocks, state_tensors
 from torch import nn
 
 from bregtop_dist import METHODS, BregTop, NonFiniteGradientError, param_groups
@@ -16,7 +17,6 @@ from bregtop_dist.config import PRESETS
 from bregtop_dist.core import bases
 from bregtop_dist.core.block_step import BlockHyper, init_block_state, kron_block_step
 from bregtop_dist.distributed.layout import replicated_shard
-from state_tensors import kron_blocks, state_tensors
 
 
 def _params(gen, dtype=torch.float32):
