@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from state_tensors import state_tensors
 from torch import nn
 
 from bregtop_dist import ArgumentTypeError, BregTop, BregTopConfig, kron_precondition, kron_stats
@@ -193,7 +194,11 @@ def test_bad_group_leaves_the_optimizer_unchanged(monkeypatch):
         assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == \
             [{k: v for k, v in g.items() if k != "params"} for g in groups]
         assert all(a is b for a, b in zip(opt.param_groups[0]["params"], params))
-        assert opt.state_dict()["param_groups"] == state_dict["param_groups"] and not opt.state
+        after = opt.state_dict()
+        assert after["param_groups"] == state_dict["param_groups"] and not any(p in opt.state for p in extra)
+        want = state_tensors(state_dict)
+        assert state_tensors(after).keys() == want.keys()
+        assert all(torch.equal(t, want[k]) for k, t in state_tensors(after).items())
         assert [[id(p) for p in g] for g in opt.built_params] == [[id(p) for p in g] for g in built]
     opt.add_param_group({"params": (p for p in extra), "lr": 0.1})  # the extra tensors were never taken
     assert len(opt.param_groups) == 2 and opt.param_groups[1]["params"] == extra
