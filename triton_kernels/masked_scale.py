@@ -41,7 +41,7 @@ def _masked_scale_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    blk = tl.program_id(0)
+    blk = tl.program_id(0).to(tl.int64)  # 64-bit: a stack may hold 2^31 elements or more
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < m
@@ -61,11 +61,11 @@ def _masked_scale_kernel(
     if POWER_ONE:
         root = s
     else:
-        root = tl.sqrt(s)
+        root = tl.sqrt_rn(s)  # round-to-nearest, as torch: tl.sqrt and "/" are approximate on GPUs
     if EPS_ZERO:
-        scale = 1.0 / root
+        scale = tl.div_rn(1.0, root)
     else:
-        scale = 1.0 / (root + eps)
+        scale = tl.div_rn(1.0, root + eps)
     w = tl.where(top, scale, chi)
 
     x = tl.load(mt_ptr + blk * stride_b + rows[:, None] * stride_m + cols[None, :], mask=inside, other=0.0)

@@ -38,7 +38,7 @@ def _rotated_stats_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    blk = tl.program_id(0)
+    blk = tl.program_id(0).to(tl.int64)  # 64-bit: a stack may hold 2^31 elements or more
     pm = tl.program_id(1)
     pn = tl.program_id(2)
     rows = pm * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -10,16 +10,18 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from bregtop_dist.core.dispatch import accelerator_paths
+
 
 def per_matrix(fn: Callable[[Tensor], tuple[Tensor, ...]], a: Tensor) -> tuple[Tensor, ...]:
-    """``fn`` on a batch of matrices; on the CPU one matrix at a time.
+    """``fn`` on a batch of matrices; on the CPU path one matrix at a time.
 
     LAPACK's results depend on where a matrix sits in memory, so a batched call gives a block
     a basis that depends on which other blocks share its stack. One call per matrix makes a
     block's basis a function of the block alone: a rank that owns a subset of the blocks then
     computes exactly what the single-process run computes.
     """
-    if a.device.type != "cpu" or a.shape[0] <= 1:
+    if accelerator_paths(a.device) or a.shape[0] <= 1:
         return fn(a)
     parts = [fn(a[k : k + 1]) for k in range(a.shape[0])]
     return tuple(torch.cat(column) for column in zip(*parts))

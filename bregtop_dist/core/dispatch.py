@@ -15,6 +15,7 @@ import torch
 
 BACKENDS = ("auto", "torch", "triton")
 ENV_VAR = "BREGTOP_BACKEND"
+PATHS_ENV_VAR = "BREGTOP_ACCELERATOR_PATHS"
 
 _log = logging.getLogger("bregtop_dist")
 _logged: set[str] = set()
@@ -24,6 +25,15 @@ def _log_once(reason: str) -> None:
     if reason not in _logged:
         _logged.add(reason)
         _log.warning("BregTop: using the torch path for the masked scaling: %s", reason)
+
+
+def accelerator_paths(device: torch.device) -> bool:
+    """Whether to take the code paths written for accelerators (batched linear algebra over a
+    stack, fixed-pass selection that never waits for the host): always off the CPU, and on the
+    CPU when ``BREGTOP_ACCELERATOR_PATHS=1``, so that tests and benchmarks can run and count
+    them without a GPU. (On the CPU path a block's eigh/QR runs on its own, which makes its
+    basis independent of the other blocks in its stack; batched, it may differ by rounding.)"""
+    return device.type != "cpu" or os.environ.get(PATHS_ENV_VAR) == "1"
 
 
 def triton_available() -> bool:

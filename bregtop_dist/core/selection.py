@@ -17,6 +17,8 @@ import math
 import torch
 from torch import Tensor
 
+from bregtop_dist.core.dispatch import accelerator_paths
+
 _INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64}
 
 
@@ -127,14 +129,15 @@ def kth_largest_product(
     (float32 or float64): the value ``sort(outer(a, b).flatten(), descending=True)[rank]``.
     A ``ways``-ary search over bit patterns: each pass counts ``ways - 1`` probe thresholds
     at once and shrinks the bracket ``ways``-fold (default: :func:`search_ways`).
-    ``fixed_passes`` (default: on for non-CPU tensors) runs :func:`search_passes` passes
+    ``fixed_passes`` (default: on the accelerator paths, see
+    :func:`bregtop_dist.core.dispatch.accelerator_paths`) runs :func:`search_passes` passes
     instead of stopping when every bracket has closed, so the device never waits for the
     host; extra passes leave a closed bracket unchanged.
     """
     if ways is None:
         ways = search_ways(rank.shape[0], rank.shape[1], a_desc.shape[-1], b_asc.shape[-1])
     if fixed_passes is None:
-        fixed_passes = a_desc.device.type != "cpu"
+        fixed_passes = accelerator_paths(a_desc.device)
     dtype = a_desc.dtype
     if dtype not in _INT_VIEW:
         raise TypeError(f"kth_largest_product needs float32 or float64, got {dtype}")
