@@ -144,3 +144,28 @@ def test_auto_fallback_is_logged_once(monkeypatch, caplog):
         assert dispatch.resolve_backend("auto", cuda, torch.float32) == "torch"
     messages = [r.getMessage() for r in caplog.records if "torch path" in r.getMessage()]
     assert messages == ["BregTop: using the torch path for the masked scaling: triton is not installed"]
+
+
+def test_auto_falls_back_where_triton_cannot_build_its_launcher(monkeypatch, caplog):
+    from bregtop_dist.core import dispatch
+
+    monkeypatch.delenv("BREGTOP_BACKEND", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # compiled kernels: the launcher is needed
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    monkeypatch.setattr(dispatch.shutil, "which", lambda name: None)
+    monkeypatch.setattr(dispatch, "_logged", set())
+    dispatch.launcher_missing.cache_clear()
+    cuda = torch.device("cuda")  # resolution only
+    with caplog.at_level("WARNING", logger="bregtop_dist"):
+        assert dispatch.resolve_backend("auto", cuda, torch.float32) == "torch"
+    assert any("cannot build its launcher: no C compiler" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="backend='triton' cannot build Triton's launcher on this machine: no C"):
+        dispatch.resolve_backend("triton", cuda, torch.float32)
+    monkeypatch.setattr(dispatch.shutil, "which", lambda name: "/usr/bin/gcc")
+    monkeypatch.setattr(dispatch.sysconfig, "get_paths", lambda scheme=None: {"include": "/nonexistent"})
+    dispatch.launcher_missing.cache_clear()
+    with pytest.raises(ValueError, match="no Python.h under /nonexistent"):
+        dispatch.resolve_backend("triton", cuda, torch.float32)
+    monkeypatch.undo()
+    dispatch.launcher_missing.cache_clear()  # this machine's real answer for later tests

@@ -3,13 +3,18 @@
 ``auto`` (the default) means Triton for CUDA tensors when Triton imports, torch otherwise;
 the environment variable ``BREGTOP_BACKEND`` (``auto``, ``torch`` or ``triton``) replaces
 ``auto``. An explicit ``triton`` on CPU tensors runs only in Triton's interpreter
-(``TRITON_INTERPRET=1``). Every fallback from Triton to torch is logged once per reason.
+(``TRITON_INTERPRET=1``). ``auto`` also falls back to torch where Triton could not build its
+launcher (no C compiler or no Python.h), instead of failing at the first step. Every
+fallback from Triton to torch is logged once per reason.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import shutil
+import sysconfig
 
 import torch
 
@@ -44,6 +49,28 @@ def triton_available() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=1)
+def launcher_missing() -> str | None:
+    """What Triton lacks to build its launcher on this machine (it compiles a small C module on
+    first use: a C compiler and Python's headers), or None. A custom build hook
+    (``triton.knobs.build.impl``) needs neither. Looked up once per process."""
+    try:
+        from triton import knobs
+
+        if knobs.build.impl is not None:
+            return None
+    except (ImportError, AttributeError):
+        pass
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")
+    if not compiler:
+        return "no C compiler (set CC, or install gcc or clang)"
+    scheme = sysconfig.get_default_scheme()
+    include = sysconfig.get_paths(scheme="posix_prefix" if scheme == "posix_local" else scheme)["include"]
+    if not os.path.isfile(os.path.join(include, "Python.h")):
+        return f"no Python.h under {include} (install Python's development headers)"
+    return None
+
+
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """``"torch"`` or ``"triton"`` for eigenvalues of ``dtype`` on ``device``.
 
@@ -66,6 +93,9 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
             )
         if not triton_available():
             raise ValueError("backend='triton' needs the triton package: pip install 'bregtop_dist[triton]'")
+        missing = None if interpreted else launcher_missing()
+        if missing is not None:
+            raise ValueError(f"backend='triton' cannot build Triton's launcher on this machine: {missing}")
         if dtype != torch.float32:
             raise ValueError(f"backend='triton' needs float32 eigenvalues, got {dtype}")
         return "triton"
@@ -74,6 +104,10 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
         return "torch"
     if not triton_available():
         _log_once("triton is not installed")
+        return "torch"
+    missing = launcher_missing()
+    if missing is not None:
+        _log_once(f"Triton cannot build its launcher: {missing}")
         return "torch"
     if dtype != torch.float32:
         _log_once(f"the kernel takes float32 eigenvalues, got {dtype}")
