@@ -35,3 +35,10 @@ def gen(request) -> torch.Generator:
     request.node.user_properties.append(("seed", seed))
     print(f"generator seed {seed} (BREGTOP_TEST_SEED={BASE_SEED})")
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def kernel_device() -> torch.device:
+    """Where the Triton kernel tests run: compiled on a GPU when there is one, else in Triton's
+    interpreter on the CPU (TRITON_INTERPRET=1, set above only when there is no GPU)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

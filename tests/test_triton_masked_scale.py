@@ -1,7 +1,9 @@
 """The fused masked-scale kernel against its torch reference and the float64 definition.
 
-On a CPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py).
-Outputs are poisoned with NaN before each call, so an element the kernel fails to write fails.
+On a GPU machine the kernel runs compiled on the GPU; elsewhere in Triton's interpreter on the
+CPU (TRITON_INTERPRET=1, set in conftest.py). Inputs are drawn on the CPU and moved to
+``kernel_device``. Outputs are poisoned with NaN before each call, so an element the kernel
+fails to write fails.
 """
 
 from __future__ import annotations
@@ -22,23 +24,25 @@ from triton_kernels.masked_scale import masked_scale  # noqa: E402
 SHAPES = [(2, 1, 37), (2, 29, 1), (3, 7, 3), (1, 129, 65), (2, 33, 70)]
 
 
-def _run_kernel(mt, lam_l, lam_r, top, eps):
-    out = torch.full_like(mt, float("nan"))
-    masked_scale(mt, lam_l, lam_r, top.threshold, top.cutoff, top.chi, eps, out=out)
-    return out
+def _run_kernel(mt, lam_l, lam_r, top, eps, device):
+    """The kernel on ``device``, its result back on the CPU."""
+    out = torch.full_like(mt, float("nan"), device=device)
+    args = (mt, lam_l, lam_r, top.threshold, top.cutoff, top.chi)
+    masked_scale(*(t.to(device) for t in args), eps, out=out)
+    return out.cpu()
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("rho", [1e-3, 0.06, 1.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("eps", [0.0, 1e-3])
-def test_kernel_equals_reference(gen, shape, rho, dtype, eps):
+def test_kernel_equals_reference(gen, kernel_device, shape, rho, dtype, eps):
     bsz, m, n = shape
     mt = torch.randn(bsz, m, n, generator=gen).to(dtype)
     lam_l = torch.exp(2 * torch.randn(bsz, m, generator=gen))
     lam_r = torch.exp(2 * torch.randn(bsz, n, generator=gen))
     top = select_top_set(lam_l, lam_r, rho, 0.01, 3.0, eps)
-    got = _run_kernel(mt, lam_l, lam_r, top, eps)
+    got = _run_kernel(mt, lam_l, lam_r, top, eps, kernel_device)
     assert not torch.isnan(got).any() and got.dtype == dtype
     want = apply_top_set(mt.float(), lam_l, lam_r, top, eps).to(dtype)
     tol = 1e-6 if dtype == torch.float32 else 1e-2
@@ -56,13 +60,13 @@ def test_kernel_equals_reference(gen, shape, rho, dtype, eps):
 
 
 @pytest.mark.parametrize("rho", [0.1, 0.5, 0.77])
-def test_ties_at_the_cut_follow_row_major_order(gen, rho):
+def test_ties_at_the_cut_follow_row_major_order(gen, kernel_device, rho):
     m, n = 9, 70  # more than one column tile
     lam_l = torch.randint(1, 3, (2, m), generator=gen).float()
     lam_r = torch.randint(1, 3, (2, n), generator=gen).float()
     mt = torch.randn(2, m, n, generator=gen)
     top = select_top_set(lam_l, lam_r, rho, 0.25, 2.0, 0.0)
-    got = _run_kernel(mt, lam_l, lam_r, top, 0.0)
+    got = _run_kernel(mt, lam_l, lam_r, top, 0.0, kernel_device)
     for k in range(2):
         S = torch.outer(lam_l[k], lam_r[k])
         mask = top_mask_ref(S, rho)
@@ -71,9 +75,10 @@ def test_ties_at_the_cut_follow_row_major_order(gen, rho):
         assert torch.allclose(got[k], mt[k] * W, rtol=1e-6)
 
 
-def test_bad_inputs_are_named(gen):
-    mt = torch.randn(2, 4, 3, generator=gen)
-    lam_l, lam_r = torch.rand(2, 4, generator=gen) + 0.1, torch.rand(2, 3, generator=gen) + 0.1
+def test_bad_inputs_are_named(gen, kernel_device):
+    mt = torch.randn(2, 4, 3, generator=gen).to(kernel_device)
+    lam_l = (torch.rand(2, 4, generator=gen) + 0.1).to(kernel_device)
+    lam_r = (torch.rand(2, 3, generator=gen) + 0.1).to(kernel_device)
     top = select_top_set(lam_l, lam_r, 0.5, 0.1, 1.0)
     with pytest.raises(ValueError, match=r"lam_l and lam_r must have shapes \(2, 4\) and \(2, 3\)"):
         masked_scale(mt, lam_r, lam_l, top.threshold, top.cutoff, top.chi, 0.0)
@@ -83,13 +88,13 @@ def test_bad_inputs_are_named(gen):
         masked_scale(mt, lam_l.double(), lam_r, top.threshold, top.cutoff, top.chi, 0.0)
 
 
-def test_kron_precondition_triton_backend_equals_torch(gen):
+def test_kron_precondition_triton_backend_equals_torch(gen, kernel_device):
     m, n = 20, 33
     M = torch.randn(m, n, generator=gen)
     U_L = torch.linalg.qr(torch.randn(m, m, generator=gen)).Q
     U_R = torch.linalg.qr(torch.randn(n, n, generator=gen)).Q
     lam_l, lam_r = torch.rand(m, generator=gen) + 0.05, torch.rand(n, generator=gen) + 0.05
-    args = (M, U_L, U_R, lam_l, lam_r, 0.06, 0.01, 3.0, 1e-8)
+    args = (*(t.to(kernel_device) for t in (M, U_L, U_R, lam_l, lam_r)), 0.06, 0.01, 3.0, 1e-8)
     torch_out = kron_precondition(*args, backend="torch")
     assert torch.allclose(kron_precondition(*args, backend="triton"), torch_out, rtol=1e-5, atol=1e-6)
 
@@ -97,6 +102,7 @@ def test_kron_precondition_triton_backend_equals_torch(gen):
 def test_backend_resolution(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.delenv("BREGTOP_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # as on a machine without a GPU
     assert resolve_backend("auto", cpu, torch.float32) == "torch"
     assert resolve_backend("triton", cpu, torch.float32) == "triton"  # the interpreter is on
     with pytest.raises(ValueError, match="backend='triton' needs float32 eigenvalues, got torch.float64"):
@@ -112,13 +118,13 @@ def test_backend_resolution(monkeypatch):
         resolve_backend("triton", cpu, torch.float32)
 
 
-def test_optimizer_with_triton_backend_follows_the_torch_one(gen):
+def test_optimizer_with_triton_backend_follows_the_torch_one(gen, kernel_device):
     """Both kernels inside the optimizer. A rho = 1 method: the kernels sum in another order,
     and with a top set a near-tie at the cut could flip an entry (selection with the kernel
     is tested exactly above)."""
     shapes = [(12, 9), (40, 8)]
-    start = [torch.randn(s, generator=gen) for s in shapes]
-    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(6)]
+    start = [torch.randn(s, generator=gen).to(kernel_device) for s in shapes]
+    grads = [[torch.randn(s, generator=gen).to(kernel_device) for s in shapes] for _ in range(6)]
     finals = []
     for backend in ("torch", "triton"):
         params = [torch.nn.Parameter(p.clone()) for p in start]

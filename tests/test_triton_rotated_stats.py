@@ -1,4 +1,5 @@
-"""The fused eigenvalue-statistics kernel against torch (interpreted on the CPU)."""
+"""The fused eigenvalue-statistics kernel against torch: compiled on a GPU machine, in Triton's
+interpreter on the CPU elsewhere (inputs drawn on the CPU and moved to ``kernel_device``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ SHAPES = [(2, 1, 37), (2, 29, 1), (3, 7, 3), (1, 129, 65), (2, 33, 70)]
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("vector_weights", [False, True])
-def test_sums_and_momentum_equal_torch(gen, shape, vector_weights):
+def test_sums_and_momentum_equal_torch(gen, kernel_device, shape, vector_weights):
     bsz, m, n = shape
     gt = torch.randn(bsz, m, n, generator=gen)
     momentum = torch.randn(bsz, m, n, generator=gen)
@@ -22,7 +23,9 @@ def test_sums_and_momentum_equal_torch(gen, shape, vector_weights):
     else:  # shampoo / vn
         w_l, w_r = torch.rand(bsz, 1, generator=gen) + 0.1, torch.rand(bsz, 1, generator=gen) + 0.1
     expected_momentum = momentum.clone().lerp_(gt, 0.1)
-    got_l, got_r = rotated_stats(gt, w_l, w_r, momentum, beta1=0.9)
+    on_device = momentum.to(kernel_device)
+    got_l, got_r = rotated_stats(*(t.to(kernel_device) for t in (gt, w_l, w_r)), on_device, beta1=0.9)
+    got_l, got_r, momentum = got_l.cpu(), got_r.cpu(), on_device.cpu()
 
     sq = gt.double() ** 2
     want_l = (sq * w_l.double()[:, None, :]).sum(-1)
@@ -33,10 +36,11 @@ def test_sums_and_momentum_equal_torch(gen, shape, vector_weights):
     assert torch.allclose(momentum, expected_momentum, rtol=1e-6, atol=1e-7)
 
 
-def test_without_momentum_nothing_else_is_written(gen):
-    gt = torch.randn(2, 5, 4, generator=gen)
+def test_without_momentum_nothing_else_is_written(gen, kernel_device):
+    gt = torch.randn(2, 5, 4, generator=gen).to(kernel_device)
     before = gt.clone()
-    rotated_stats(gt, torch.ones(2, 1), torch.ones(2, 1))
+    ones = torch.ones(2, 1, device=kernel_device)
+    rotated_stats(gt, ones, ones)
     assert torch.equal(gt, before)
 
 
