@@ -6,6 +6,7 @@ import contextlib
 import json
 
 import pytest
+import torch
 
 from launch.bench.__main__ import main
 
@@ -125,3 +126,22 @@ def test_dist_bench_bad_options(argv, message, capsys):
     with pytest.raises(SystemExit) if argv[1] == "--worlds" else contextlib.nullcontext():
         assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_launches_bench_counts_ops_launches_and_scalar_reads(tmp_path, capsys):
+    """``launch.bench launches`` on a 1-layer layout: a row per method and code path, each step
+    issuing ATen ops and reading scalars; the counter sees a tensor's bool() as a read."""
+    from launch.bench import launches
+
+    counter = launches._OpCounter()
+    with counter:
+        t = torch.ones(3)
+        assert bool(t.sum() > 0)
+    assert counter.ops >= 3 and counter.scalar_reads == 1
+
+    out = tmp_path / "launches.json"
+    assert main(["launches", "--methods", "kl", "--layers", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["accelerator_paths"]) for r in rows] == [("kl", False), ("kl", True)]
+    assert all(r["ops_per_step"] > 0 and r["scalar_reads_per_step"] > 0 for r in rows)
+    assert "ops/step" in capsys.readouterr().out

@@ -6,10 +6,10 @@ import argparse
 import sys
 from types import ModuleType
 
-from launch.bench import dist, kernels, optimizer
+from launch.bench import dist, kernels, launches, optimizer
 from launch.cli import OneLineParser
 
-SUITES: dict[str, ModuleType] = {"optimizer": optimizer, "kernels": kernels, "dist": dist}
+SUITES: dict[str, ModuleType] = {"optimizer": optimizer, "kernels": kernels, "dist": dist, "launches": launches}
 """Subcommand name -> suite module (``HELP``, ``add_arguments``, ``run``)."""
 
 
