@@ -428,7 +428,7 @@ class BregTop(torch.optim.Optimizer):
                 s.base.assign(s.idx, s.result.state)
                 s.stack.state = s.base
             self._warn_basis(s.result.failed)
-            updates.update((s.stack.block_ids[int(k)], u) for k, u in zip(s.idx, s.result.update))
+            updates.update((s.stack.block_ids[k], u) for k, u in zip(s.idx.tolist(), s.result.update))
         if cfg.weight_decay:
             for shard, a in zip(pending.shards, pending.active):
                 if a:

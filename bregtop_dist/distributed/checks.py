@@ -66,7 +66,7 @@ def grad_verdict(
     non_finite = next((i for i, v in enumerate(big) if not math.isfinite(v)), None)
     bounds = [math.inf] * len(shards) if limits is None else list(limits)
     too_large = next((i for i, (v, lim) in enumerate(zip(big, bounds)) if math.isfinite(v) and v > lim), None)
-    return GradVerdict([bool(v) for v in host[0]], non_finite, too_large, big)
+    return GradVerdict([v != 0.0 for v in host[0].tolist()], non_finite, too_large, big)
 
 
 def _largest(grad: Tensor) -> Tensor:
