@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from bregtop_dist.adamw import adamw_step, init_adamw_state
+from bregtop_dist.adamw import adamw_group_step, init_adamw_state
 from bregtop_dist.block_plan import BlockStack, KronPlan, build_plan, is_kron_shape
 from bregtop_dist.config import BregTopConfig
 from bregtop_dist.core.block_state import KronBlockState
@@ -329,13 +329,12 @@ class BregTop(torch.optim.Optimizer):
         for cfg, shards, pending in work:
             if pending is not None:
                 self._kron_commit(pending, cfg, group)
-            for s in shards:
-                if s.grad is None or is_kron_shape(s.shape, cfg.bregtop) or s.value.numel() == 0:
-                    continue
-                adamw_step(
-                    s.value, s.grad, self.state[s.param], lr=cfg.lr, betas=cfg.adam_betas,
-                    eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-                )
+            side = [s for s in shards if s.grad is not None and not is_kron_shape(s.shape, cfg.bregtop)
+                    and s.value.numel() > 0]
+            adamw_group_step(
+                [s.value for s in side], [s.grad for s in side], [self.state[s.param] for s in side],  # type: ignore[misc]
+                lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+            )
         return loss
 
     def _plan(self, view: GroupShards, shards: list[ParamShard], cfg: BregTopConfig, rank: int, world: int) -> KronPlan:
@@ -621,8 +620,9 @@ class BregTop(torch.optim.Optimizer):
         by_id = {id(p): p for p in key_to_param.values()}
         for pid, entry in adamw.items():
             device = shards[pid].value.device
-            self.state[by_id[pid]] = {
-                k: v.detach().to(device, copy=True) if torch.is_tensor(v) else v for k, v in entry.items()
+            self.state[by_id[pid]] = {  # the step counter stays on the CPU, where the host reads it
+                k: v.detach().to("cpu" if k == "step" else device, copy=True) if torch.is_tensor(v) else v
+                for k, v in entry.items()
             }
         for plan in self._plans.values():
             for stack in plan.stacks.values():
