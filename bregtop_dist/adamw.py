@@ -1,8 +1,8 @@
 """The AdamW side of BregTop: embeddings, biases, norms, the head and every 1-D tensor.
 
 Elementwise and communication-free; state is float32 whatever the parameter dtype. A group's
-tensors step together through ``torch._foreach_*`` (a few launches per group instead of a
-dozen per tensor), with the same elementwise arithmetic as :func:`adamw_step`.
+tensors step together through ``torch._foreach_*``: a few launches per group instead of a
+dozen per tensor.
 """
 
 from __future__ import annotations
@@ -23,32 +23,6 @@ def init_adamw_state(state: dict[str, Any], param: Tensor) -> None:
     state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32)
 
 
-def adamw_step(
-    param: Tensor,
-    grad: Tensor,
-    state: dict[str, Any],
-    *,
-    lr: float,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
-) -> None:
-    """One bias-corrected AdamW step of ``param`` (in place), with decoupled weight decay."""
-    if not state:
-        init_adamw_state(state, param)
-    b1, b2 = betas
-    state["step"] += 1
-    step = float(state["step"])
-    g = grad.float()
-    state["exp_avg"].lerp_(g, 1.0 - b1)
-    state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1.0 - b2)
-    denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1.0 - b2**step)).add_(eps)
-    update = state["exp_avg"] / denom / (1.0 - b1**step)
-    if weight_decay:
-        param.mul_(1.0 - lr * weight_decay)
-    param.add_(update.to(param.dtype), alpha=-lr)
-
-
 def adamw_group_step(
     params: list[Tensor],
     grads: list[Tensor],
@@ -59,7 +33,8 @@ def adamw_group_step(
     eps: float,
     weight_decay: float,
 ) -> None:
-    """:func:`adamw_step` on every tensor of a group at once (in place)."""
+    """One bias-corrected AdamW step, with decoupled weight decay, of every tensor of a group
+    (in place), as torch.optim.AdamW computes it."""
     if not params:
         return
     for state, param in zip(states, params):
