@@ -578,7 +578,8 @@ class BregTop(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict` saved at any world size (or torch.distributed.checkpoint's
         form of it, keyed by parameter name); this rank takes the Kronecker blocks it owns.
-        Everything is validated, and agreed on by every rank, before anything changes."""
+        Everything is validated, and agreed on by every rank, before anything changes: under a
+        process group every rank must call it (one all_reduce)."""
         rank, world = self._world()
         saved_groups = state_dict["param_groups"]
         logical = self._logical()
