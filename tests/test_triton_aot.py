@@ -18,7 +18,7 @@ triton = pytest.importorskip("triton")
 
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 SCRIPT = Path(__file__).with_name("triton_aot_compile.py")
-SPECIALISATIONS = 16  # masked_scale: 2 dtypes x eps 0 or not x power; rotated_stats: 2 x 2 x 2
+SPECIALISATIONS = 20  # masked_scale: 2 dtypes x eps 0 or not x power; rotated_stats: 2 x 2 x 2; top_set: 4 shapes
 
 
 @pytest.mark.skipif(not PTXAS.is_file(), reason="Triton's ptxas is not installed")

@@ -28,6 +28,8 @@ def specialisations():
     """(name, kernel, signature, constexprs, uses_sqrt) for every launch the optimizer makes.
     Integer arguments are i32, as Triton's launcher types them whenever they fit: the block
     offsets must then be widened inside the kernel."""
+    import triton
+
     from triton_kernels.masked_scale import BLOCK_M as MS_M
     from triton_kernels.masked_scale import BLOCK_N as MS_N
     from triton_kernels.masked_scale import _masked_scale_kernel
@@ -49,6 +51,15 @@ def specialisations():
                "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
         consts = {"WL_VECTOR": wl, "WR_VECTOR": wr, "UPDATE_MOMENTUM": mom, "BLOCK_M": RS_M, "BLOCK_N": RS_N}
         yield f"rotated_stats[wl_vector={wl},wr_vector={wr},momentum={mom}]", _rotated_stats_kernel, sig, consts, False
+    from triton_kernels.top_set import MAX_BLOCK_M, _top_set_kernel
+
+    for m, n in ((48, 64), (768, 1024), (1024, 768), (3072, 768)):  # GPT-2 small's, at 1/16 and full size
+        block_m, block_n = min(triton.next_power_of_2(m), MAX_BLOCK_M), min(triton.next_power_of_2(n), MAX_BLOCK_M)
+        sig = {"a_ptr": "*fp32", "b_asc_ptr": "*fp32", "b_ptr": "*fp32", "rank_ptr": "*i64", "values_ptr": "*fp32",
+               "cutoff_ptr": "*i64", "k": "i32", "last": "i32", "m": "constexpr", "n": "constexpr",
+               "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "LOG_N": "constexpr"}
+        consts = {"m": m, "n": n, "BLOCK_M": block_m, "BLOCK_N": block_n, "LOG_N": int(n).bit_length()}
+        yield f"top_set[{m}x{n}]", _top_set_kernel, sig, consts, False
 
 
 def main(capability: int) -> None:

@@ -19,13 +19,14 @@ form the top set). The threshold and the quantile come from
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from bregtop_dist.core.dispatch import BACKENDS, resolve_backend
+from bregtop_dist.core.dispatch import BACKENDS, accelerator_paths, resolve_backend
 from bregtop_dist.core.selection import kth_largest_product, row_counts_at_least
 from bregtop_dist.core.validate import check_floating_tensor, is_real, wrong_type
 
@@ -80,6 +81,39 @@ class TopSet:
     chi: Tensor  # (B,) the bottom-set scale
 
 
+@functools.lru_cache(maxsize=256)
+def _selection_constants(
+    m: int, n: int, rho: float, q: float, dtype: torch.dtype, device: torch.device
+) -> tuple[int, Tensor, Tensor]:
+    """K, the descending ranks (3,) of the threshold and of the two order statistics the
+    q-quantile interpolates, and the interpolation weight (a 0-d tensor of ``dtype``): the
+    same for every step of a stack, so built once (no host read or upload per step)."""
+    k = top_count(rho, m, n)
+    n_bottom = m * n - k
+    # torch.quantile(v, q, interpolation="linear") over the n_bottom ascending values of
+    # S^-1/2: position q*(n_bottom-1) between two order statistics. Ascending S^-1/2 is
+    # descending S, and the bottom set starts at descending rank k.
+    pos = torch.tensor(q, dtype=dtype) * max(n_bottom - 1, 0)
+    below = int(pos.floor().item())
+    above = int(pos.ceil().item())
+    weight = (pos - below).to(device=device, dtype=dtype)
+    ranks = torch.tensor([k - 1, k + below, k + above], dtype=torch.int64, device=device)
+    return k, ranks, weight
+
+
+def _everything(bsz: int, m: int, n: int, dtype: torch.dtype, device: torch.device) -> TopSet:
+    """The selection when every entry is in the top set (rho * m * n >= m * n)."""
+    none = torch.full((bsz,), -torch.inf, dtype=dtype, device=device)
+    everything = torch.full((bsz,), m * n - 1, dtype=torch.int64, device=device)
+    return TopSet(threshold=none, cutoff=everything, chi=torch.zeros_like(none))
+
+
+def _chi(low: Tensor, high: Tensor, weight: Tensor, c: float, eps: float, power: float) -> Tensor:
+    """``c`` times the q-quantile of the bottom set's scale, interpolated between the scales
+    of two of its order statistics (``low`` and ``high``, entries of the spectrum)."""
+    return c * torch.lerp(inverse_power(low, eps, power), inverse_power(high, eps, power), weight)
+
+
 def select_top_set(
     lam_l: Tensor, lam_r: Tensor, rho: float, q: float, c: float, eps: float = 0.0, power: float = 0.5
 ) -> TopSet:
@@ -88,29 +122,33 @@ def select_top_set(
     square roots with ``power`` 1), found from the sorted vectors."""
     bsz, m = lam_l.shape
     n = lam_r.shape[-1]
-    k = top_count(rho, m, n)
-    n_bottom = m * n - k
-    everything = torch.full((bsz,), m * n - 1, dtype=torch.int64, device=lam_l.device)
-    if n_bottom == 0:
-        none = torch.full((bsz,), -torch.inf, dtype=lam_l.dtype, device=lam_l.device)
-        return TopSet(threshold=none, cutoff=everything, chi=torch.zeros_like(none))
-
+    if top_count(rho, m, n) == m * n:
+        return _everything(bsz, m, n, lam_l.dtype, lam_l.device)
+    k, ranks, weight = _selection_constants(m, n, rho, q, lam_l.dtype, lam_l.device)
     a_desc = torch.sort(lam_l, dim=-1, descending=True).values
     b_asc = torch.sort(lam_r, dim=-1).values
-    # torch.quantile(v, q, interpolation="linear") over the n_bottom ascending values of
-    # S^-1/2: position q*(n_bottom-1) between two order statistics. Ascending S^-1/2 is
-    # descending S, and the bottom set starts at descending rank k.
-    pos = torch.tensor(q, dtype=lam_l.dtype) * (n_bottom - 1)
-    below = int(pos.floor().item())
-    above = int(pos.ceil().item())
-    weight = (pos - below).to(device=lam_l.device, dtype=lam_l.dtype)
-    ranks = torch.tensor([k - 1, k + below, k + above], dtype=torch.int64, device=lam_l.device)
     stats = kth_largest_product(a_desc, b_asc, ranks.expand(bsz, 3).contiguous())
     threshold = stats[:, 0]
-    chi = c * torch.lerp(inverse_power(stats[:, 1], eps, power), inverse_power(stats[:, 2], eps, power), weight)
-
+    chi = _chi(stats[:, 1], stats[:, 2], weight, c, eps, power)
     cutoff = _tie_cutoff(lam_l, lam_r, b_asc, threshold, k)
     return TopSet(threshold=threshold, cutoff=cutoff, chi=chi)
+
+
+def select_top_set_kernel(
+    lam_l: Tensor, lam_r: Tensor, rho: float, q: float, c: float, eps: float = 0.0, power: float = 0.5
+) -> TopSet:
+    """:func:`select_top_set` (float32) with the searches in one Triton launch per stack
+    (``triton_kernels.top_set``): the same entries, the same cutoff, the same chi."""
+    from triton_kernels.top_set import top_set_statistics
+
+    bsz, m = lam_l.shape
+    n = lam_r.shape[-1]
+    if top_count(rho, m, n) == m * n:
+        return _everything(bsz, m, n, lam_l.dtype, lam_l.device)
+    k, ranks, weight = _selection_constants(m, n, rho, q, lam_l.dtype, lam_l.device)
+    b_asc = torch.sort(lam_r, dim=-1).values
+    values, cutoff = top_set_statistics(lam_l, lam_r, b_asc, ranks, k)
+    return TopSet(threshold=values[:, 0], cutoff=cutoff, chi=_chi(values[:, 1], values[:, 2], weight, c, eps, power))
 
 
 def _tie_cutoff(lam_l: Tensor, lam_r: Tensor, b_asc: Tensor, threshold: Tensor, k: int) -> Tensor:
@@ -146,7 +184,7 @@ def apply_top_set(
     n = lam_r.shape[-1]
     s = lam_l[:, :, None] * lam_r[:, None, :]
     thr = top.threshold[:, None, None]
-    if bool((top.cutoff < m * n - 1).any()):  # ties straddle the cut in some block
+    if accelerator_paths(s.device) or bool((top.cutoff < m * n - 1).any()):  # ties straddle the cut
         flat = torch.arange(m * n, device=s.device).view(1, m, n)
         in_top = (s > thr) | ((s == thr) & (flat <= top.cutoff[:, None, None]))
     else:
@@ -183,13 +221,14 @@ def precondition_rotated(
     dtype = _compute_dtype(lam_l, lam_r)
     root_l, root_r = spectrum_root(lam_l.to(dtype)), spectrum_root(lam_r.to(dtype))
     power = 2.0 * exponent
-    top = select_top_set(root_l, root_r, rho, q, c, eps, power)
     if resolve_backend(backend, mt.device, dtype) == "triton":
         from triton_kernels.masked_scale import masked_scale
 
+        top = select_top_set_kernel(root_l, root_r, rho, q, c, eps, power)
         scaled = mt if mt.dtype in (torch.float32, torch.bfloat16) else mt.float()
         out = masked_scale(scaled.contiguous(), root_l, root_r, top.threshold, top.cutoff, top.chi, eps, power=power)
         return out.to(mt.dtype)
+    top = select_top_set(root_l, root_r, rho, q, c, eps, power)
     return apply_top_set(mt.to(dtype), root_l, root_r, top, eps, power).to(mt.dtype)
 
 
