@@ -23,6 +23,21 @@ def init_adamw_state(state: dict[str, Any], param: Tensor) -> None:
     state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32)
 
 
+_KNOWN = "_bregtop_known_step"
+"""Attribute of a step counter: (its version, its value) as this module last wrote it."""
+
+
+def _counted_steps(counters: list[Tensor]) -> list[float]:
+    """Every counter's value after this step's increment: from what this module wrote last,
+    or, where a counter was written elsewhere since (a checkpoint load), read at once."""
+    known = [getattr(c, _KNOWN, None) for c in counters]
+    if all(k is not None and k[0] == c._version for k, c in zip(known, counters)):
+        return [k[1] + 1.0 for k in known]  # type: ignore[index]
+    if all(c.device.type == "cpu" for c in counters):
+        return [v + 1.0 for v in torch.stack(counters).tolist()]  # the CPU step counters, read at once
+    return [float(c) + 1.0 for c in counters]  # a counter a caller put on a device
+
+
 def adamw_group_step(
     params: list[Tensor],
     grads: list[Tensor],
@@ -42,11 +57,10 @@ def adamw_group_step(
             init_adamw_state(state, param)
     b1, b2 = betas
     counters = [state["step"] for state in states]
+    steps = _counted_steps(counters)
     torch._foreach_add_(counters, 1.0)
-    if all(c.device.type == "cpu" for c in counters):
-        steps = torch.stack(counters).tolist()  # the CPU step counters, read at once
-    else:  # a counter a caller put on a device
-        steps = [float(c) for c in counters]
+    for c, k in zip(counters, steps):
+        setattr(c, _KNOWN, (c._version, k))
     g32 = [g.float() for g in grads]
     exp_avg = [state["exp_avg"] for state in states]
     exp_avg_sq = [state["exp_avg_sq"] for state in states]

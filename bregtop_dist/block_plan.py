@@ -15,6 +15,7 @@ from bregtop_dist.core.block_state import KronBlockState
 from bregtop_dist.distributed.assignment import Block, plan_blocks
 from bregtop_dist.distributed.exchange import Exchange
 from bregtop_dist.distributed.layout import ParamShard
+from bregtop_dist.distributed.stack_views import StackViews
 
 
 @dataclass
@@ -26,6 +27,8 @@ class BlockStack:
     block_ids: list[int]  # indices into the plan's blocks
     offsets: Tensor  # (B,) int64 refresh offsets, on the CPU
     state: KronBlockState | None = field(default=None)
+    _refresh_rows: dict[tuple[int, int, torch.device], Tensor | None] = field(default_factory=dict, repr=False)
+    _grad: Tensor | None = field(default=None, repr=False)
 
     @property
     def key(self) -> str:
@@ -35,6 +38,23 @@ class BlockStack:
     def state_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """(shape, dtype) of every state field of this stack."""
         return KronBlockState.shapes(*self.shape, len(self.block_ids))
+
+    def refresh_rows(self, step: int, frequency: int, device: torch.device) -> Tensor | None:
+        """The rows whose bases refresh when they have taken ``step`` steps (offset = step mod
+        T), on ``device``, or None: built once per phase and kept, so that a step neither
+        reads the host counts nor uploads an index."""
+        key = (step % frequency, frequency, device)
+        if key not in self._refresh_rows:
+            due = torch.remainder(step - self.offsets, frequency) == 0
+            self._refresh_rows[key] = due.nonzero().flatten().to(device) if bool(due.any()) else None
+        return self._refresh_rows[key]
+
+    def grad_buffer(self, device: torch.device) -> Tensor:
+        """The stack's gradients (B, m, n) float32, one buffer kept across steps: the step's
+        foreach copy writes into fixed views of it."""
+        if self._grad is None or self._grad.device != device:
+            self._grad = torch.empty((len(self.block_ids), *self.shape), dtype=torch.float32, device=device)
+        return self._grad
 
     def empty_state(self, device: torch.device | str = "cpu") -> KronBlockState:
         """State for every block of the stack, none of them ready (see :meth:`KronBlockState.empty`)."""
@@ -52,6 +72,7 @@ class KronPlan:
     device: torch.device  # where the state and the exchanged gradients live
     params: list[Tensor]  # the Kronecker parameters, indexed by Block.shard: their state's keys
     names: list[str]
+    views: StackViews | None = None  # the owned stacks in this rank's own parameters (replicated layouts)
 
 
 def is_kron_shape(shape: tuple[int, ...], bregtop_group: bool) -> bool:
@@ -80,4 +101,5 @@ def build_plan(
         )
         for shape, ids in by_shape.items()
     }
-    return KronPlan(key, blocks, exchange, stacks, device, [s.param for s in shards], [s.name for s in shards])
+    views = StackViews({shape: st.block_ids for shape, st in stacks.items()}, blocks) if replicated else None
+    return KronPlan(key, blocks, exchange, stacks, device, [s.param for s in shards], [s.name for s in shards], views)

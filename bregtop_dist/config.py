@@ -15,6 +15,7 @@ from typing import Any
 from bregtop_dist.core.block_step import INITS
 from bregtop_dist.core.dispatch import BACKENDS
 from bregtop_dist.core.precondition import SELECTION_ALLOWED, check_selection
+from bregtop_dist.core.rotation import ROTATION_PRECISIONS
 from bregtop_dist.core.stats import STATS_METHODS
 from bregtop_dist.core.validate import ArgumentTypeError, describe_type, is_int, is_real, wrong_type
 
@@ -133,6 +134,12 @@ class BregTopConfig:
     backend: str = "auto"
     """Masked scaling of Algorithm 2: ``auto`` (Triton on CUDA, torch otherwise), ``torch``
     or ``triton``; see :mod:`bregtop_dist.core.dispatch`."""
+    rotation_precision: str = "fp32"
+    """Precision of the products that rotate into and out of the eigenbases (the gradient,
+    the update and, on refresh, the momentum): ``fp32`` (default, exact float32), ``tf32``
+    (float32 storage, TF32 tensor-core products on CUDA; plain float32 elsewhere) or ``bf16``
+    (bfloat16 operands and products, float32 state); see docs/benchmarks.md for their error
+    against fp32. Factors, eigenbases and the selection stay float32."""
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -155,6 +162,9 @@ class BregTopConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: {allowed}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} is unknown; allowed: {', '.join(BACKENDS)}")
+        if self.rotation_precision not in ROTATION_PRECISIONS:
+            raise ValueError(f"rotation_precision={self.rotation_precision!r} is unknown; allowed: "
+                             f"{', '.join(ROTATION_PRECISIONS)}")
         if not 0.0 <= self.eig_floor < 1.0:
             raise ValueError(f"eig_floor={self.eig_floor!r} is not allowed: {_REALS['eig_floor']}")
         if self.init not in INITS:
@@ -185,6 +195,7 @@ class BregTopConfig:
             ("method", f"method must be one of {', '.join(METHODS)}"),
             ("init", f"init must be one of {', '.join(INITS)}"),
             ("backend", f"backend must be one of {', '.join(BACKENDS)}"),
+            ("rotation_precision", f"rotation_precision must be one of {', '.join(ROTATION_PRECISIONS)}"),
         ):
             if not isinstance(getattr(self, name), str):
                 raise wrong_type(name, getattr(self, name), allowed)

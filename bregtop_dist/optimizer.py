@@ -24,10 +24,10 @@ from bregtop_dist.adamw import adamw_group_step, init_adamw_state
 from bregtop_dist.block_plan import BlockStack, KronPlan, build_plan, is_kron_shape
 from bregtop_dist.config import BregTopConfig
 from bregtop_dist.core.block_state import KronBlockState
-from bregtop_dist.core.block_step import BlockHyper, BlockStepResult, kron_block_step
+from bregtop_dist.core.block_step import BlockHyper, BlockStepResult, Schedule, kron_block_step
 from bregtop_dist.core.dispatch import resolve_backend
 from bregtop_dist.core.finite import finite_rows
-from bregtop_dist.distributed.checks import check_same_on_all_ranks, grad_verdict
+from bregtop_dist.distributed.checks import agree_present, check_same_on_all_ranks, grad_maxima, step_verdict
 from bregtop_dist.distributed.layout import (
     GroupShards,
     ParamShard,
@@ -78,6 +78,7 @@ def _hyper(cfg: BregTopConfig) -> BlockHyper:
         exponent=cfg.resolved_exponent,
         init=cfg.init,
         init_factor=cfg.init_factor,
+        rotation_precision=cfg.rotation_precision,
     )
 
 
@@ -148,6 +149,7 @@ class BregTop(torch.optim.Optimizer):
         adam_eps: float = 1e-8,
         stagger_refresh: bool = True,
         backend: str = "auto",
+        rotation_precision: str = "fp32",
         process_group: dist.ProcessGroup | None = None,
         comm_dtype: str | torch.dtype = "fp32",
     ) -> None:
@@ -156,7 +158,7 @@ class BregTop(torch.optim.Optimizer):
             precondition_frequency=precondition_frequency, eps=eps, exponent=exponent, init=init,
             init_factor=init_factor, eig_floor=eig_floor, weight_decay=weight_decay,
             max_precond_dim=max_precond_dim, adam_betas=adam_betas, adam_eps=adam_eps,
-            stagger_refresh=stagger_refresh, backend=backend,
+            stagger_refresh=stagger_refresh, backend=backend, rotation_precision=rotation_precision,
         ).as_defaults()
         self._comm_dtype = _comm_dtype(comm_dtype)
         self._process_group = process_group
@@ -300,7 +302,23 @@ class BregTop(torch.optim.Optimizer):
             math.inf if is_kron_shape(s.shape, cfg.bregtop) else ADAMW_GRAD_LIMIT
             for view, cfg in zip(views, configs) for s in view.shards
         ]
-        verdict = grad_verdict(every, group, world, limits)
+        # Compute every step first, with nothing written, then read one verdict (gradients
+        # finite, steps finite) and raise before anything changes, or commit everything.
+        present = agree_present(every, group, world)
+        grad_max = grad_maxima(every)
+        flags = iter(present)
+        work: list[tuple[BregTopConfig, list[ParamShard], _PendingKron | None]] = []
+        for view, cfg in zip(views, configs):
+            shards = [_with_zero_grad(s) if a and s.grad is None else s for s, a in zip(view.shards, flags)]
+            kron_shards = [s for s in shards if is_kron_shape(s.shape, cfg.bregtop)]
+            pending = None
+            if kron_shards:
+                plan = self._plan(view, kron_shards, cfg, *self._world())
+                pending = self._kron_compute(plan, kron_shards, cfg, group)
+            work.append((cfg, shards, pending))
+        pendings = [p for _, _, p in work if p is not None]
+        step_max, failed = _step_extremes(pendings, grad_max.device)
+        verdict = step_verdict(grad_max, step_max, failed, limits, group, self._world()[0], world)
         if verdict.non_finite is not None:
             raise NonFiniteGradientError(
                 f"the gradient of {every[verdict.non_finite].name} contains NaN or inf; "
@@ -313,19 +331,10 @@ class BregTop(torch.optim.Optimizer):
                 f"leaves the float32 range above {ADAMW_GRAD_LIMIT:.3g} (scale the loss down or clip "
                 "gradients); no parameter or optimizer state was changed by this step"
             )
-        # Compute every Kronecker step first (state and parameters untouched), check them all,
-        # then commit: a step that would go non-finite anywhere changes nothing anywhere.
-        flags = iter(verdict.active)
-        work: list[tuple[BregTopConfig, list[ParamShard], _PendingKron | None]] = []
-        for view, cfg in zip(views, configs):
-            shards = [_with_zero_grad(s) if a and s.grad is None else s for s, a in zip(view.shards, flags)]
-            kron_shards = [s for s in shards if is_kron_shape(s.shape, cfg.bregtop)]
-            pending = None
-            if kron_shards:
-                plan = self._plan(view, kron_shards, cfg, *self._world())
-                pending = self._kron_compute(plan, kron_shards, cfg, group)
-            work.append((cfg, shards, pending))
-        self._check_finite([p for _, _, p in work if p is not None], group, world)
+        if any(verdict.step_bad):
+            self._raise_non_finite_step(pendings, verdict.step_bad)
+        if verdict.basis_failed:
+            self._warn_basis(pendings)
         for cfg, shards, pending in work:
             if pending is not None:
                 self._kron_commit(pending, cfg, group)
@@ -353,6 +362,13 @@ class BregTop(torch.optim.Optimizer):
         """Exchange the gradients and run Algorithm 1 on this rank's blocks, committing nothing."""
         active = [s.grad is not None for s in shards]
         device = shards[0].value.device
+        hyper = _hyper(cfg)
+        if plan.views is not None and all(active):  # every block, from this rank's own parameters
+            grads = {shape: stack.grad_buffer(device) for shape, stack in plan.stacks.items()}
+            plan.views.gather(shards, grads)
+            steps = [self._step_stack(stack, list(range(len(stack.block_ids))), grads[shape], hyper)
+                     for shape, stack in plan.stacks.items()]
+            return _PendingKron(plan, shards, active, steps, whole=True)
         buffers: dict[int, Tensor] = {}
         gathered: list[tuple[BlockStack, list[int], Tensor]] = []
         for stack in plan.stacks.values():
@@ -363,44 +379,39 @@ class BregTop(torch.optim.Optimizer):
             buffers.update((stack.block_ids[k], g) for k, g in zip(rows, grad))
             gathered.append((stack, rows, grad))
         plan.exchange.gather_grads(shards, active, buffers, self._comm_dtype, group)
-        hyper = _hyper(cfg)
         steps = [self._step_stack(stack, rows, grad, hyper) for stack, rows, grad in gathered]
         return _PendingKron(plan, shards, active, steps)
 
     def _step_stack(self, stack: BlockStack, rows: list[int], grad: Tensor, hyper: BlockHyper) -> _StackStep:
-        """Algorithm 1 on the blocks ``rows`` of ``stack`` (gradients ``grad``), not committed."""
+        """Algorithm 1 on the blocks ``rows`` of ``stack`` (gradients ``grad``), not committed.
+        A whole stack whose blocks are all ready at one step count runs on a schedule the host
+        already knows (no read of the state's counts)."""
         base = stack.state if stack.state is not None else stack.empty_state(grad.device)
-        idx = torch.tensor(rows, dtype=torch.int64)  # CPU, like the step counts
         whole = len(rows) == len(stack.block_ids)
+        taken = base.uniform_step() if whole else None
+        if taken is not None:
+            schedule = Schedule(stack.refresh_rows(taken + 1, hyper.frequency, grad.device))
+            result = kron_block_step(base, grad, hyper, stack.offsets, schedule)
+            result.state.remember_uniform_step(taken + 1)
+            return _StackStep(stack, base, rows, whole, grad, result, schedule.refresh is not None)
+        idx = torch.tensor(rows, dtype=torch.int64)  # CPU, like the step counts
         result = kron_block_step(base if whole else base.select(idx), grad, hyper, stack.offsets.index_select(0, idx))
-        return _StackStep(stack, base, idx, whole, grad, result)
+        return _StackStep(stack, base, rows, whole, grad, result, result.failed is not None)
 
-    def _check_finite(self, pending: list[_PendingKron], group: dist.ProcessGroup | None, world: int) -> None:
-        """Raise NonFiniteStepError on every rank if any rank's computed step is non-finite."""
-        steps = [(p, s) for p in pending for s in p.steps]
+    def _raise_non_finite_step(self, pending: list[_PendingKron], bad: list[bool]) -> None:
+        """NonFiniteStepError naming the first non-finite block of this rank, or the rank."""
         rank = self._world()[0]
-        bad = torch.zeros(world, dtype=torch.int32)
-        ok = None
-        if steps:
-            ok = torch.cat([
-                s.result.state.finite_blocks() & finite_rows(s.result.update) for _, s in steps
-            ]).cpu()
-            bad[rank] = int(not bool(ok.all()))
-        if world > 1:
-            on_device = bad.to(pending[0].plan.device if pending else self._any_device())
-            dist.all_reduce(on_device, op=dist.ReduceOp.MAX, group=group)
-            bad = on_device.cpu()
-        if not bool(bad.any()):
-            return
         unchanged = "no parameter or optimizer state was changed by this step"
-        if not bool(bad[rank]):
-            culprit = int(bad.nonzero()[0])
+        if not bad[rank]:
+            culprit = bad.index(True)
             raise NonFiniteStepError(f"the step went non-finite on rank {culprit} (see its error); {unchanged}")
-        assert ok is not None
-        first = int((~ok).nonzero()[0])
-        for plan_step, s in steps:
-            if first < len(s.idx):
-                blk = plan_step.plan.blocks[s.stack.block_ids[int(s.idx[first])]]
+        for plan_step in pending:
+            for s in plan_step.steps:
+                ok = (s.result.state.finite_blocks() & finite_rows(s.result.update)).tolist()
+                if all(ok):
+                    continue
+                first = ok.index(False)
+                blk = plan_step.plan.blocks[s.stack.block_ids[s.rows[first]]]
                 name = plan_step.shards[blk.shard].name
                 largest = float(s.grad[first].abs().max())
                 raise NonFiniteStepError(
@@ -409,7 +420,7 @@ class BregTop(torch.optim.Optimizer):
                     f"{largest:.3g}) is out of the range its statistics can represent next to their current "
                     f"values (scale the loss down or clip gradients); {unchanged}"
                 )
-            first -= len(s.idx)
+        raise NonFiniteStepError(f"the step went non-finite on rank {rank}; {unchanged}")
 
     def _any_device(self) -> torch.device:
         for group in self.param_groups:
@@ -419,32 +430,37 @@ class BregTop(torch.optim.Optimizer):
 
     def _kron_commit(self, pending: _PendingKron, cfg: BregTopConfig, group: dist.ProcessGroup | None) -> None:
         """Store the computed states, then decay and update the parameters."""
-        updates: dict[int, Tensor] = {}
         for s in pending.steps:
             if s.whole:
                 s.stack.state = s.result.state
             else:
-                s.base.assign(s.idx, s.result.state)
+                s.base.assign(torch.tensor(s.rows, dtype=torch.int64), s.result.state)
                 s.stack.state = s.base
-            self._warn_basis(s.result.failed)
-            updates.update((s.stack.block_ids[k], u) for k, u in zip(s.idx.tolist(), s.result.update))
-        if cfg.weight_decay:
-            for shard, a in zip(pending.shards, pending.active):
-                if a:
-                    shard.value.mul_(1.0 - cfg.lr * cfg.weight_decay)
+        decaying = [shard.value for shard, a in zip(pending.shards, pending.active) if a]
+        if cfg.weight_decay and decaying:
+            torch._foreach_mul_(decaying, 1.0 - cfg.lr * cfg.weight_decay)
+        if pending.whole and pending.plan.views is not None and self._world()[1] == 1:
+            pending.plan.views.apply(pending.shards, {s.stack.shape: s.result.update for s in pending.steps}, cfg.lr)
+            return
+        updates: dict[int, Tensor] = {}
+        for s in pending.steps:
+            updates.update((s.stack.block_ids[k], u) for k, u in zip(s.rows, s.result.update))
         pending.plan.exchange.apply_updates(pending.shards, pending.active, updates, cfg.lr, self._comm_dtype, group)
 
-    def _warn_basis(self, failed: Tensor | None) -> None:
-        if failed is None or self._warned_basis or not bool(failed.any()):
+    def _warn_basis(self, pending: list[_PendingKron]) -> None:
+        if self._warned_basis:
+            return
+        failed = [s.result.failed for p in pending for s in p.steps if s.result.failed is not None]
+        count = int(sum(int(f.sum()) for f in failed))
+        if count == 0:
             return
         self._warned_basis = True
         warnings.warn(
             f"BregTop: eigenbasis computation failed in float32 and float64 for "
-            f"{int(failed.sum())} block(s); they keep their previous basis (warned once)",
+            f"{count} block(s); they keep their previous basis (warned once)",
             RuntimeWarning,
             stacklevel=4,
         )
-
 
     # ------------------------------------------------------------------- state dict
     def _logical(self) -> list[list[Tensor]]:
@@ -723,10 +739,11 @@ class _StackStep:
 
     stack: BlockStack
     base: KronBlockState
-    idx: Tensor  # (rows,) int64 on the CPU, rows of the stack
+    rows: list[int]  # rows of the stack
     whole: bool
     grad: Tensor
     result: BlockStepResult
+    refreshed: bool  # some basis was recomputed (or initialised): the bases changed
 
 
 @dataclass
@@ -737,6 +754,21 @@ class _PendingKron:
     shards: list[ParamShard]
     active: list[bool]
     steps: list[_StackStep]
+    whole: bool = False  # every block of every owned stack, gathered through the plan's views
+
+
+def _step_extremes(pending: list[_PendingKron], device: torch.device) -> tuple[Tensor, Tensor]:
+    """On the device, no host read: the largest |x| over everything the pending Kronecker
+    steps computed (NaN or inf when something is non-finite; one foreach reduction), and
+    whether some eigenbasis computation failed."""
+    changed = [t for p in pending for s in p.steps
+               for t in (*s.result.state.changed_by_step(s.refreshed), s.result.update) if t.numel()]
+    step_max = torch.zeros((), dtype=torch.float32, device=device)
+    if changed:
+        step_max = torch.stack(torch._foreach_norm(changed, float("inf"))).amax()
+    fails = [s.result.failed for p in pending for s in p.steps if s.result.failed is not None]
+    failed = torch.cat(fails).any() if fails else torch.zeros((), dtype=torch.bool, device=device)
+    return step_max, failed
 
 
 _PER_PLAN = 1 << 40

@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check bregtop_dist launch tests triton_kernels
+.venv/bin/ruff check bregtop_dist launch tests triton_kernels scripts
 .venv/bin/mypy bregtop_dist
 set +e
 .venv/bin/python -m pytest "$@"

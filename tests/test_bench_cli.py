@@ -86,16 +86,30 @@ def test_steps_must_align_with_refresh_phase(capsys):
     assert err.count("\n") == 1 and "--steps=7 must be a multiple of the precondition frequency 10" in err
 
 
-def test_quick_kernels_bench_writes_json(tmp_path, capsys):
+def test_quick_kernels_bench_writes_json(tmp_path, capsys, monkeypatch):
+    """A tiny run on GPT-2's block structure at 1/16: torch rows for every stack (Algorithm 2
+    whole and its parts), the training step, and the targets; off a GPU and without the
+    interpreter the Triton rows are skipped with the reason, and no target is judged."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the interpreted rows: tests/test_bench_kernels.py
     out = tmp_path / "kernels.json"
     assert main(["kernels", "--quick", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert set(result) == {"machine", "settings", "masked_scale", "rotated_stats", "training_step"}
-    for row in result["masked_scale"] + result["rotated_stats"]:
-        assert row["torch_reference_s"] > 0
+    assert set(result) == {"machine", "settings", "precondition", "rotated_stats", "training_step", "targets"}
+    assert result["settings"]["stacks"] == [[4, 48, 48], [3, 48, 64], [3, 64, 48]]
+    assert [r["shape"] for r in result["precondition"]] == result["settings"]["stacks"]
+    for row in result["precondition"]:
+        assert row["torch_precondition_s"] > 0 and row["torch_selection_s"] > 0 and row["torch_apply_s"] > 0
+    for row in result["rotated_stats"]:
+        assert row["torch_s"] > 0
     step = result["training_step"]
     assert step["forward_backward_s"] > 0 and step["bregtop_step_mean_s"] > 0 and step["adamw_step_s"] > 0
-    assert "BregTop adds" in capsys.readouterr().out
+    assert len(result["targets"]) == 2 * 3 + 1
+    if not torch.cuda.is_available():
+        assert all("no CUDA device" in r["triton_skipped"] for r in result["precondition"] + result["rotated_stats"])
+        assert all(g["met"] is None for g in result["targets"])
+        assert step["model"]["autocast"] == "off (float32)"
+    printed = capsys.readouterr().out
+    assert "BregTop adds" in printed and "targets (GPU)" in printed
 
 
 def test_dist_bench_traffic_matches_theory(tmp_path, capsys):
@@ -138,10 +152,25 @@ def test_launches_bench_counts_ops_launches_and_scalar_reads(tmp_path, capsys):
         t = torch.ones(3)
         assert bool(t.sum() > 0)
     assert counter.ops >= 3 and counter.scalar_reads == 1
+    with launches._count_tolist(counter):
+        t.tolist()
+    assert counter.scalar_reads == 2
 
     out = tmp_path / "launches.json"
     assert main(["launches", "--methods", "kl", "--layers", "1", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["method"], r["accelerator_paths"]) for r in rows] == [("kl", False), ("kl", True)]
+    assert [(r["method"], r["accelerator_paths"], r["backend"]) for r in rows] == [
+        ("kl", False, "auto"), ("kl", True, "torch"), ("kl", True, "triton")]
     assert all(r["ops_per_step"] > 0 and r["scalar_reads_per_step"] > 0 for r in rows)
+    assert rows[2]["triton_launches_per_step"] > 0 and rows[0]["triton_launches_per_step"] == 0
     assert "ops/step" in capsys.readouterr().out
+
+
+def test_precision_bench_compares_each_precision_with_fp32(tmp_path):
+    """``launch.bench precision`` at a few steps: a row for tf32 (emulated on the CPU) and one
+    for bf16, each with finite errors measured against fp32 in the same run."""
+    out = tmp_path / "precision.json"
+    assert main(["precision", "--device", "cpu", "--steps", "3", "--repeats", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["precision"], r["emulated"]) for r in rows] == [("tf32", True), ("bf16", False)]
+    assert all(0 < r["one_step_rel_error_median"] < 1 and r["run_rel_distance"] >= 0 for r in rows)

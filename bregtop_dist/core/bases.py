@@ -60,8 +60,15 @@ def orthonormal_factor(a: Tensor) -> Tensor:
 def power_qr(factor: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
     """``qr(factor @ basis).Q`` per block, retried in float64; where both fail, the old basis.
 
-    Returns (new basis, failed) with failed a (B,) bool.
+    Returns (new basis, failed) with failed a (B,) bool. On the accelerator paths there is
+    one float32 attempt and no retry: deciding to retry would read the device, and on finite
+    factors the attempt only fails where the product overflows (the step's finiteness check
+    reports such a state anyway); the flags reach the host with the step's one read.
     """
+    if accelerator_paths(basis.device):
+        q = orthonormal_factor(torch.bmm(factor, basis))
+        good = torch.isfinite(q).all((-2, -1))
+        return torch.where(good[:, None, None], q, basis), ~good
     new = basis.clone()
     todo = torch.ones(basis.shape[0], dtype=torch.bool, device=basis.device)
     for dtype in (basis.dtype, torch.float64):

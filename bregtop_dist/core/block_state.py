@@ -130,6 +130,32 @@ class KronBlockState:
             **{k: torch.index_copy(v, 0, idx.to(v.device), getattr(part, k)) for k, v in self.tensors().items()}
         )
 
+    def uniform_step(self) -> int | None:
+        """The step count every block has taken when every block is ready and they agree
+        (the usual case), else None. Read from the host fields once per state object and then
+        remembered while they are not written to (:meth:`remember_uniform_step` passes it on
+        to the state a step returns), so that a steady step reads no tensor."""
+        key = (self.step._version, self.ready._version)
+        known = self.__dict__.get("_uniform_step")
+        if known is not None and known[0] == key:
+            return known[1]
+        value = None
+        if self.step.numel() and bool(self.ready.all()):
+            first = int(self.step[0])
+            value = first if bool((self.step == first).all()) else None
+        self.__dict__["_uniform_step"] = (key, value)
+        return value
+
+    def remember_uniform_step(self, value: int) -> None:
+        """Record that every block is ready and has taken ``value`` steps (the caller knows)."""
+        self.__dict__["_uniform_step"] = ((self.step._version, self.ready._version), value)
+
+    def changed_by_step(self, refreshed: bool) -> list[Tensor]:
+        """The float fields a step writes (the bases only on a refresh): what its finiteness
+        check has to look at, the rest being as finite as before."""
+        out = [self.momentum, self.L, self.R, self.lam_L, self.lam_R]
+        return out + [self.U_L, self.U_R] if refreshed else out
+
     def finite_blocks(self) -> Tensor:
         """(B,) bool on the state's device: every float field of the block is finite."""
         ok = finite_rows(self.momentum)

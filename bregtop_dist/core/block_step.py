@@ -65,6 +65,7 @@ from bregtop_dist.core.block_state import KronBlockState
 from bregtop_dist.core.dispatch import resolve_backend
 from bregtop_dist.core.finite import nonzero_rows
 from bregtop_dist.core.precondition import precondition_rotated
+from bregtop_dist.core.rotation import ROTATION_PRECISIONS, rotate
 from bregtop_dist.core.stats import (
     EIGEN_WEIGHTED,
     factor_weights,
@@ -97,10 +98,23 @@ class BlockHyper:
     exponent: float = 0.5  # p of S^-p (Shampoo: 1/4 by default)
     init: str = "first-gradient"
     init_factor: float = 0.1  # kl-methods: the constant first estimate
+    rotation_precision: str = "fp32"  # products with the eigenbases: fp32, tf32 or bf16
 
     def __post_init__(self) -> None:
         if self.init not in INITS:
             raise ValueError(f"init={self.init!r} is unknown; allowed: {', '.join(INITS)}")
+        if self.rotation_precision not in ROTATION_PRECISIONS:
+            raise ValueError(f"rotation_precision={self.rotation_precision!r} is unknown; allowed: "
+                             f"{', '.join(ROTATION_PRECISIONS)}")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A step its caller planned without reading the state (so without a host read): every
+    block is ready, and ``refresh`` holds the rows whose bases refresh (on the state's device),
+    or is None when none does."""
+
+    refresh: Tensor | None
 
 
 @dataclass
@@ -182,10 +196,11 @@ def _accumulate(s: KronBlockState, grad: Tensor, hyper: BlockHyper, observed: Te
     """Lines 1-5 of Algorithm 1 but the refresh, into a new state: momentum, factor and
     eigenvalue EMAs. Blocks whose gradient is zero (``observed`` False) keep their statistics."""
     b1, b2 = hyper.beta1, hyper.beta2
+    prec = hyper.rotation_precision
     decay = torch.where(observed, b2, 1.0).to(grad.dtype)  # zero gradient: no observation, no decay
     lam_l, lam_r = noise_floor(s.lam_L), noise_floor(s.lam_R)
     if hyper.stats == "f-v1":
-        gt = s.U_L.mT @ grad @ s.U_R  # (B, m, n), the gradient in the current eigenbasis
+        gt = rotate(rotate(s.U_L.mT, grad, prec), s.U_R, prec)  # (B, m, n), the gradient in the current eigenbasis
         d_l, d_r = stats_increments("f-v1", grad, s.U_L, s.U_R, lam_l, lam_r, s.L, s.R)
         diag_l, diag_r = rotated_diagonals("f-v1", gt, lam_l, lam_r, s.L, s.R, d_l, d_r, s.U_L, s.U_R, G=grad)
         big_l = s.L * decay[:, None, None] + (1.0 - b2) * d_l
@@ -195,12 +210,12 @@ def _accumulate(s: KronBlockState, grad: Tensor, hyper: BlockHyper, observed: Te
         # dL = X_L diag(w_L) X_L^T: the factor EMA is one fused product of pre-scaled X.
         w_l, w_r = factor_weights(hyper.stats, lam_l, lam_r, s.L, s.R)
         if hyper.stats in EIGEN_WEIGHTED:
-            x_r = s.U_L.mT @ grad  # (B, m, n)
-            x_l = grad @ s.U_R
-            gt = x_r @ s.U_R
+            x_r = rotate(s.U_L.mT, grad, prec)  # (B, m, n)
+            x_l = rotate(grad, s.U_R, prec)
+            gt = rotate(x_r, s.U_R, prec)
         else:
             x_l = x_r = grad
-            gt = s.U_L.mT @ grad @ s.U_R
+            gt = rotate(rotate(s.U_L.mT, grad, prec), s.U_R, prec)
         scaled_l = x_l * w_l.sqrt()[:, None, :]
         scaled_r = x_r * w_r.sqrt()[:, :, None]
         big_l = torch.baddbmm(s.L * decay[:, None, None], scaled_l, scaled_l.mT, alpha=1.0 - b2)
@@ -231,7 +246,7 @@ def _weighted_sums_and_momentum(
     return diag_l, diag_r, torch.lerp(momentum, gt, 1.0 - b1)
 
 
-def _refresh(s: KronBlockState, idx: Tensor) -> tuple[KronBlockState, Tensor]:
+def _refresh(s: KronBlockState, idx: Tensor, prec: str = "fp32") -> tuple[KronBlockState, Tensor]:
     """Line 7 for the blocks ``idx``: ``U <- qr(L U)``, the rotated momentum carried along,
     into a new state. Also (len(idx),) bool: blocks whose QR failed and kept their basis."""
     old_l, old_r = s.U_L[idx], s.U_R[idx]
@@ -239,9 +254,9 @@ def _refresh(s: KronBlockState, idx: Tensor) -> tuple[KronBlockState, Tensor]:
     new_r, failed_r = power_qr(s.R[idx], old_r)
     # U_new^T (U_old Mt U_old^T) U_new: four m x n products, cheaper than forming the m x m
     # change of basis U_new^T U_old.
-    momentum = old_l @ s.momentum[idx] @ old_r.mT
+    momentum = rotate(rotate(old_l, s.momentum[idx], prec), old_r.mT, prec)
     new = KronBlockState(**s.tensors())
-    new.momentum = torch.index_copy(s.momentum, 0, idx, new_l.mT @ momentum @ new_r)
+    new.momentum = torch.index_copy(s.momentum, 0, idx, rotate(rotate(new_l.mT, momentum, prec), new_r, prec))
     new.U_L = torch.index_copy(s.U_L, 0, idx, new_l)
     new.U_R = torch.index_copy(s.U_R, 0, idx, new_r)
     return new, failed_l | failed_r
@@ -252,22 +267,27 @@ def _precondition(mt: Tensor, lam_l: Tensor, lam_r: Tensor, u_l: Tensor, u_r: Te
     lam_l = noise_floor(floor_relative(lam_l, hyper.eig_floor))
     lam_r = noise_floor(floor_relative(lam_r, hyper.eig_floor))
     pre = precondition_rotated(mt, lam_l, lam_r, hyper.rho, hyper.q, hyper.c, hyper.eps, hyper.backend, hyper.exponent)
-    return u_l @ pre @ u_r.mT
+    return rotate(rotate(u_l, pre, hyper.rotation_precision), u_r.mT, hyper.rotation_precision)
 
 
 def _step_initialised(
-    state: KronBlockState, grad: Tensor, hyper: BlockHyper, offset: Tensor, observed: Tensor
+    state: KronBlockState, grad: Tensor, hyper: BlockHyper, offset: Tensor, observed: Tensor,
+    schedule: Schedule | None = None,
 ) -> BlockStepResult:
-    """Algorithm 1 on blocks that all have state."""
+    """Algorithm 1 on blocks that all have state (the refreshing rows from ``schedule``, or
+    from the host-side step counts)."""
     new = _accumulate(state, grad, hyper, observed)
     update = None
     if hyper.init == "kl-methods":  # the previous estimates and basis, the new momentum
         update = _precondition(new.momentum, state.lam_L, state.lam_R, state.U_L, state.U_R, hyper)
     failed = None
-    due = refresh_due(new.step, offset, hyper.frequency)  # on the host: no device sync
-    if bool(due.any()):
-        idx = due.nonzero().flatten().to(grad.device)
-        new, qr_failed = _refresh(new, idx)
+    if schedule is not None:
+        idx = schedule.refresh
+    else:
+        due = refresh_due(new.step, offset, hyper.frequency)  # on the host: no device sync
+        idx = due.nonzero().flatten().to(grad.device) if bool(due.any()) else None
+    if idx is not None:
+        new, qr_failed = _refresh(new, idx, hyper.rotation_precision)
         failed = torch.zeros(grad.shape[0], dtype=torch.bool, device=grad.device)
         failed[idx] = qr_failed
     if update is None:
@@ -275,14 +295,19 @@ def _step_initialised(
     return BlockStepResult(new, update, failed)
 
 
-def kron_block_step(state: KronBlockState, grad: Tensor, hyper: BlockHyper, offset: Tensor) -> BlockStepResult:
+def kron_block_step(
+    state: KronBlockState, grad: Tensor, hyper: BlockHyper, offset: Tensor, schedule: Schedule | None = None
+) -> BlockStepResult:
     """One step of Algorithm 1 on every block of ``state`` (which is not changed).
 
     ``grad`` is (B, m, n) float32, ``offset`` (B,) the blocks' refresh offsets (CPU, as
     ``state.step``). Blocks without state are initialised by a non-zero gradient and left as
-    they are by a zero one (update zero).
+    they are by a zero one (update zero). A ``schedule`` (every block ready) skips the reads
+    of the host-side counts that decide all that.
     """
     observed = nonzero_rows(grad)  # (B,) on the device
+    if schedule is not None:
+        return _step_initialised(state, grad, hyper, offset, observed, schedule)
     if bool(state.ready.all()):  # the usual case: no host read of the device
         return _step_initialised(state, grad, hyper, offset, observed)
 

@@ -33,44 +33,61 @@ def check_same_on_all_ranks(what: dict[str, Any], group: dist.ProcessGroup | Non
                 )
 
 
-@dataclass(frozen=True)
-class GradVerdict:
-    """What every rank agrees on about this step's gradients."""
+def agree_present(shards: Sequence[ParamShard], group: dist.ProcessGroup | None, world: int) -> list[bool]:
+    """Per shard: a gradient exists on some rank. Known on the host in one process; otherwise
+    one small all_reduce (and its read), so that every rank steps the same blocks."""
+    present = [s.grad is not None for s in shards]
+    if world == 1 or not shards:
+        return present
+    flags = torch.tensor(present, dtype=torch.float32, device=shards[0].value.device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    return [v != 0.0 for v in flags.tolist()]
 
-    active: list[bool]  # per shard: a gradient exists on some rank
+
+def grad_maxima(shards: Sequence[ParamShard]) -> Tensor:
+    """(S,) float32 on the device, no host read: per shard the largest |g| (inf where the
+    gradient holds NaN or inf; 0 without a gradient or elements). One foreach reduction."""
+    device = shards[0].value.device if shards else torch.device("cpu")
+    have = [i for i, s in enumerate(shards) if s.grad is not None and s.grad.numel() > 0]
+    if not have:
+        return torch.zeros(len(shards), dtype=torch.float32, device=device)
+    norms = torch._foreach_norm([shards[i].grad for i in have], float("inf"), dtype=torch.float32)  # type: ignore[misc]
+    largest = torch.stack(norms)
+    if len(have) < len(shards):
+        largest = torch.zeros(len(shards), dtype=torch.float32, device=device).index_copy_(
+            0, torch.tensor(have, device=device), largest)
+    return largest.nan_to_num_(nan=torch.inf, posinf=torch.inf)
+
+
+@dataclass(frozen=True)
+class StepVerdict:
+    """What every rank agrees on about this step, from its one read of the device."""
+
     non_finite: int | None  # first shard whose gradient holds NaN or inf on some rank
     too_large: int | None  # first shard whose largest |g| (on some rank) exceeds its limit
     largest: list[float]  # per shard: the largest |g| over the ranks (inf where non-finite)
+    step_bad: list[bool]  # per rank: its computed Kronecker step is non-finite somewhere
+    basis_failed: bool  # some rank's eigenbasis computation failed (kept the old basis)
 
 
-def grad_verdict(
-    shards: Sequence[ParamShard], group: dist.ProcessGroup | None, world: int,
-    limits: Sequence[float] | None = None,
-) -> GradVerdict:
-    """Which gradients exist, whether any is non-finite and whether any exceeds its ``limits``
-    entry (default: no limit), agreed by every rank. One small all_reduce when ``world > 1``."""
-    if not shards:
-        return GradVerdict([], None, None, [])
-    device = shards[0].value.device
-    flags = torch.zeros(2, len(shards), dtype=torch.float32, device=device)
-    present = [i for i, s in enumerate(shards) if s.grad is not None]
-    if present:
-        idx = torch.tensor(present, device=device)
-        flags[0].index_fill_(0, idx, 1.0)
-        largest = torch.stack([_largest(shards[i].grad) for i in present])  # type: ignore[arg-type]
-        flags[1].index_copy_(0, idx, largest.nan_to_num(nan=torch.inf, posinf=torch.inf))
+def step_verdict(
+    grad_max: Tensor, step_max: Tensor, basis_failed: Tensor, limits: Sequence[float],
+    group: dist.ProcessGroup | None, rank: int, world: int,
+) -> StepVerdict:
+    """The step's verdict from device values: ``grad_max`` (S,) from :func:`grad_maxima`,
+    ``step_max`` the largest |x| over everything this rank's Kronecker step computed (NaN or
+    inf when something is non-finite), ``basis_failed`` a flag. One all_reduce when
+    ``world > 1`` and one host read: the GradScaler pattern, everything is computed before
+    it and nothing is written before it."""
+    slots = torch.zeros(world + 1, dtype=torch.float32, device=grad_max.device)
+    slots[rank] = step_max.float()
+    slots[world] = basis_failed.float()
+    flags = torch.cat([grad_max, slots.nan_to_num_(nan=torch.inf, posinf=torch.inf)])
     if world > 1:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-    host = flags.cpu()
-    big = host[1].tolist()
+    host = flags.tolist()
+    size = len(grad_max)
+    big, steps = host[:size], host[size : size + world]
     non_finite = next((i for i, v in enumerate(big) if not math.isfinite(v)), None)
-    bounds = [math.inf] * len(shards) if limits is None else list(limits)
-    too_large = next((i for i, (v, lim) in enumerate(zip(big, bounds)) if math.isfinite(v) and v > lim), None)
-    return GradVerdict([v != 0.0 for v in host[0].tolist()], non_finite, too_large, big)
-
-
-def _largest(grad: Tensor) -> Tensor:
-    """max |g| in float32 (NaN if g holds one); 0 for an empty shard."""
-    if grad.numel() == 0:
-        return torch.zeros((), dtype=torch.float32, device=grad.device)
-    return torch.linalg.vector_norm(grad, float("inf"), dtype=torch.float32)
+    too_large = next((i for i, (v, lim) in enumerate(zip(big, limits)) if math.isfinite(v) and v > lim), None)
+    return StepVerdict(non_finite, too_large, big, [not math.isfinite(v) for v in steps], host[-1] != 0.0)

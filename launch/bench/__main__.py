@@ -6,10 +6,11 @@ import argparse
 import sys
 from types import ModuleType
 
-from launch.bench import dist, kernels, launches, optimizer
+from launch.bench import dist, kernels, launches, optimizer, precision
 from launch.cli import OneLineParser
 
-SUITES: dict[str, ModuleType] = {"optimizer": optimizer, "kernels": kernels, "dist": dist, "launches": launches}
+SUITES: dict[str, ModuleType] = {"optimizer": optimizer, "kernels": kernels, "dist": dist, "launches": launches,
+                                 "precision": precision}
 """Subcommand name -> suite module (``HELP``, ``add_arguments``, ``run``)."""
 
 

@@ -49,36 +49,79 @@ def layout(layers: int = LAYERS, dim: int = DIM) -> list[tuple[int, ...]]:
 
 
 class _OpCounter(TorchDispatchMode):
+    """Counts ATen ops and scalar reads (``item()``, ``bool()``...) while not paused."""
+
     def __init__(self) -> None:
         super().__init__()
         self.ops = 0
         self.scalar_reads = 0
+        self.paused = False
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.ops += 1
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.scalar_reads += 1
+        if not self.paused:
+            self.ops += 1
+            if func is torch.ops.aten._local_scalar_dense.default:
+                self.scalar_reads += 1
         return func(*args, **(kwargs or {}))
 
 
 @contextmanager
-def _count_launches() -> Iterator[list[int]]:
-    """Counts calls of the two Triton kernels' wrappers (each is one launch)."""
+def _count_tolist(counter: _OpCounter) -> Iterator[None]:
+    """``Tensor.tolist()`` reads a tensor without an op the dispatcher sees on the CPU (on a
+    GPU it copies to the host): one read per call."""
+    original = torch.Tensor.tolist
+
+    def tolist(self: torch.Tensor) -> Any:
+        if not counter.paused:
+            counter.scalar_reads += 1
+        return original(self)
+
+    torch.Tensor.tolist = tolist  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.tolist = original  # type: ignore[method-assign]
+
+
+@contextmanager
+def _count_launches(counter: _OpCounter, stand_ins: bool) -> Iterator[list[int]]:
+    """Counts launches of the Triton kernels; with ``stand_ins`` the kernels are replaced by
+    their torch references, run with counting paused (see ``kernel_stand_ins``)."""
     count = [0]
+
+    def on_launch(run: Any) -> None:
+        count[0] += 1
+        counter.paused = True
+        try:
+            run()
+        finally:
+            counter.paused = False
+
+    if stand_ins:
+        from launch.bench.kernel_stand_ins import stand_in_kernels
+
+        with stand_in_kernels(on_launch):
+            yield count
+        return
     patched = []
-    for module_name, fn_name in (("triton_kernels.masked_scale", "masked_scale"),
-                                 ("triton_kernels.rotated_stats", "rotated_stats")):
+    for module_name, fn_name in (("triton_kernels.masked_scale", "_masked_scale_kernel"),
+                                 ("triton_kernels.rotated_stats", "_rotated_stats_kernel"),
+                                 ("triton_kernels.top_set", "_top_set_kernel")):
         try:
             module = __import__(module_name, fromlist=[fn_name])
         except ImportError:
             continue
         original = getattr(module, fn_name)
 
-        def wrapper(*a: Any, _original: Any = original, **k: Any) -> Any:
-            count[0] += 1
-            return _original(*a, **k)
+        class _Counted:
+            def __init__(self, kernel: Any) -> None:
+                self.kernel = kernel
 
-        setattr(module, fn_name, wrapper)
+            def __getitem__(self, grid: Any) -> Any:
+                launch = self.kernel[grid]
+                return lambda *a, **k: on_launch(lambda: launch(*a, **k))
+
+        setattr(module, fn_name, _Counted(original))
         patched.append((module, fn_name, original))
     try:
         yield count
@@ -92,21 +135,52 @@ class Counts:
     method: str
     accelerator_paths: bool
     backend: str
+    kernels: str  # "none" (torch backend), "stand-in" (references, counted as launches) or "triton"
     steps: int
     ops_per_step: float
     triton_launches_per_step: float
     scalar_reads_per_step: float
 
+    @property
+    def ops_and_launches(self) -> float:
+        return self.ops_per_step + self.triton_launches_per_step
+
+
+def _set_environ(values: dict[str, str | None]) -> None:
+    """Set (or, for None, remove) environment variables."""
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@contextmanager
+def _environ(**values: str | None) -> Iterator[None]:
+    """The environment variables ``values`` within the block, the old ones restored after."""
+    old = {k: os.environ.get(k) for k in values}
+    try:
+        _set_environ(values)
+        yield
+    finally:
+        _set_environ(old)
+
 
 def count_step(method: str, accelerator_paths: bool, backend: str = "auto", layers: int = LAYERS,
-               seed: int = 0) -> Counts:
-    """Counts per step over one refresh period, after a warm-up period."""
-    old = os.environ.get(PATHS_ENV_VAR)
-    os.environ[PATHS_ENV_VAR] = "1" if accelerator_paths else "0"
-    try:
+               seed: int = 0, device: str = "cpu") -> Counts:
+    """Counts per step over one refresh period, after a warm-up period. ``backend="triton"``
+    on the CPU runs the kernels' stand-ins (see ``kernel_stand_ins``) unless TRITON_INTERPRET=1
+    is set, in which case the interpreter runs them (slowly)."""
+    dev = torch.device(device)
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    stand_ins = backend == "triton" and dev.type == "cpu" and not interpreted
+    kernels = "none" if backend == "torch" or (backend == "auto" and dev.type == "cpu") else (
+        "stand-in" if stand_ins else "triton")
+    with _environ(**{PATHS_ENV_VAR: "1" if accelerator_paths else "0",
+                     "TRITON_INTERPRET": "1" if stand_ins or interpreted else None}):
         g = torch.Generator().manual_seed(seed)
-        params = [nn.Parameter(torch.randn(s, generator=g) * 0.02) for s in layout(layers)]
-        grads = [[torch.randn(p.shape, generator=g) for p in params] for _ in range(2)]
+        params = [nn.Parameter((torch.randn(s, generator=g) * 0.02).to(dev)) for s in layout(layers)]
+        grads = [[torch.randn(p.shape, generator=g).to(dev) for p in params] for _ in range(2)]
         opt = BregTop(params, method=method, lr=1e-3, max_precond_dim=MAX_DIM, precondition_frequency=FREQUENCY,
                       backend=backend)
 
@@ -115,26 +189,28 @@ def count_step(method: str, accelerator_paths: bool, backend: str = "auto", laye
                 p.grad = gr
             opt.step()
 
-        for k in range(FREQUENCY + 1):
-            step(k)
         counter = _OpCounter()
-        with _count_launches() as launches, counter:
-            for k in range(FREQUENCY):
+        with _count_launches(counter, stand_ins) as launches:
+            for k in range(FREQUENCY + 1):
                 step(k)
-    finally:
-        if old is None:
-            os.environ.pop(PATHS_ENV_VAR, None)
-        else:
-            os.environ[PATHS_ENV_VAR] = old
-    return Counts(method, accelerator_paths, backend, FREQUENCY, counter.ops / FREQUENCY, launches[0] / FREQUENCY,
-                  counter.scalar_reads / FREQUENCY)
+            launches[0] = 0
+            with _count_tolist(counter), counter:
+                for k in range(FREQUENCY):
+                    step(k)
+    return Counts(method, accelerator_paths, backend, kernels, FREQUENCY, counter.ops / FREQUENCY,
+                  launches[0] / FREQUENCY, counter.scalar_reads / FREQUENCY)
+
+
+ROWS = (("cpu", False, "auto"), ("accel/torch", True, "torch"), ("accel/triton", True, "triton"))
+"""(label, accelerator paths, backend) of each row: the CPU's own paths; the accelerator paths
+with the torch fallback (Triton absent); and with the Triton kernels, what CUDA runs."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default=",".join(METHODS),
                         help="comma-separated methods to count (default: all ten)")
-    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
-                        help="BregTop's backend (triton on the CPU needs TRITON_INTERPRET=1)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where the parameters live; on cuda the CPU-paths row is left out")
     parser.add_argument("--layers", type=positive_int, default=LAYERS,
                         help="transformer layers of the layout (default 12, GPT-2 small's)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the JSON goes")
@@ -145,15 +221,16 @@ def run(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"python -m launch.bench launches: error: unknown method(s) {unknown}; use {', '.join(METHODS)}")
-    rows = [count_step(m, paths, args.backend, args.layers) for m in methods for paths in (False, True)]
-    print(f"{'method':<15}{'paths':>8}{'ops/step':>10}{'launches':>10}{'reads':>8}")
+    kinds = [r for r in ROWS if args.device == "cpu" or r[1]]
+    rows = [count_step(m, paths, backend, args.layers, device=args.device) for m in methods for _, paths, backend in kinds]
+    print(f"{'method':<15}{'paths/backend':>14}{'kernels':>10}{'ops/step':>10}{'launches':>10}{'reads':>8}")
     for r in rows:
-        print(f"{r.method:<15}{'accel' if r.accelerator_paths else 'cpu':>8}{r.ops_per_step:>10.0f}"
+        label = next(lab for lab, paths, backend in ROWS if (paths, backend) == (r.accelerator_paths, r.backend))
+        print(f"{r.method:<15}{label:>14}{r.kernels:>10}{r.ops_per_step:>10.0f}"
               f"{r.triton_launches_per_step:>10.1f}{r.scalar_reads_per_step:>8.1f}")
     write_json(args.out, {"suite": "launches", "machine": machine_info(), "code": code_version(),
                           "layout": {"layers": args.layers, "dim": DIM, "max_precond_dim": MAX_DIM,
-                                     "precondition_frequency": FREQUENCY},
+                                     "precondition_frequency": FREQUENCY, "device": args.device},
                           "rows": [asdict(r) for r in rows]})
     print(f"wrote {args.out}")
     return 0
-
