@@ -26,7 +26,7 @@ from bregtop_dist.config import BregTopConfig
 from bregtop_dist.core.block_state import KronBlockState
 from bregtop_dist.core.block_step import BlockHyper, BlockStepResult, Schedule, kron_block_step
 from bregtop_dist.core.dispatch import resolve_backend
-from bregtop_dist.core.finite import finite_rows
+from bregtop_dist.core.finite import finite_rows, largest_magnitudes
 from bregtop_dist.distributed.checks import agree_present, check_same_on_all_ranks, grad_maxima, step_verdict
 from bregtop_dist.distributed.layout import (
     GroupShards,
@@ -759,13 +759,13 @@ class _PendingKron:
 
 def _step_extremes(pending: list[_PendingKron], device: torch.device) -> tuple[Tensor, Tensor]:
     """On the device, no host read: the largest |x| over everything the pending Kronecker
-    steps computed (NaN or inf when something is non-finite; one foreach reduction), and
+    steps computed (NaN or inf when something is non-finite), and
     whether some eigenbasis computation failed."""
     changed = [t for p in pending for s in p.steps
                for t in (*s.result.state.changed_by_step(s.refreshed), s.result.update) if t.numel()]
     step_max = torch.zeros((), dtype=torch.float32, device=device)
     if changed:
-        step_max = torch.stack(torch._foreach_norm(changed, float("inf"))).amax()
+        step_max = largest_magnitudes(changed).amax()
     fails = [s.result.failed for p in pending for s in p.steps if s.result.failed is not None]
     failed = torch.cat(fails).any() if fails else torch.zeros((), dtype=torch.bool, device=device)
     return step_max, failed

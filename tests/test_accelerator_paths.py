@@ -67,3 +67,36 @@ def test_a_step_on_the_accelerator_paths_equals_the_cpu_paths(monkeypatch, gen):
     accel = run()
     for a, b in zip(cpu, accel):
         assert float((a - b).abs().max() / b.abs().max()) <= 1e-5
+
+
+def test_accelerator_paths_raise_before_writing_anything(monkeypatch, gen):
+    """The one-read verdict on the accelerator paths: a NaN or inf gradient, or a finite one
+    whose step leaves float32 (x1e30 on Shampoo's G G^T), raises and changes nothing."""
+    from bregtop_dist import NonFiniteGradientError, NonFiniteStepError
+
+    monkeypatch.setenv(PATHS_ENV_VAR, "1")
+    for method, bad, error in (("bregtop-vn-v2", float("nan"), NonFiniteGradientError),
+                               ("kl", -float("inf"), NonFiniteGradientError),
+                               ("shampoo", 1e30, NonFiniteStepError)):
+        params = [nn.Parameter(torch.randn(9, 7, generator=gen)), nn.Parameter(torch.randn(7, generator=gen))]
+        opt = BregTop(params, method=method, lr=1e-2, max_precond_dim=4)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        before = [p.detach().clone() for p in params]
+        state = {(key, name): t.clone() for key, stack in opt.kron_stacks.items()
+                 for name, t in stack.state.tensors().items()}
+        params[0].grad = torch.randn(9, 7, generator=gen) * (bad if bad == 1e30 else 1.0)
+        if bad != 1e30:
+            params[0].grad[int(torch.randint(0, 9, (1,), generator=gen)), 3] = bad
+        params[1].grad = torch.randn(7, generator=gen)
+        try:
+            opt.step()
+        except error:
+            pass
+        else:
+            raise AssertionError(f"{method}: no {error.__name__}")
+        assert all(torch.equal(p, b) for p, b in zip(params, before))
+        after = {(key, name): t for key, stack in opt.kron_stacks.items() for name, t in stack.state.tensors().items()}
+        assert all(torch.equal(state[k], after[k]) for k in state)

@@ -40,3 +40,16 @@ def test_empty_blocks():
     assert finite_rows(torch.empty(3, 0, 4)).tolist() == [True] * 3
     assert nonzero_rows(torch.empty(3, 0, 4)).tolist() == [False] * 3
     assert finite_rows(torch.empty(0, 2, 2)).shape == (0,)
+
+
+def test_largest_magnitudes_sees_nan_and_both_infinities(gen):
+    from bregtop_dist.core.finite import largest_magnitudes
+
+    ts = [torch.randn(4, 5, generator=gen) * 1e30, torch.randn(7, generator=gen).bfloat16(), torch.randn(3, 3, generator=gen)]
+    want = torch.stack([t.double().abs().max() for t in ts]).float()
+    assert torch.equal(largest_magnitudes(ts), want)
+    for bad, expect in ((float("nan"), "nan"), (float("inf"), "inf"), (-float("inf"), "inf")):
+        t = torch.randn(6, generator=gen)
+        t[int(torch.randint(0, 6, (1,), generator=gen))] = bad
+        got = float(largest_magnitudes([ts[0], t])[1])
+        assert (got != got) if expect == "nan" else got == float("inf")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from bregtop_dist.core.dispatch import accelerator_paths
+
 
 def finite_rows(t: Tensor) -> Tensor:
     """(B,) bool on ``t``'s device: row ``b`` of ``t`` (B, ...) holds no NaN and no inf."""
@@ -28,3 +30,17 @@ def nonzero_rows(t: Tensor) -> Tensor:
         return torch.zeros(t.shape[0], dtype=torch.bool, device=t.device)
     flat = t.flatten(1)
     return (flat.amax(1) != 0) | (flat.amin(1) != 0)
+
+
+def largest_magnitudes(tensors: list[Tensor]) -> Tensor:
+    """(len(tensors),) float32 on their device: ``max |x|`` of each (NaN where one holds NaN,
+    inf where one holds +-inf), read nowhere. One foreach reduction on the accelerator paths;
+    on the CPU path each tensor's min and max (``_foreach_norm(inf)`` is an order of magnitude
+    slower there). Every tensor must have elements."""
+    if accelerator_paths(tensors[0].device):
+        return torch.stack(torch._foreach_norm(tensors, float("inf"), dtype=torch.float32))  # type: ignore[arg-type]
+    parts = []
+    for t in tensors:
+        lo, hi = torch.aminmax(t)
+        parts.append(torch.maximum(hi.float(), -lo.float()))
+    return torch.stack(parts)

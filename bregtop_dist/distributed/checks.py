@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from bregtop_dist.core.finite import largest_magnitudes
 from bregtop_dist.distributed.layout import ParamShard
 
 
@@ -46,13 +47,12 @@ def agree_present(shards: Sequence[ParamShard], group: dist.ProcessGroup | None,
 
 def grad_maxima(shards: Sequence[ParamShard]) -> Tensor:
     """(S,) float32 on the device, no host read: per shard the largest |g| (inf where the
-    gradient holds NaN or inf; 0 without a gradient or elements). One foreach reduction."""
+    gradient holds NaN or inf; 0 without a gradient or elements)."""
     device = shards[0].value.device if shards else torch.device("cpu")
     have = [i for i, s in enumerate(shards) if s.grad is not None and s.grad.numel() > 0]
     if not have:
         return torch.zeros(len(shards), dtype=torch.float32, device=device)
-    norms = torch._foreach_norm([shards[i].grad for i in have], float("inf"), dtype=torch.float32)  # type: ignore[misc]
-    largest = torch.stack(norms)
+    largest = largest_magnitudes([shards[i].grad for i in have])  # type: ignore[misc]
     if len(have) < len(shards):
         largest = torch.zeros(len(shards), dtype=torch.float32, device=device).index_copy_(
             0, torch.tensor(have, device=device), largest)
