@@ -172,5 +172,6 @@ def test_precision_bench_compares_each_precision_with_fp32(tmp_path):
     out = tmp_path / "precision.json"
     assert main(["precision", "--device", "cpu", "--steps", "3", "--repeats", "1", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["precision"], r["emulated"]) for r in rows] == [("tf32", True), ("bf16", False)]
-    assert all(0 < r["one_step_rel_error_median"] < 1 and r["run_rel_distance"] >= 0 for r in rows)
+    assert [(r["precision"], r["emulated"]) for r in rows] == [
+        ("fp32, init x(1+1e-06 noise)", False), ("tf32", True), ("bf16", False)]
+    assert all(0 < r["one_step_rel_error_median"] < 1 and r["run_rel_distance"] >= 0 for r in rows[1:])

@@ -7,7 +7,10 @@ Two measurements per precision, each against fp32 from the same start and the sa
   ``|d_prec - d_fp32| / |d_fp32|``, median over several warm-ups;
 - **a run**: ``--steps`` (default 300) steps of a small teacher-student MLP regression
   (4 matrices of 128..256, batch 256); the relative distance of the final weights,
-  ``|w_prec - w_fp32| / |w_fp32 - w_0|``, and the final training losses.
+  ``|w_prec - w_fp32| / |w_fp32 - w_0|``, and the final training losses; beside them the same
+  distance for an fp32 run from initial weights perturbed at float32's rounding level, the
+  yardstick: a trajectory amplifies any perturbation, and a precision is harmless where its
+  distance is of that order and its loss as low.
 
 On CUDA ``tf32`` runs on the tensor cores. A CPU has no TF32, so on the CPU the tf32 rows
 *emulate* it (operands rounded to TF32's 10-bit mantissa, float32 products): the rounding of
@@ -33,6 +36,10 @@ from launch.bench import code_version, machine_info, positive_int, write_json
 
 HELP = "relative error of rotation_precision tf32/bf16 against fp32 (one step, a 300-step run)"
 DEFAULT_OUT = Path("runs/bench/precision.json")
+PERTURB = 1e-6
+"""The yardstick row: fp32 from initial weights perturbed by this relative noise (about the
+size of one float32 rounding), whose distance from the fp32 run says how much any perturbation
+of this size grows over the run."""
 
 
 def round_to_tf32(x: Tensor) -> Tensor:
@@ -86,8 +93,14 @@ def _flat(model: nn.Module) -> Tensor:
     return torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
 
 
-def _train(precision: str, steps: int, device: torch.device, seed: int, method: str) -> tuple[Tensor, float]:
+def _train(precision: str, steps: int, device: torch.device, seed: int, method: str,
+           perturb: float = 0.0) -> tuple[Tensor, float]:
     model = _model(device, seed)
+    if perturb:  # relative noise on the initial weights: the yardstick of a run's sensitivity
+        g = torch.Generator().manual_seed(seed + 7)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.0 + perturb * torch.randn(p.shape, generator=g).to(device))
     opt = BregTop(model.parameters(), method=method, lr=3e-3, rotation_precision=precision)
     loss = torch.zeros(())
     for x, y in _batches(steps, device, seed):
@@ -135,7 +148,9 @@ def measure(device: torch.device, steps: int, repeats: int, method: str, seed: i
     """One row per precision but fp32, each against fp32 measured in the same call."""
     w0 = _flat(_model(device, seed))
     ref, ref_loss = _train("fp32", steps, device, seed, method)
-    rows = []
+    w, loss = _train("fp32", steps, device, seed, method, perturb=PERTURB)
+    rows = [PrecisionRow(f"fp32, init x(1+{PERTURB:g} noise)", False, 0.0, 0.0, steps,
+                         float((w - ref).norm() / (ref - w0).norm()), loss, ref_loss)]
     with emulated_tf32():
         for precision in ROTATION_PRECISIONS[1:]:
             errors = _one_step_errors(precision, device, seed, method, repeats)
@@ -157,10 +172,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     rows = measure(torch.device(args.device), args.steps, args.repeats, args.method)
-    print(f"{'precision':<14}{'one step (median / max)':>26}{'run distance':>14}{'loss':>10}{'fp32 loss':>11}")
+    print(f"{'precision':<24}{'one step (median / max)':>26}{'run distance':>14}{'loss':>10}{'fp32 loss':>11}")
     for r in rows:
         name = r.precision + (" (emulated)" if r.emulated else "")
-        print(f"{name:<14}{r.one_step_rel_error_median:>13.2e} / {r.one_step_rel_error_max:.2e}"
+        print(f"{name:<24}{r.one_step_rel_error_median:>13.2e} / {r.one_step_rel_error_max:.2e}"
               f"{r.run_rel_distance:>14.2e}{r.final_loss:>10.4g}{r.final_loss_fp32:>11.4g}")
     write_json(args.out, {"suite": "precision", "machine": machine_info(), "code": code_version(),
                           "device": args.device, "method": args.method, "rows": [asdict(r) for r in rows]})
