@@ -111,15 +111,20 @@ def _trainer(mode: str, out: Path) -> None:
     args = transformers.TrainingArguments(
         output_dir=str(run_dir), max_steps=STEPS, per_device_train_batch_size=8, save_strategy="steps",
         save_steps=SAVE_AT, report_to=[], use_cpu=True, seed=0, data_seed=0, logging_steps=1, disable_tqdm=True,
+        learning_rate=3e-3, weight_decay=0.01,
     )
     trainer = transformers.Trainer(
         model=model, args=args, train_dataset=data, callbacks=[ConsolidateOnSave()],
-        optimizer_cls_and_kwargs=bregtop_for_trainer(model, lr=3e-3, precondition_frequency=3, max_precond_dim=8),
+        optimizer_cls_and_kwargs=bregtop_for_trainer(model, args, precondition_frequency=3, max_precond_dim=8),
     )
     resume = str(out / "first" / f"checkpoint-{SAVE_AT}") if mode == "trainer-resume" else None
     if resume is not None:
         trainer.add_callback(_LoadedEqualsSaved(Path(resume) / "optimizer.pt"))
     trainer.train(resume_from_checkpoint=resume)
+    from bregtop_dist.integrations.accelerate import find_bregtop
+
+    groups = find_bregtop(trainer.optimizer).param_groups  # the TrainingArguments' lr and decay, every group
+    assert [(g["initial_lr"], g["weight_decay"]) for g in groups] == [(3e-3, 0.01)] * len(groups), groups
     if trainer.args.process_index == 0:
         torch.save({k: v.detach().clone() for k, v in model.named_parameters()}, run_dir / "final.pt")
 

@@ -41,9 +41,9 @@ def _trainer(model, ds, out, **extra):
     args = transformers.TrainingArguments(
         output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=16, save_strategy="steps",
         save_steps=SAVE_AT, report_to=[], use_cpu=True, seed=0, data_seed=0, logging_steps=1,
-        disable_tqdm=True, **extra,
+        disable_tqdm=True, learning_rate=3e-3, **extra,
     )
-    kwargs = bregtop_for_trainer(model, lr=3e-3, method="bregtop-vn-v2", precondition_frequency=2)
+    kwargs = bregtop_for_trainer(model, args, method="bregtop-vn-v2", precondition_frequency=2)
     return transformers.Trainer(model=model, args=args, train_dataset=ds, optimizer_cls_and_kwargs=kwargs)
 
 
@@ -76,3 +76,41 @@ def test_bad_settings_fail_before_training(sst2_small):
     _, vocab = sst2_small
     with pytest.raises(ValueError, match="method='nope'"):
         bregtop_for_trainer(_model(vocab), method="nope")
+
+
+def _groups(trainer):
+    opt = trainer.create_optimizer()
+    while not isinstance(opt, BregTop):
+        opt = opt.optimizer
+    return opt.param_groups
+
+
+def test_lr_and_weight_decay_come_from_the_training_arguments(sst2_small, tmp_path, recwarn):
+    _, vocab = sst2_small
+    model = _model(vocab)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
+                                          learning_rate=2e-4, weight_decay=0.05)
+    trainer = transformers.Trainer(model=model, args=args, optimizer_cls_and_kwargs=bregtop_for_trainer(model, args))
+    assert [(g["lr"], g["weight_decay"]) for g in _groups(trainer)] == [(2e-4, 0.05), (2e-4, 0.05)]
+    assert not [w for w in recwarn if "bregtop_for_trainer" in str(w.message)]
+
+    with pytest.warns(UserWarning, match=r"lr=0.001 is used, not TrainingArguments.learning_rate=0.0002"):
+        given = bregtop_for_trainer(model, args, lr=1e-3)
+    trainer = transformers.Trainer(model=model, args=args, optimizer_cls_and_kwargs=given)
+    assert [g["lr"] for g in _groups(trainer)] == [1e-3, 1e-3]
+    with pytest.warns(UserWarning, match="no args and no lr"):
+        bregtop_for_trainer(model)
+
+
+def test_one_tuple_serves_several_trainers(sst2_small, tmp_path):
+    """The Trainer pops "params" from an optimizer class's kwargs; the factory's kwargs are
+    left as they are, so a second Trainer gets the paper's grouping too."""
+    _, vocab = sst2_small
+    model = _model(vocab)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, learning_rate=1e-3)
+    both = bregtop_for_trainer(model, args, method="kl")
+    for _ in range(2):
+        groups = _groups(transformers.Trainer(model=model, args=args, optimizer_cls_and_kwargs=both))
+        assert [g["bregtop"] for g in groups] == [True, False]
+        assert "bert.embeddings.word_embeddings.weight" in groups[1]["param_names"]
+        assert groups[0]["method"] == "kl" and groups[0]["lr"] == 1e-3

@@ -3,14 +3,14 @@
     from bregtop_dist.integrations.hf import bregtop_for_trainer
 
     trainer = Trainer(model=model, args=args, train_dataset=ds,
-                      optimizer_cls_and_kwargs=bregtop_for_trainer(model, lr=1e-3, method="bregtop-vn-v2"))
+                      optimizer_cls_and_kwargs=bregtop_for_trainer(model, args, method="bregtop-vn-v2"))
 
 The Trainer builds the optimizer itself (so it works when Accelerate wraps the model for DDP
 or FSDP2), saves and restores its state with the checkpoints, and drives the lr scheduler.
 Matrices get Kronecker preconditioning; embeddings, norms, biases and the head go to the
-AdamW side (:func:`bregtop_dist.param_groups`). The Trainer's own weight-decay split is
-replaced by that grouping, so weight decay is a BregTop setting here (``weight_decay=...``),
-not ``TrainingArguments.weight_decay``.
+AdamW side (:func:`bregtop_dist.param_groups`). ``lr`` and ``weight_decay`` come from
+``TrainingArguments`` (``learning_rate``, ``weight_decay``) unless given; the grouping
+replaces the Trainer's own weight-decay split, so the decay applies to every group.
 
 Under DDP add :class:`ConsolidateOnSave` to the callbacks: the Trainer writes the optimizer's
 ``state_dict()`` from process 0 alone, and the callback gathers BregTop's blocks there first
@@ -22,6 +22,7 @@ it once training starts (DeepSpeed saves every rank's state itself).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,19 +31,54 @@ from torch import nn
 from bregtop_dist.grouping import param_groups
 from bregtop_dist.optimizer import BregTop
 
+_FROM_ARGS = (("lr", "learning_rate"), ("weight_decay", "weight_decay"))
+"""BregTop settings taken from ``TrainingArguments`` fields unless given."""
+
+
+class BregTopFactory:
+    """What ``Trainer(optimizer_cls_and_kwargs=(BregTopFactory, kwargs))`` builds: the Trainer
+    calls ``BregTopFactory()(model, **kwargs)`` with the model it trains, and this makes BregTop
+    on the paper's grouping of that model. The Trainer neither pops nor changes ``kwargs``
+    here (it pops ``"params"`` from an optimizer class's kwargs), so one tuple serves any
+    number of Trainers."""
+
+    def __call__(
+        self, model: nn.Module, head_names: Sequence[str] | None = None,
+        adamw_group: dict[str, Any] | None = None, **settings: Any,
+    ) -> BregTop:
+        return BregTop(param_groups(model, head_names=head_names, **(adamw_group or {})), **settings)
+
 
 def bregtop_for_trainer(
-    model: nn.Module, head_names: Sequence[str] | None = None, adamw_group: dict[str, Any] | None = None,
-    **settings: Any,
-) -> tuple[type[BregTop], dict[str, Any]]:
-    """``(BregTop, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``.
+    model: nn.Module, args: Any = None, head_names: Sequence[str] | None = None,
+    adamw_group: dict[str, Any] | None = None, **settings: Any,
+) -> tuple[type[BregTopFactory], dict[str, Any]]:
+    """``(BregTopFactory, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``.
 
+    ``args`` (the ``TrainingArguments``) supplies ``lr`` (``learning_rate``) and
+    ``weight_decay`` unless they are given in ``settings``; a given value that differs from
+    ``args`` is used, with a warning. Without ``args`` and without ``lr`` BregTop's own default
+    lr (1e-3) is used, with a warning, since the Trainer's ``learning_rate`` does not reach it.
     ``settings`` are BregTop's arguments (validated here, so a typo fails before training);
     ``adamw_group`` holds per-group overrides for the AdamW side (for example ``{"lr": 3e-4}``).
     """
-    groups = param_groups(model, head_names=head_names, **(adamw_group or {}))
-    BregTop(groups, **settings)  # validate now: the Trainer builds the real one later
-    return BregTop, {"params": groups, **settings}
+    settings = dict(settings)
+    if args is not None:
+        for name, field in _FROM_ARGS:
+            theirs = getattr(args, field)
+            if name not in settings:
+                settings[name] = theirs
+            elif settings[name] != theirs:
+                warnings.warn(
+                    f"bregtop_for_trainer: {name}={settings[name]!r} is used, not TrainingArguments.{field}="
+                    f"{theirs!r} (leave {name} out to take the Trainer's)", UserWarning, stacklevel=2)
+    elif "lr" not in settings:
+        warnings.warn(
+            "bregtop_for_trainer: no args and no lr, so BregTop's default lr=1e-3 is used and "
+            "TrainingArguments.learning_rate is not; pass args=training_args (or lr=...)", UserWarning, stacklevel=2)
+    kwargs = {"head_names": head_names, "adamw_group": adamw_group, **settings}
+    BregTopFactory()(model, **kwargs)  # validate now: the Trainer builds the real one later
+    return BregTopFactory, kwargs
 
 
 def _callback_base() -> type:
