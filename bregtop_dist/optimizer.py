@@ -111,6 +111,20 @@ def _check_backend_on_devices(cfg: BregTopConfig, params: Any) -> None:
         resolve_backend(cfg.backend, device, torch.float32)  # the Kronecker state is float32
 
 
+def _check_real(group: dict[str, Any], index: int) -> None:
+    """TypeError naming a complex parameter (the factors and the AdamW moments are real)."""
+    tensors = group.get("params")
+    tensors = [tensors] if isinstance(tensors, Tensor) else list(tensors or ())
+    names = group.get("param_names") or []
+    for i, p in enumerate(tensors):
+        if isinstance(p, Tensor) and p.is_complex():
+            name = names[i] if i < len(names) else f"param_groups[{index}]['params'][{i}]"
+            raise TypeError(
+                f"{name} is {p.dtype}: BregTop takes real floating-point parameters (optimise "
+                "torch.view_as_real of a complex parameter, or give it to an optimizer that takes complex ones)"
+            )
+
+
 class BregTop(torch.optim.Optimizer):
     """Kronecker-factored optimizer of the BregTop family (Liu, Zhou, Zhao, 2026).
 
@@ -171,6 +185,26 @@ class BregTop(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._check_ranks_agree()
 
+    def __repr__(self) -> str:
+        """Each group's resolved settings: the method's rho/q/c/exponent filled in, and only
+        the AdamW settings on an AdamW group."""
+        lines = [f"{type(self).__name__} ("]
+        for gi, group in enumerate(self.param_groups):
+            try:
+                cfg = BregTopConfig.from_group(group)
+            except (TypeError, ValueError):  # a bad value set since: the next step names it
+                return super().__repr__()
+            if cfg.bregtop:
+                shown = {k: v for k, v in cfg.as_defaults().items() if not k.startswith("adam_") and k != "bregtop"}
+                shown.update(rho=cfg.resolved_rho, q=cfg.resolved_q, c=cfg.resolved_c, exponent=cfg.resolved_exponent)
+                kind = "Kronecker (matrices; 1-D tensors on AdamW)"
+            else:
+                shown = {"lr": cfg.lr, "betas": cfg.adam_betas, "eps": cfg.adam_eps, "weight_decay": cfg.weight_decay}
+                kind = "AdamW"
+            lines.append(f"Parameter Group {gi}: {kind}, {len(group['params'])} tensors")
+            lines += [f"    {k}: {shown[k]}" for k in sorted(shown)]
+        return "\n".join(lines + [")"])
+
     # ----------------------------------------------------------------- groups and ranks
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its settings, and its backend on its parameters' devices, are
@@ -180,6 +214,12 @@ class BregTop(torch.optim.Optimizer):
             param_group["params"] = list(params)  # a generator is read once (torch lists it too)
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         _check_backend_on_devices(BregTopConfig.from_group(merged), param_group.get("params"))
+        _check_real(param_group, len(self.param_groups))
+        if self.param_groups and "param_names" in self.param_groups[0] and "param_names" not in param_group:
+            # torch wants every group named or none: name this one by position
+            tensors = param_group["params"]
+            count = 1 if isinstance(tensors, Tensor) else len(tensors)
+            param_group["param_names"] = [f"param_groups[{len(self.param_groups)}]['params'][{i}]" for i in range(count)]
         super().add_param_group(param_group)
         self._built_params.append(list(self.param_groups[-1]["params"]))
 
@@ -295,6 +335,7 @@ class BregTop(torch.optim.Optimizer):
         self._drop_gathered()
         _, world = self._world()
         group = self._group()
+        self._check_dense_grads()
         views = self._views()
         configs = [BregTopConfig.from_group(view.settings) for view in views]  # every group, first
         every = [s for v in views for s in v.shards]
@@ -345,6 +386,17 @@ class BregTop(torch.optim.Optimizer):
                 lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
             )
         return loss
+
+    def _check_dense_grads(self) -> None:
+        """TypeError naming a parameter with a sparse gradient (before anything is read)."""
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.grad is not None and p.grad.layout != torch.strided:
+                    raise TypeError(
+                        f"the gradient of {self._name(gi, pi, p)} is sparse ({p.grad.layout}): BregTop needs dense "
+                        "gradients (nn.Embedding(sparse=False), or torch.optim.SparseAdam for that parameter); "
+                        "no parameter or optimizer state was changed by this step"
+                    )
 
     def _plan(self, view: GroupShards, shards: list[ParamShard], cfg: BregTopConfig, rank: int, world: int) -> KronPlan:
         plan = self._plans.get(view.key)

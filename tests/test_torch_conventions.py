@@ -1,0 +1,63 @@
+"""torch.optim conventions (issue 15, item 3, the parts done so far): what torch's own
+optimizers do with named groups and printing, and clear errors, raised before anything
+changes, for what BregTop cannot take (complex parameters, sparse gradients)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from bregtop_dist import BregTop, param_groups
+
+
+def _model():
+    return nn.Sequential(nn.Embedding(11, 6), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def test_add_param_group_after_named_groups(gen):
+    opt = BregTop(param_groups(_model()))
+    extra = nn.Parameter(torch.randn(4, 3, generator=gen))
+    opt.add_param_group({"params": [extra], "lr": 1e-2})
+    assert opt.param_groups[-1]["param_names"] == ["param_groups[2]['params'][0]"]
+    extra.grad = torch.randn(4, 3, generator=gen)
+    before = extra.detach().clone()
+    opt.step()
+    assert not torch.equal(extra, before)
+
+
+def test_print_shows_resolved_settings_per_group():
+    text = repr(BregTop(param_groups(_model()), method="bregtop-f-v2"))
+    kron, adamw = text.split("Parameter Group 1")
+    assert "Kronecker" in kron and "rho: 0.05" in kron and "c: 1.6" in kron and "None" not in kron  # appendix D, F rows
+    assert "AdamW" in adamw and "method" not in adamw and "rho" not in adamw and "betas: (0.9, 0.999)" in adamw
+
+
+def test_complex_parameters_are_refused_by_name(gen):
+    z = nn.Parameter(torch.randn(3, 3, dtype=torch.complex64, generator=gen))
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[0\] is torch.complex64: BregTop takes real"):
+        BregTop([z])
+    opt = BregTop([nn.Parameter(torch.randn(3, 3, generator=gen))])
+    with pytest.raises(TypeError, match=r"param_groups\[1\]\['params'\]\[0\] is torch.complex64"):
+        opt.add_param_group({"params": [z]})
+    assert len(opt.param_groups) == 1
+
+
+def test_sparse_gradients_are_refused_before_anything_changes(gen):
+    emb, lin = nn.Embedding(10, 4, sparse=True), nn.Linear(4, 4)
+    opt = BregTop(list(emb.parameters()) + list(lin.parameters()))
+    (lin(emb(torch.tensor([1, 2]))).sum()).backward()
+    before = [p.detach().clone() for p in (*emb.parameters(), *lin.parameters())]
+    with pytest.raises(TypeError, match=r"is sparse \(torch.sparse_coo\): BregTop needs dense gradients"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip((*emb.parameters(), *lin.parameters()), before))
+    assert not any(opt.state[p] for p in lin.parameters() if p.ndim == 1 and "exp_avg" in opt.state[p]
+                   and bool(opt.state[p]["step"] > 0))
+
+
+def test_a_zero_size_matrix_is_skipped(gen):
+    empty, w = nn.Parameter(torch.randn(0, 4)), nn.Parameter(torch.randn(3, 3, generator=gen))
+    opt = BregTop([empty, w])
+    empty.grad, w.grad = torch.zeros(0, 4), torch.randn(3, 3, generator=gen)
+    opt.step()
+    assert empty.shape == (0, 4) and bool(torch.isfinite(w).all())
