@@ -12,12 +12,23 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
+
 from bregtop_dist.core.block_step import INITS
 from bregtop_dist.core.dispatch import BACKENDS
 from bregtop_dist.core.precondition import SELECTION_ALLOWED, check_selection
 from bregtop_dist.core.rotation import ROTATION_PRECISIONS
 from bregtop_dist.core.stats import STATS_METHODS
 from bregtop_dist.core.validate import ArgumentTypeError, describe_type, is_int, is_real, wrong_type
+
+
+def lr_value(lr: Any) -> Any:
+    """A learning rate as a number: a one-element real tensor (torch's optimizers take a Tensor
+    lr, and schedulers then write into it) is read as a float; anything else is returned as it
+    is, for the config's checks to judge."""
+    if isinstance(lr, torch.Tensor) and lr.numel() == 1 and lr.is_floating_point():
+        return float(lr)
+    return lr
 
 
 @dataclass(frozen=True)
@@ -79,7 +90,7 @@ _REALS = {  # every real-valued field: what it allows, as its error messages say
 }
 _OPTIONAL = ("rho", "q", "c", "exponent")
 _INTS = {"precondition_frequency": "it must be an integer >= 1", "max_precond_dim": "it must be an integer >= 1"}
-_BOOLS = ("stagger_refresh", "bregtop")
+_BOOLS = ("stagger_refresh", "bregtop", "maximize")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,6 +145,9 @@ class BregTopConfig:
     backend: str = "auto"
     """Masked scaling of Algorithm 2: ``auto`` (Triton on CUDA, torch otherwise), ``torch``
     or ``triton``; see :mod:`bregtop_dist.core.dispatch`."""
+    maximize: bool = False
+    """Maximise the objective instead (every update uses the negated gradient), as torch's
+    optimizers' ``maximize``."""
     rotation_precision: str = "fp32"
     """Precision of the products that rotate into and out of the eigenbases (the gradient,
     the update and, on refresh, the momentum): ``fp32`` (default, exact float32), ``tf32``
@@ -241,6 +255,8 @@ class BregTopConfig:
         for key in ("betas", "adam_betas"):  # lists after a JSON round trip
             if isinstance(settings.get(key), list):
                 settings[key] = tuple(settings[key])
+        if "lr" in settings:
+            settings["lr"] = lr_value(settings["lr"])
         return cls(**settings)
 
     def as_defaults(self) -> dict[str, Any]:

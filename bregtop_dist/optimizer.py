@@ -22,7 +22,7 @@ from torch import Tensor
 
 from bregtop_dist.adamw import adamw_group_step, init_adamw_state
 from bregtop_dist.block_plan import BlockStack, KronPlan, build_plan, is_kron_shape
-from bregtop_dist.config import BregTopConfig
+from bregtop_dist.config import BregTopConfig, lr_value
 from bregtop_dist.core.block_state import KronBlockState
 from bregtop_dist.core.block_step import BlockHyper, BlockStepResult, Schedule, kron_block_step
 from bregtop_dist.core.dispatch import resolve_backend
@@ -164,16 +164,19 @@ class BregTop(torch.optim.Optimizer):
         stagger_refresh: bool = True,
         backend: str = "auto",
         rotation_precision: str = "fp32",
+        maximize: bool = False,
         process_group: dist.ProcessGroup | None = None,
         comm_dtype: str | torch.dtype = "fp32",
     ) -> None:
         defaults = BregTopConfig(
-            lr=lr, method=method, rho=rho, q=q, c=c, betas=betas,
+            lr=lr_value(lr), method=method, rho=rho, q=q, c=c, betas=betas,
             precondition_frequency=precondition_frequency, eps=eps, exponent=exponent, init=init,
             init_factor=init_factor, eig_floor=eig_floor, weight_decay=weight_decay,
             max_precond_dim=max_precond_dim, adam_betas=adam_betas, adam_eps=adam_eps,
             stagger_refresh=stagger_refresh, backend=backend, rotation_precision=rotation_precision,
+            maximize=maximize,
         ).as_defaults()
+        defaults["lr"] = lr  # a Tensor lr stays a Tensor, as in torch's optimizers
         self._comm_dtype = _comm_dtype(comm_dtype)
         self._process_group = process_group
         self._plans: dict[str, KronPlan] = {}
@@ -381,8 +384,11 @@ class BregTop(torch.optim.Optimizer):
                 self._kron_commit(pending, cfg, group)
             side = [s for s in shards if s.grad is not None and not is_kron_shape(s.shape, cfg.bregtop)
                     and s.value.numel() > 0]
+            side_grads: list[Tensor] = [s.grad for s in side if s.grad is not None]
+            if cfg.maximize and side_grads:
+                side_grads = list(torch._foreach_neg(side_grads))
             adamw_group_step(
-                [s.value for s in side], [s.grad for s in side], [self.state[s.param] for s in side],  # type: ignore[misc]
+                [s.value for s in side], side_grads, [self.state[s.param] for s in side],
                 lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
             )
         return loss
@@ -418,6 +424,8 @@ class BregTop(torch.optim.Optimizer):
         if plan.views is not None and all(active):  # every block, from this rank's own parameters
             grads = {shape: stack.grad_buffer(device) for shape, stack in plan.stacks.items()}
             plan.views.gather(shards, grads)
+            if cfg.maximize and grads:
+                torch._foreach_neg_(list(grads.values()))
             steps = [self._step_stack(stack, list(range(len(stack.block_ids))), grads[shape], hyper)
                      for shape, stack in plan.stacks.items()]
             return _PendingKron(plan, shards, active, steps, whole=True)
@@ -431,6 +439,8 @@ class BregTop(torch.optim.Optimizer):
             buffers.update((stack.block_ids[k], g) for k, g in zip(rows, grad))
             gathered.append((stack, rows, grad))
         plan.exchange.gather_grads(shards, active, buffers, self._comm_dtype, group)
+        if cfg.maximize and gathered:
+            torch._foreach_neg_([grad for _, _, grad in gathered])
         steps = [self._step_stack(stack, rows, grad, hyper) for stack, rows, grad in gathered]
         return _PendingKron(plan, shards, active, steps)
 

@@ -61,3 +61,36 @@ def test_a_zero_size_matrix_is_skipped(gen):
     empty.grad, w.grad = torch.zeros(0, 4), torch.randn(3, 3, generator=gen)
     opt.step()
     assert empty.shape == (0, 4) and bool(torch.isfinite(w).all())
+
+
+def _run(gen_seed, steps, sign, **kw):
+    g = torch.Generator().manual_seed(gen_seed)
+    params = [nn.Parameter(torch.randn(7, 5, generator=g)), nn.Parameter(torch.randn(5, generator=g))]
+    grads = [[torch.randn(p.shape, generator=g) for p in params] for _ in range(steps)]
+    opt = BregTop(params, max_precond_dim=4, precondition_frequency=2, **kw)
+    for gs in grads:
+        for p, gr in zip(params, gs):
+            p.grad = sign * gr
+        opt.step()
+    return params, opt
+
+
+def test_maximize_is_minimising_the_negated_objective(gen):
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    up, _ = _run(seed, 6, 1.0, maximize=True)
+    down, _ = _run(seed, 6, -1.0)
+    assert all(torch.equal(a, b) for a, b in zip(up, down))
+
+
+def test_a_tensor_lr_works_like_a_float(gen):
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    plain, _ = _run(seed, 5, 1.0, lr=3e-3)
+    tensor, opt = _run(seed, 5, 1.0, lr=torch.tensor(3e-3))
+    assert all(torch.equal(a, b) for a, b in zip(plain, tensor))
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    opt.step()
+    sched.step()
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(1.5e-3)
+    with pytest.raises(TypeError, match=r"lr=tensor\(\[0.0010, 0.0020\]\) is not allowed"):
+        BregTop([nn.Parameter(torch.randn(3, 3))], lr=torch.tensor([1e-3, 2e-3]))
