@@ -85,16 +85,17 @@ def job_parser(cls: type, prog: str, description: str, config_dir: str) -> argpa
     parser = OneLineParser(prog=prog, description=description)
     parser.add_argument("--config", type=Path, help=f"YAML file with any of the settings below ({config_dir})")
     hints = typing.get_type_hints(cls)
+    helps: dict[str, str] = getattr(cls, "HELP", {})
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
+        text = f"{helps[f.name]} (default {f.default})" if f.name in helps else f"(default {f.default})"
         kind = hints[f.name]
         if typing.get_origin(kind) in (typing.Union, types.UnionType):
             kind = next(k for k in typing.get_args(kind) if k is not type(None))
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {f.default})")
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            parser.add_argument(flag, type=kind if kind in (int, float) else str, default=None,
-                                help=f"(default {f.default})")
+            parser.add_argument(flag, type=kind if kind in (int, float) else str, default=None, help=text)
     return parser
 
 

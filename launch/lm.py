@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -42,8 +42,41 @@ PRESETS = {"tiny": (2, 2, 64, 64), "small": (4, 4, 128, 128), "gpt2": (12, 12, 7
 """name -> (layers, heads, dim, block_size)."""
 
 
+LM_HELP = {
+    "method": "adamw or one of the ten BregTop methods",
+    "preset": "model size: tiny, small or gpt2 (124M parameters)",
+    "layers": "transformer layers (overrides the preset)",
+    "heads": "attention heads (overrides the preset)",
+    "dim": "model width (overrides the preset)",
+    "block_size": "context length in tokens (overrides the preset)",
+    "batch_size": "sequences per step and process",
+    "max_steps": "training steps",
+    "lr": "learning rate",
+    "weight_decay": "decoupled weight decay",
+    "precondition_frequency": "BregTop's basis refresh period T",
+    "eval_every": "evaluate the validation loss every this many steps",
+    "eval_batches": "validation batches per evaluation",
+    "ckpt_every": "write a checkpoint every this many steps",
+    "val_fraction": "share of the text held out for validation",
+    "seed": "seed of the model's initialisation and of the batches",
+    "data": "the training text (the shipped Tiny Shakespeare by default)",
+    "dataset": "a Hub dataset name instead of the text file (needs a network)",
+    "tokenizer_dir": "folder with the GPT-2 BPE files (shipped in data/)",
+    "cache_dir": "where the tokenised text is cached",
+    "out": "output folder: metrics.jsonl, summary.json and checkpoints",
+    "resume": "continue from the newest complete checkpoint in OUT",
+    "cpu": "run on the CPU even where a GPU is present (for torchrun on a CPU machine)",
+    "deepspeed": "a DeepSpeed JSON (configs/deepspeed/) whose optimizer block selects BregTop",
+}
+"""What each ``launch.lm`` option does, as ``--help`` says it."""
+
+
 @dataclass(frozen=True)
 class LMConfig:
+    """Every setting of the job; ``--config FILE`` (YAML) may set any of them."""
+
+    HELP: ClassVar[dict[str, str]] = LM_HELP
+
     method: str = "bregtop-vn-v2"  # "adamw" or one of the ten BregTop rows
     preset: str = "small"  # tiny | small | gpt2 (124M)
     layers: int | None = None  # override the preset

@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -44,9 +44,47 @@ PAPER_TABLE4 = {
 }
 
 
+SST2_HELP = {
+    "method": "optimizer row(s): one of the ten Table 4 methods, adamw, a comma-separated list, or all",
+    "max_steps": "steps per row at most",
+    "target_loss": "a row has reached the target once the EMA of its training loss is below this",
+    "ema": "decay of the training-loss EMA that is judged (the paper's 0.98)",
+    "stop_at_target": "stop a row once it reaches the target",
+    "seed": "seed of the model's initialisation and of the data order",
+    "seeds": "comma-separated seeds (\"0,1,2\"), one row per method and seed; replaces --seed",
+    "out": "output folder: metrics.jsonl, summary.json, table and plot",
+    "batch_size": "sentences per step, over all processes",
+    "lr": "learning rate of every optimizer",
+    "precondition_frequency": "BregTop's basis refresh period T",
+    "eig_floor": "BregTop's damping, the same for every row (0: the paper's algorithm)",
+    "init": "BregTop's state initialisation: first-gradient or kl-methods (Lin et al.'s code)",
+    "init_factor": "kl-methods only: the constant first eigenvalue estimate",
+    "exponent": "the shampoo row's p of S^-p: 0.25 or 0.5 (unset: 0.25)",
+    "loss_reduction": "mean (F.mse_loss over batch and classes) or sum (summed over classes)",
+    "vocab_size": "WordPiece vocabulary size (the shipped vocabulary is used when it matches)",
+    "max_len": "tokens per sentence at most",
+    "dim": "model width",
+    "layers": "transformer encoder layers",
+    "heads": "attention heads",
+    "ff": "feed-forward width",
+    "dropout": "dropout probability",
+    "train_file": "SST-2 training sentences (TSV)",
+    "dev_file": "SST-2 dev sentences (TSV)",
+    "dataset": "a Hub dataset name instead of the files (needs a network)",
+    "cache_dir": "where a WordPiece vocabulary trained here is kept",
+    "log_every": "print a line every this many steps",
+    "resume": "skip rows already in OUT/summary.json with the same settings",
+    "cpu": "run on the CPU even where a GPU is present (for torchrun on a CPU machine)",
+    "deepspeed": "a DeepSpeed JSON (configs/deepspeed/) whose optimizer block selects BregTop",
+}
+"""What each ``launch.sst2`` option does, as ``--help`` says it."""
+
+
 @dataclass(frozen=True)
 class SST2Config:
     """Every setting of the job; ``--config FILE`` (YAML) may set any of them."""
+
+    HELP: ClassVar[dict[str, str]] = SST2_HELP
 
     method: str = "bregtop-vn-v2"  # a Table 4 row, "adamw", a comma-separated list of them, or "all"
     max_steps: int = 3000

@@ -1,0 +1,22 @@
+"""Every option of the SST-2 and language-model jobs says what it does in ``--help``."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from launch import lm, sst2
+
+
+@pytest.mark.parametrize("module,cls", [(sst2, sst2.SST2Config), (lm, lm.LMConfig)])
+def test_every_option_has_a_help_text(module, cls, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "2000")  # no wrapping inside a help text
+    fields = {f.name for f in dataclasses.fields(cls)}
+    assert set(cls.HELP) == fields
+    assert all(len(text.split()) >= 2 for text in cls.HELP.values())
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for name in fields:
+        assert " ".join(cls.HELP[name].split()) in out, name
