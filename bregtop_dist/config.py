@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from bregtop_dist.core.block_step import INITS
+from bregtop_dist.core.block_step import INITS, BlockHyper
 from bregtop_dist.core.dispatch import BACKENDS
 from bregtop_dist.core.precondition import SELECTION_ALLOWED, check_selection
 from bregtop_dist.core.rotation import ROTATION_PRECISIONS
@@ -248,16 +248,45 @@ class BregTopConfig:
         return 0.25 if self.method == "shampoo" else 0.5
 
     @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(cls.__dataclass_fields__)
+
+    @classmethod
     def from_group(cls, group: Mapping[str, Any]) -> BregTopConfig:
         """The config of an optimizer param group (its non-settings keys are ignored)."""
-        names = cls.__dataclass_fields__.keys()
-        settings: dict[str, Any] = {k: v for k, v in group.items() if k in names}
-        for key in ("betas", "adam_betas"):  # lists after a JSON round trip
-            if isinstance(settings.get(key), list):
-                settings[key] = tuple(settings[key])
-        if "lr" in settings:
-            settings["lr"] = lr_value(settings["lr"])
-        return cls(**settings)
+        names = cls.field_names()
+        return cls.from_mapping({k: v for k, v in group.items() if k in names})
+
+    @classmethod
+    def from_mapping(cls, settings: Mapping[str, Any], where: str = "BregTop", extra: tuple[str, ...] = ()) -> BregTopConfig:
+        """The config of a mapping of settings (keyword arguments, a YAML or JSON block), with
+        the same checks as the constructor: an unknown key is a TypeError naming it, ``where``
+        it was found and the allowed names (the fields, and ``extra`` names the caller takes
+        itself). JSON and YAML lists become the betas' tuples; a one-element tensor lr is read
+        as a float."""
+        names = cls.field_names()
+        unknown = [k for k in settings if k not in names]
+        if unknown:
+            raise ArgumentTypeError(
+                f"{where}: unknown setting {unknown[0]!r}; allowed: {', '.join((*names, *extra))}"
+            )
+        values = dict(settings)
+        for key in ("betas", "adam_betas"):
+            if isinstance(values.get(key), list):
+                values[key] = tuple(values[key])
+        if "lr" in values:
+            values["lr"] = lr_value(values["lr"])
+        return cls(**values)
+
+    def block_hyper(self) -> BlockHyper:
+        """What the block math of :mod:`bregtop_dist.core` reads: these settings with the
+        method's preset filled in."""
+        return BlockHyper(
+            stats=self.stats, rho=self.resolved_rho, q=self.resolved_q, c=self.resolved_c,
+            beta1=self.betas[0], beta2=self.betas[1], eps=self.eps, frequency=self.precondition_frequency,
+            backend=self.backend, eig_floor=self.eig_floor, exponent=self.resolved_exponent, init=self.init,
+            init_factor=self.init_factor, rotation_precision=self.rotation_precision,
+        )
 
     def as_defaults(self) -> dict[str, Any]:
         return asdict(self)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from bregtop_dist.adamw import adamw_group_step, init_adamw_state
 from bregtop_dist.block_plan import BlockStack, KronPlan, build_plan, is_kron_shape
-from bregtop_dist.config import BregTopConfig, lr_value
+from bregtop_dist.config import BregTopConfig
 from bregtop_dist.core.block_state import KronBlockState
 from bregtop_dist.core.block_step import BlockHyper, BlockStepResult, Schedule, kron_block_step
 from bregtop_dist.core.dispatch import resolve_backend
@@ -63,31 +63,15 @@ class NonFiniteStepError(ArithmeticError):
     before any state or parameter changes."""
 
 
-def _hyper(cfg: BregTopConfig) -> BlockHyper:
-    return BlockHyper(
-        stats=cfg.stats,
-        rho=cfg.resolved_rho,
-        q=cfg.resolved_q,
-        c=cfg.resolved_c,
-        beta1=cfg.betas[0],
-        beta2=cfg.betas[1],
-        eps=cfg.eps,
-        frequency=cfg.precondition_frequency,
-        backend=cfg.backend,
-        eig_floor=cfg.eig_floor,
-        exponent=cfg.resolved_exponent,
-        init=cfg.init,
-        init_factor=cfg.init_factor,
-        rotation_precision=cfg.rotation_precision,
+def wire_dtype(comm_dtype: str | torch.dtype) -> torch.dtype:
+    """The dtype on the wire that ``comm_dtype`` names; a ValueError naming the value and the choices."""
+    if isinstance(comm_dtype, torch.dtype) and comm_dtype in COMM_DTYPES.values():
+        return comm_dtype
+    if isinstance(comm_dtype, str) and comm_dtype in COMM_DTYPES:
+        return COMM_DTYPES[comm_dtype]
+    raise ValueError(
+        f"comm_dtype={comm_dtype!r} is not allowed; use one of {sorted(COMM_DTYPES)} or torch.float32/bfloat16"
     )
-
-
-def _comm_dtype(value: str | torch.dtype) -> torch.dtype:
-    if isinstance(value, torch.dtype) and value in COMM_DTYPES.values():
-        return value
-    if isinstance(value, str) and value in COMM_DTYPES:
-        return COMM_DTYPES[value]
-    raise ValueError(f"comm_dtype={value!r} is not allowed; use one of {sorted(COMM_DTYPES)} or torch.float32/bfloat16")
 
 
 def _global_shape(p: Tensor) -> tuple[int, ...]:
@@ -145,39 +129,19 @@ class BregTop(torch.optim.Optimizer):
     def __init__(
         self,
         params: ParamsT,
-        lr: float = 1e-3,
-        method: str = "bregtop-vn-v2",
-        rho: float | None = None,
-        q: float | None = None,
-        c: float | None = None,
-        betas: tuple[float, float] = (0.9, 0.98),
-        precondition_frequency: int = 10,
-        eps: float = 1e-8,
-        exponent: float | None = None,
-        init: str = "first-gradient",
-        init_factor: float = 0.1,
-        eig_floor: float = 0.0,
-        weight_decay: float = 0.0,
-        max_precond_dim: int = 1024,
-        adam_betas: tuple[float, float] = (0.9, 0.999),
-        adam_eps: float = 1e-8,
-        stagger_refresh: bool = True,
-        backend: str = "auto",
-        rotation_precision: str = "fp32",
-        maximize: bool = False,
+        lr: float | Tensor = BregTopConfig.lr,
+        *,
         process_group: dist.ProcessGroup | None = None,
         comm_dtype: str | torch.dtype = "fp32",
+        **settings: Any,
     ) -> None:
-        defaults = BregTopConfig(
-            lr=lr_value(lr), method=method, rho=rho, q=q, c=c, betas=betas,
-            precondition_frequency=precondition_frequency, eps=eps, exponent=exponent, init=init,
-            init_factor=init_factor, eig_floor=eig_floor, weight_decay=weight_decay,
-            max_precond_dim=max_precond_dim, adam_betas=adam_betas, adam_eps=adam_eps,
-            stagger_refresh=stagger_refresh, backend=backend, rotation_precision=rotation_precision,
-            maximize=maximize,
-        ).as_defaults()
+        """``settings`` are the fields of :class:`~bregtop_dist.config.BregTopConfig` (its
+        defaults are BregTop's), given by keyword: ``BregTop(params, lr=1e-3, method="kl")``.
+        They are every group's defaults; a group may set any of them for itself."""
+        config = BregTopConfig.from_mapping({"lr": lr, **settings}, where="BregTop", extra=("process_group", "comm_dtype"))
+        defaults = config.as_defaults()
         defaults["lr"] = lr  # a Tensor lr stays a Tensor, as in torch's optimizers
-        self._comm_dtype = _comm_dtype(comm_dtype)
+        self._comm_dtype = wire_dtype(comm_dtype)
         self._process_group = process_group
         self._plans: dict[str, KronPlan] = {}
         self._shard_source: ShardSource | None = None
@@ -187,6 +151,14 @@ class BregTop(torch.optim.Optimizer):
         self._gathered_adamw: dict[Tensor, dict[str, Any]] = {}  # and full AdamW state of DTensor params
         super().__init__(params, defaults)
         self._check_ranks_agree()
+
+    @classmethod
+    def from_config(
+        cls, params: ParamsT, config: BregTopConfig, *, process_group: dist.ProcessGroup | None = None,
+        comm_dtype: str | torch.dtype = "fp32",
+    ) -> BregTop:
+        """BregTop with every group's defaults taken from ``config``."""
+        return cls(params, process_group=process_group, comm_dtype=comm_dtype, **config.as_defaults())
 
     def __repr__(self) -> str:
         """Each group's resolved settings: the method's rho/q/c/exponent filled in, and only
@@ -320,8 +292,10 @@ class BregTop(torch.optim.Optimizer):
             raise RuntimeError(
                 f"param group {gi} had matrices when BregTop was built but now holds only flat tensors "
                 f"(shapes {[tuple(p.shape) for p in params][:3]}): an engine such as DeepSpeed ZeRO replaced "
-                "them. Build the engine with bregtop_dist.integrations.deepspeed.initialize, or call "
-                "bregtop_dist.integrations.deepspeed.attach_prepared after accelerator.prepare"
+                "them. Build the engine with bregtop_dist.integrations.deepspeed.initialize, or after "
+                "deepspeed.initialize call bregtop_dist.integrations.deepspeed.attach(bregtop, engine.optimizer), "
+                "or after accelerator.prepare bregtop_dist.integrations.deepspeed.attach_prepared(optimizer) "
+                "(in a transformers Trainer: callbacks=[bregtop_dist.integrations.hf.AttachZeroFragments()])"
             )
 
     # ------------------------------------------------------------------------- step
@@ -420,7 +394,7 @@ class BregTop(torch.optim.Optimizer):
         """Exchange the gradients and run Algorithm 1 on this rank's blocks, committing nothing."""
         active = [s.grad is not None for s in shards]
         device = shards[0].value.device
-        hyper = _hyper(cfg)
+        hyper = cfg.block_hyper()
         if plan.views is not None and all(active):  # every block, from this rank's own parameters
             grads = {shape: stack.grad_buffer(device) for shape, stack in plan.stacks.items()}
             plan.views.gather(shards, grads)

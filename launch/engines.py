@@ -43,14 +43,20 @@ def build(
     """
     from accelerate.utils import DistributedType
 
-    from bregtop_dist.integrations.deepspeed import attach_prepared, bregtop_settings, initialize, load_config
+    from bregtop_dist.integrations.deepspeed import (
+        attach_prepared,
+        fill_auto_batch,
+        initialize,
+        load_config,
+        optimizer_block,
+    )
 
     if accelerator.distributed_type == DistributedType.DEEPSPEED:  # accelerate launch with a DeepSpeed plugin
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
-        settings = {**(bregtop_settings(ds) if "optimizer" in ds else {}), **overrides}
+        settings = {**(optimizer_block(ds).as_kwargs() if "optimizer" in ds else {}), **overrides}
         ds.pop("optimizer", None)
         ds["zero_allow_untested_optimizer"] = True
-        _fill_auto_batch(ds, micro_batch, accelerator.num_processes)
+        ds.update(fill_auto_batch(ds, micro_batch, None, accelerator.num_processes))
         opt = make_optimizer(model, settings)
         model, opt = accelerator.prepare(model, opt)
         attach_prepared(opt)
@@ -58,10 +64,9 @@ def build(
 
     if deepspeed_config is not None:
         cfg = load_config(deepspeed_config)
-        settings = {**bregtop_settings(cfg), **overrides}
+        settings = {**optimizer_block(cfg).as_kwargs(), **overrides}
         cfg["optimizer"]["params"] = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
-        _fill_auto_batch(cfg, micro_batch, accelerator.num_processes)
-        engine, _, _, _ = initialize(model=model, config=cfg)
+        engine, _, _, _ = initialize(model=model, config=cfg, micro_batch_size=micro_batch)
         bregtop = engine.optimizer
         while not isinstance(bregtop, BregTop):
             bregtop = bregtop.optimizer
@@ -70,14 +75,6 @@ def build(
     opt = make_optimizer(model, overrides)
     model, opt = accelerator.prepare(model, opt)
     return _accelerate_engine(accelerator, model, opt)
-
-
-def _fill_auto_batch(ds: dict[str, Any], micro_batch: int, world: int) -> None:
-    """The job knows its batch: fill DeepSpeed's "auto" (or missing) batch sizes with it."""
-    for key, value in (("train_micro_batch_size_per_gpu", micro_batch), ("gradient_accumulation_steps", 1),
-                       ("train_batch_size", micro_batch * world)):
-        if ds.get(key, "auto") == "auto":
-            ds[key] = value
 
 
 def _accelerate_engine(accelerator: Any, model: Any, opt: Any) -> Engine:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from bregtop_dist import METHODS, BregTop
-from bregtop_dist.integrations.deepspeed import bregtop_settings, load_config
+from bregtop_dist.integrations.deepspeed import load_config, optimizer_block
 from launch import lm, sst2
 from launch.jobconfig import ConfigError, from_sources
 from launch.sst2_data import SHIPPED_VOCABULARIES, load_sst2, wordpiece
@@ -184,10 +184,10 @@ def test_lm_configs_parse(path):
 @pytest.mark.parametrize("path", sorted((ROOT / "configs/deepspeed").glob("*.json")), ids=lambda p: p.name)
 def test_deepspeed_configs_select_bregtop(path):
     cfg = load_config(path)
-    settings = bregtop_settings(cfg)
+    block = optimizer_block(cfg)  # every setting is valid
     import torch
 
-    BregTop([torch.nn.Parameter(torch.randn(4, 3))], **settings)  # every setting is valid
+    assert isinstance(block.build([torch.nn.Parameter(torch.randn(4, 3))]), BregTop)
     assert cfg["zero_optimization"]["stage"] == int(path.stem[-1])
 
 
@@ -203,7 +203,7 @@ def test_accelerate_configs_load(path):
         assert raw["fsdp_config"]["fsdp_version"] == 2
     if path.stem.startswith("zero"):
         ds = ROOT / raw["deepspeed_config"]["deepspeed_config_file"]
-        assert ds.is_file() and bregtop_settings(load_config(ds))
+        assert ds.is_file() and optimizer_block(load_config(ds))
 
 
 # -------------------------------------------------------------------------------- LM job

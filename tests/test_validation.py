@@ -107,6 +107,25 @@ def test_values_out_of_range_are_refused_at_construction(settings, message):
         BregTopConfig(**settings)
 
 
+def test_an_unknown_keyword_is_refused_naming_the_allowed_settings():
+    w = nn.Parameter(torch.randn(4, 3))
+    with pytest.raises(ArgumentTypeError, match=re.escape("BregTop: unknown setting 'betass'; allowed: lr, method")):
+        BregTop([w], betass=(0.9, 0.99))
+    with pytest.raises(ArgumentTypeError, match="process_group, comm_dtype"):
+        BregTop([w], lrate=1e-3)
+
+
+def test_the_config_is_the_one_record_of_defaults():
+    """BregTop's defaults are BregTopConfig's, and from_config builds the same optimizer as
+    the keywords do."""
+    w = nn.Parameter(torch.randn(4, 3))
+    plain = BregTop([w]).defaults
+    assert plain == BregTopConfig().as_defaults()
+    cfg = BregTopConfig(lr=float(np.random.uniform(1e-4, 1e-2)), method="kl", precondition_frequency=3)
+    assert BregTop.from_config([w], cfg).defaults == BregTop([w], **cfg.as_defaults()).defaults == cfg.as_defaults()
+    assert BregTopConfig.from_group(BregTop.from_config([w], cfg).param_groups[0]) == cfg
+
+
 def test_bregtop_switch_must_be_a_bool():
     message = "bregtop='False' is not allowed: bregtop must be True or False (got a str)"
     with pytest.raises(ArgumentTypeError, match=re.escape(message)):

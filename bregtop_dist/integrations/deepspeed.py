@@ -18,18 +18,21 @@ in the config. Without ``model_parameters`` the model is split the paper's way b
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from bregtop_dist.config import BregTopConfig
 from bregtop_dist.distributed.layout import GroupShards, ParamShard, Range
 from bregtop_dist.grouping import param_groups
-from bregtop_dist.optimizer import BregTop
+from bregtop_dist.optimizer import BregTop, wire_dtype
 
 OPTIMIZER_TYPE = "BregTop"
 
@@ -47,9 +50,28 @@ def load_config(config: str | os.PathLike[str] | dict[str, Any]) -> dict[str, An
     return loaded
 
 
-def bregtop_settings(config: dict[str, Any]) -> dict[str, Any]:
-    """The BregTop keyword arguments of a config's ``"optimizer"`` block, after checking that
-    BregTop can run under the rest of the config."""
+@dataclass(frozen=True)
+class OptimizerBlock:
+    """A DeepSpeed config's ``"optimizer"`` block for BregTop, validated: the group settings
+    (every key of ``"params"`` but ``comm_dtype``) and the optimizer-wide ``comm_dtype``."""
+
+    settings: BregTopConfig
+    comm_dtype: str = "fp32"
+
+    def build(self, params: Any, **overrides: Any) -> BregTop:
+        """BregTop on ``params`` with these settings, ``overrides`` (BregTop settings) on top."""
+        settings = dataclasses.replace(self.settings, **overrides) if overrides else self.settings
+        return BregTop.from_config(params, settings, comm_dtype=self.comm_dtype)
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The block as ``BregTop(params, **kwargs)`` takes it."""
+        return {**self.settings.as_defaults(), "comm_dtype": self.comm_dtype}
+
+
+def optimizer_block(config: dict[str, Any]) -> OptimizerBlock:
+    """The BregTop block of a DeepSpeed config, after checking that BregTop can run under the
+    rest of the config. Its ``"params"`` are checked as ``BregTop(...)`` checks its keyword
+    arguments; an error names the key and what is allowed."""
     block = config.get("optimizer")
     if not isinstance(block, dict) or str(block.get("type", "")).lower() != OPTIMIZER_TYPE.lower():
         found = None if not isinstance(block, dict) else block.get("type")
@@ -69,32 +91,93 @@ def bregtop_settings(config: dict[str, Any]) -> dict[str, Any]:
                 'state lives on the accelerator next to the fragments it updates; use "none"'
             )
     params = dict(block.get("params", {}) or {})
-    for key in ("betas", "adam_betas"):
-        if isinstance(params.get(key), list):
-            params[key] = tuple(params[key])
-    return params
+    _refuse_auto({k: v for k, v in params.items() if k != "backend"}, "optimizer.params")  # backend="auto" is BregTop's
+    comm_dtype = params.pop("comm_dtype", "fp32")
+    settings = BregTopConfig.from_mapping(params, where="DeepSpeed config optimizer.params", extra=("comm_dtype",))
+    wire_dtype(comm_dtype)
+    return OptimizerBlock(settings, comm_dtype)
+
+
+def fill_auto_batch(
+    config: dict[str, Any], micro_batch_size: int | None, gradient_accumulation_steps: int | None, world: int,
+) -> dict[str, Any]:
+    """A copy of ``config`` with its ``"auto"`` (or missing) batch sizes filled from the
+    arguments, as the transformers Trainer fills them from its own: the micro batch from
+    ``micro_batch_size``, the accumulation from ``gradient_accumulation_steps`` (else 1), the
+    global batch as their product times ``world``. A number in the config that an argument
+    contradicts, or batch sizes nothing here can fill, is a ValueError naming the key and how
+    to set it."""
+    cfg = copy.deepcopy(config)
+    given = {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": gradient_accumulation_steps}
+    for key, value in given.items():
+        name = "micro_batch_size" if key.startswith("train_micro") else key
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        if value is not None and cfg.get(key, "auto") not in ("auto", value):
+            raise ValueError(
+                f"{key}={cfg[key]!r} in the DeepSpeed config and {name}={value!r} disagree: "
+                'write "auto" in the config to take the argument, or leave the argument out'
+            )
+        if cfg.get(key, "auto") == "auto" and value is not None:
+            cfg[key] = value
+    if cfg.get("gradient_accumulation_steps", "auto") == "auto":
+        cfg["gradient_accumulation_steps"] = 1
+    micro = cfg.get("train_micro_batch_size_per_gpu", "auto")
+    if cfg.get("train_batch_size", "auto") == "auto":
+        if micro == "auto":
+            raise ValueError(
+                'train_micro_batch_size_per_gpu and train_batch_size are "auto" (or missing) in the DeepSpeed '
+                "config: pass initialize(..., micro_batch_size=N), N the batch each process's loader "
+                "yields, or write the numbers in the config"
+            )
+        cfg["train_batch_size"] = micro * cfg["gradient_accumulation_steps"] * world
+    elif micro == "auto":
+        del cfg["train_micro_batch_size_per_gpu"]  # DeepSpeed derives it from the global batch
+    return cfg
+
+
+def _refuse_auto(tree: dict[str, Any], prefix: str) -> None:
+    """ValueError naming the first ``"auto"`` value in ``tree``: only the transformers Trainer
+    fills the others (from its TrainingArguments)."""
+    for key, value in tree.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            _refuse_auto(value, path)
+        elif value == "auto":
+            raise ValueError(
+                f'{path}="auto" in the DeepSpeed config: only the transformers Trainer fills this one '
+                "(from its TrainingArguments). Write a value, or train with the Trainer and "
+                "configs/deepspeed/trainer_zero2.json (see the README)"
+            )
 
 
 def initialize(
     model: nn.Module,
     config: str | os.PathLike[str] | dict[str, Any],
     model_parameters: Any = None,
+    *,
+    micro_batch_size: int | None = None,
+    gradient_accumulation_steps: int | None = None,
     **kwargs: Any,
 ) -> tuple[Any, BregTop, Any, Any]:
     """``deepspeed.initialize`` with BregTop built from the config's optimizer block.
 
-    Returns DeepSpeed's ``(engine, optimizer, training_dataloader, lr_scheduler)``; the
-    optimizer is the engine's (a ZeRO wrapper around BregTop for stages 1-3).
+    ``micro_batch_size`` (the batch each process's loader yields) and
+    ``gradient_accumulation_steps`` fill the config's ``"auto"`` batch sizes (see
+    :func:`fill_auto_batch`; any other ``"auto"`` is refused, naming it). Returns DeepSpeed's ``(engine, optimizer, training_dataloader,
+    lr_scheduler)``; the optimizer is the engine's (a ZeRO wrapper around BregTop for stages
+    1-3). Everything is checked before DeepSpeed is started.
     """
     import deepspeed
 
     cfg = load_config(config)
-    settings = bregtop_settings(cfg)
+    block = optimizer_block(cfg)
     if not dist.is_initialized():
         deepspeed.init_distributed()
-    groups = param_groups(model) if model_parameters is None else model_parameters
-    optimizer = BregTop(groups, **settings)
+    cfg = fill_auto_batch(cfg, micro_batch_size, gradient_accumulation_steps, dist.get_world_size())
     del cfg["optimizer"]
+    _refuse_auto(cfg, "")
+    optimizer = block.build(param_groups(model) if model_parameters is None else model_parameters)
     cfg["zero_allow_untested_optimizer"] = True
     engine, engine_optimizer, loader, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=cfg, **kwargs
@@ -107,8 +190,9 @@ def attach(optimizer: BregTop, engine_optimizer: Any) -> None:
     """Point ``optimizer`` at the ZeRO fragments of ``engine_optimizer`` (DeepSpeed's ZeRO
     wrapper around it). Nothing to do without ZeRO (stage 0 hands BregTop whole tensors).
 
-    Use directly when someone else built the engine; :func:`attach_prepared` finds both
-    objects inside what ``accelerator.prepare`` returned.
+    Use directly after a plain ``deepspeed.initialize(model=..., optimizer=bregtop, config=...)``
+    (``attach(bregtop, engine.optimizer)``); :func:`attach_prepared` finds both objects inside
+    what ``accelerator.prepare`` returned.
     """
     if hasattr(engine_optimizer, "bit16_groups") and hasattr(engine_optimizer, "single_partition_of_fp32_groups"):
         source = ZeroFragments.stage_1_2(optimizer, engine_optimizer)

@@ -12,12 +12,16 @@ AdamW side (:func:`bregtop_dist.param_groups`). ``lr`` and ``weight_decay`` come
 ``TrainingArguments`` (``learning_rate``, ``weight_decay``) unless given; the grouping
 replaces the Trainer's own weight-decay split, so the decay applies to every group.
 
+Under DeepSpeed, give the Trainer a DeepSpeed config without an ``"optimizer"`` block, whose
+``"auto"`` values the Trainer fills (``configs/deepspeed/trainer/zero2.json``), and add
+:class:`AttachZeroFragments` to the callbacks; a config with a block is refused here.
+
 Under DDP add :class:`ConsolidateOnSave` to the callbacks: the Trainer writes the optimizer's
 ``state_dict()`` from process 0 alone, and the callback gathers BregTop's blocks there first
 (on every process, before each checkpoint). Without it a checkpoint of a multi-process run
 holds process 0's blocks only and resuming refuses it, naming a missing block. Under DeepSpeed
-ZeRO add :class:`AttachZeroFragments` instead: it points BregTop at the fragments ZeRO hands
-it once training starts (DeepSpeed saves every rank's state itself).
+ZeRO :class:`AttachZeroFragments` is the one needed: it points BregTop at the fragments ZeRO
+hands it once training starts (DeepSpeed saves every rank's state itself).
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ def bregtop_for_trainer(
     ``adamw_group`` holds per-group overrides for the AdamW side (for example ``{"lr": 3e-4}``).
     """
     settings = dict(settings)
+    _check_deepspeed_config(args)
     if args is not None:
         for name, field in _FROM_ARGS:
             theirs = getattr(args, field)
@@ -79,6 +84,22 @@ def bregtop_for_trainer(
     kwargs = {"head_names": head_names, "adamw_group": adamw_group, **settings}
     BregTopFactory()(model, **kwargs)  # validate now: the Trainer builds the real one later
     return BregTopFactory, kwargs
+
+
+def _check_deepspeed_config(args: Any) -> None:
+    """ValueError when the Trainer's DeepSpeed config has an ``"optimizer"`` block: DeepSpeed
+    would build that optimizer instead of the one ``bregtop_for_trainer`` supplies (and the
+    Trainer refuses a block whose lr differs from ``learning_rate``)."""
+    ds = getattr(getattr(args, "hf_deepspeed_config", None), "config", None)
+    if isinstance(ds, dict) and "optimizer" in ds:
+        block = ds["optimizer"]
+        kind = block.get("type") if isinstance(block, dict) else block
+        raise ValueError(
+            f'TrainingArguments.deepspeed has an "optimizer" block (type {kind!r}); with bregtop_for_trainer '
+            "the Trainer builds BregTop itself. Use a config without the block (configs/deepspeed/trainer/zero2.json "
+            "is one), pass the block's params to bregtop_for_trainer(model, args, **params), and add "
+            "callbacks=[AttachZeroFragments()] to the Trainer"
+        )
 
 
 def _callback_base() -> type:
