@@ -133,8 +133,11 @@ class BregTopConfig:
     """Decoupled weight decay (>= 0), applied as p *= 1 - lr * weight_decay."""
     max_precond_dim: int = 1024
     """Dimensions above this are cut into blocks of at most this size (>= 1)."""
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    """Betas of the AdamW side (embeddings, biases, norms, head, 1-D tensors)."""
+    adam_betas: tuple[float, float] | None = None
+    """Betas of the AdamW side (embeddings, biases, norms, head, 1-D tensors), each in [0, 1).
+    None takes ``(betas[0], 0.999)``: one momentum for both sides, so a scheduler that cycles
+    it (OneCycleLR, CyclicLR with ``cycle_momentum``, which write ``betas[0]``) drives the
+    AdamW side too, as it drives torch's AdamW."""
     adam_eps: float = 1e-8
     """Epsilon of the AdamW side (> 0: 0 divides 0 by 0 on a zero gradient)."""
     stagger_refresh: bool = True
@@ -170,7 +173,8 @@ class BregTopConfig:
                     "preconditions every entry (rho=1); use a bregtop-* method to select a top set"
                 )
         object.__setattr__(self, "betas", _check_betas("betas", self.betas))
-        object.__setattr__(self, "adam_betas", _check_betas("adam_betas", self.adam_betas))
+        if self.adam_betas is not None:
+            object.__setattr__(self, "adam_betas", _check_betas("adam_betas", self.adam_betas))
         for name, allowed in _INTS.items():
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: {allowed}")
@@ -239,6 +243,11 @@ class BregTopConfig:
     @property
     def resolved_c(self) -> float:
         return PRESETS[self.method].c if self.c is None else self.c
+
+    @property
+    def resolved_adam_betas(self) -> tuple[float, float]:
+        """The AdamW side's betas: the setting, else (betas[0], 0.999)."""
+        return self.adam_betas if self.adam_betas is not None else (self.betas[0], 0.999)
 
     @property
     def resolved_exponent(self) -> float:

@@ -12,6 +12,14 @@ from torch import nn
 DEFAULT_HEAD_PATTERN = r"(^|\.)(lm_head|head|classifier|score|output_layer)(\.|$)"
 """Module names treated as the output head when ``head_names`` is not given."""
 
+EMBEDDING_NAME_PATTERN = r"(^|\.)(\w*embed\w*|wte|wpe)(\.|$)"
+"""Parameter names taken for embeddings when parameters arrive without the grouping."""
+
+VOCABULARY_ROWS = 8192
+"""A matrix with a side this long, four times its other side, is taken for an embedding or
+an output head when it arrives unnamed without the grouping (vocabularies are this large;
+hidden sizes and their MLP expansions are not that lopsided)."""
+
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase, nn.RMSNorm)
 
 
@@ -56,3 +64,16 @@ def param_groups(
     if adam["params"]:
         groups.append({**adam, "bregtop": False, **adamw_group_settings})
     return groups
+
+
+def embedding_or_head_like(name: str | None, shape: Sequence[int]) -> bool:
+    """Whether a matrix given to BregTop without :func:`param_groups` looks like an embedding
+    or an output head, which the paper trains with AdamW: by its name when it has one (the
+    head pattern of :func:`param_groups` and :data:`EMBEDDING_NAME_PATTERN`), else by a
+    vocabulary-sized shape. A heuristic for a warning, never for a decision."""
+    if len(shape) != 2:
+        return False
+    if name is not None:
+        module = name.rsplit(".", 1)[0] if "." in name else ""
+        return bool(re.search(EMBEDDING_NAME_PATTERN, name) or re.search(DEFAULT_HEAD_PATTERN, module))
+    return max(shape) >= VOCABULARY_ROWS and max(shape) >= 4 * min(shape)

@@ -35,6 +35,7 @@ from bregtop_dist.distributed.layout import (
     is_dtensor,
     replicated_shard,
 )
+from bregtop_dist.grouping import embedding_or_head_like
 from bregtop_dist.state_format import (
     KRON,
     KronTiles,
@@ -109,6 +110,24 @@ def _check_real(group: dict[str, Any], index: int) -> None:
             )
 
 
+def _warn_embeddings_on_kronecker_side(group: dict[str, Any]) -> None:
+    """UserWarning when a group given without the paper's grouping holds matrices that look
+    like embeddings or an output head (see :func:`~bregtop_dist.grouping.embedding_or_head_like`):
+    they get Kronecker preconditioning, which the paper does not give them."""
+    names = group.get("param_names") or [None] * len(group["params"])
+    found = [
+        name if name is not None else f"a {_global_shape(p)} matrix"
+        for name, p in zip(names, group["params"]) if embedding_or_head_like(name, _global_shape(p))
+    ]
+    if found:
+        warnings.warn(
+            f"BregTop: {found[0]}{f' (and {len(found) - 1} more)' if len(found) > 1 else ''} looks like an "
+            "embedding or output head and gets Kronecker preconditioning, since the parameters came without "
+            "the paper's grouping, which trains these with AdamW. Use BregTop(param_groups(model), ...), or "
+            "give them a group with bregtop=False; a group with bregtop=True keeps them here without this warning",
+            UserWarning, stacklevel=4)
+
+
 class BregTop(torch.optim.Optimizer):
     """Kronecker-factored optimizer of the BregTop family (Liu, Zhou, Zhao, 2026).
 
@@ -174,7 +193,7 @@ class BregTop(torch.optim.Optimizer):
                 shown.update(rho=cfg.resolved_rho, q=cfg.resolved_q, c=cfg.resolved_c, exponent=cfg.resolved_exponent)
                 kind = "Kronecker (matrices; 1-D tensors on AdamW)"
             else:
-                shown = {"lr": cfg.lr, "betas": cfg.adam_betas, "eps": cfg.adam_eps, "weight_decay": cfg.weight_decay}
+                shown = {"lr": cfg.lr, "betas": cfg.resolved_adam_betas, "eps": cfg.adam_eps, "weight_decay": cfg.weight_decay}
                 kind = "AdamW"
             lines.append(f"Parameter Group {gi}: {kind}, {len(group['params'])} tensors")
             lines += [f"    {k}: {shown[k]}" for k in sorted(shown)]
@@ -195,8 +214,11 @@ class BregTop(torch.optim.Optimizer):
             tensors = param_group["params"]
             count = 1 if isinstance(tensors, Tensor) else len(tensors)
             param_group["param_names"] = [f"param_groups[{len(self.param_groups)}]['params'][{i}]" for i in range(count)]
+        ungrouped = "bregtop" not in param_group and self.defaults["bregtop"]
         super().add_param_group(param_group)
         self._built_params.append(list(self.param_groups[-1]["params"]))
+        if ungrouped:
+            _warn_embeddings_on_kronecker_side(self.param_groups[-1])
 
     @property
     def kron_stacks(self) -> dict[str, BlockStack]:
@@ -363,7 +385,7 @@ class BregTop(torch.optim.Optimizer):
                 side_grads = list(torch._foreach_neg(side_grads))
             adamw_group_step(
                 [s.value for s in side], side_grads, [self.state[s.param] for s in side],
-                lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+                lr=cfg.lr, betas=cfg.resolved_adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
             )
         return loss
 

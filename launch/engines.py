@@ -34,12 +34,14 @@ class Engine:
 
 def build(
     accelerator: Any, model: nn.Module, make_optimizer: Callable[[nn.Module, dict[str, Any]], torch.optim.Optimizer],
-    overrides: dict[str, Any], deepspeed_config: Path | None, micro_batch: int,
+    overrides: dict[str, Any], deepspeed_config: Path | None, micro_batch: int, grad_clip: float | None = None,
 ) -> Engine:
     """Wrap ``model`` and the optimizer ``make_optimizer(model, bregtop_settings)`` builds.
 
     ``overrides`` are the job's BregTop settings; a DeepSpeed config's optimizer block fills
     in the rest. ``micro_batch`` is the per-process batch (for DeepSpeed's "auto" sizes).
+    ``grad_clip`` (when given) becomes a DeepSpeed engine's ``gradient_clipping``: the engine
+    clips, so the job does not (0 turns the config's clipping off).
     """
     from accelerate.utils import DistributedType
 
@@ -57,6 +59,8 @@ def build(
         ds.pop("optimizer", None)
         ds["zero_allow_untested_optimizer"] = True
         ds.update(fill_auto_batch(ds, micro_batch, None, accelerator.num_processes))
+        if grad_clip is not None:
+            ds["gradient_clipping"] = grad_clip
         opt = make_optimizer(model, settings)
         model, opt = accelerator.prepare(model, opt)
         attach_prepared(opt)
@@ -66,6 +70,8 @@ def build(
         cfg = load_config(deepspeed_config)
         settings = {**optimizer_block(cfg).as_kwargs(), **overrides}
         cfg["optimizer"]["params"] = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
+        if grad_clip is not None:
+            cfg["gradient_clipping"] = grad_clip
         engine, _, _, _ = initialize(model=model, config=cfg, micro_batch_size=micro_batch)
         bregtop = engine.optimizer
         while not isinstance(bregtop, BregTop):

@@ -3,13 +3,18 @@
 GPT-2 BPE from the shipped files; Tiny Shakespeare by default, any local text file
 (``--data``) or Hub dataset (``--dataset``, needs a network) otherwise; the last
 ``val_fraction`` of the tokens is the validation set. Prints and logs train loss, validation
-loss and perplexity; saves a checkpoint (model and optimizer through
-torch.distributed.checkpoint, step) every ``--ckpt-every`` steps and at the end, written
-atomically and verified on reading (see :mod:`launch.checkpoints`), and ``--resume`` continues
-from the newest complete one exactly, at any process count: batches are chosen by step number,
-so the data position is the step (``batch_size`` is per process, so another process count
-trains on larger or smaller batches from there). Sizes go from a few layers up to
-GPT-2 small (``--preset gpt2``, 124M parameters).
+loss and perplexity every ``--eval-every`` steps (the train loss is the mean since the last
+line, ms/step the training time alone, without evaluation and checkpoint writes) to
+``OUT/metrics.jsonl``, a tqdm bar when stdout is a terminal; at the end ``OUT/loss.png`` and
+``OUT/summary.json``. The lr follows a constant or warm-up + cosine schedule (torch's
+schedulers, :mod:`launch.schedule`); ``--grad-clip`` clips the gradients' global norm. Saves a
+checkpoint (model and optimizer through torch.distributed.checkpoint, step, the scheduler's
+state) every ``--ckpt-every`` steps and at the end, written atomically and verified on reading
+(see :mod:`launch.checkpoints`), and ``--resume`` continues from the newest complete one
+exactly, at any process count: batches are chosen by step number, so the data position is the
+step (``batch_size`` is per process, so another process count trains on larger or smaller
+batches from there). Sizes go from a few layers up to GPT-2 small (``--preset gpt2``, 124M
+parameters).
 
 Runs on one process, under ``torchrun --nproc_per_node N -m launch.lm --cpu`` and under
 ``accelerate launch``.
@@ -37,6 +42,7 @@ from launch.engines import build
 from launch.jobconfig import ConfigError, from_sources, job_parser
 from launch.lm_data import DEFAULT_TEXT, GPT2_DIR, DataError, batch_at, gpt2_tokenizer, load_text, token_ids
 from launch.models import GPT
+from launch.schedule import SCHEDULES, make_scheduler
 
 PRESETS = {"tiny": (2, 2, 64, 64), "small": (4, 4, 128, 128), "gpt2": (12, 12, 768, 1024)}
 """name -> (layers, heads, dim, block_size)."""
@@ -51,7 +57,11 @@ LM_HELP = {
     "block_size": "context length in tokens (overrides the preset)",
     "batch_size": "sequences per step and process",
     "max_steps": "training steps",
-    "lr": "learning rate",
+    "lr": "peak learning rate (reached after the warm-up)",
+    "schedule": "learning-rate schedule: constant, or cosine (decays to min_lr_ratio times lr at max_steps)",
+    "warmup_steps": "steps of linear warm-up from lr/(warmup_steps+1) up to lr (0: none)",
+    "min_lr_ratio": "cosine only: the lr at max_steps as a fraction of lr",
+    "grad_clip": "clip the gradients' global L2 norm to this (0: off); with --deepspeed it sets gradient_clipping",
     "weight_decay": "decoupled weight decay",
     "precondition_frequency": "BregTop's basis refresh period T",
     "eval_every": "evaluate the validation loss every this many steps",
@@ -63,7 +73,7 @@ LM_HELP = {
     "dataset": "a Hub dataset name instead of the text file (needs a network)",
     "tokenizer_dir": "folder with the GPT-2 BPE files (shipped in data/)",
     "cache_dir": "where the tokenised text is cached",
-    "out": "output folder: metrics.jsonl, summary.json and checkpoints",
+    "out": "output folder: metrics.jsonl, summary.json, loss.png and checkpoints",
     "resume": "continue from the newest complete checkpoint in OUT",
     "cpu": "run on the CPU even where a GPU is present (for torchrun on a CPU machine)",
     "deepspeed": "a DeepSpeed JSON (configs/deepspeed/) whose optimizer block selects BregTop",
@@ -86,6 +96,10 @@ class LMConfig:
     batch_size: int = 16  # per process
     max_steps: int = 200
     lr: float = 1e-3
+    schedule: str = "constant"  # constant | cosine (to min_lr_ratio * lr at max_steps)
+    warmup_steps: int = 0  # linear warm-up to lr first
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 0.0  # max global gradient norm; 0: off
     weight_decay: float = 0.0
     precondition_frequency: int = 10
     eval_every: int = 50
@@ -112,6 +126,17 @@ class LMConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} is not allowed; use one of {', '.join(SCHEDULES)}")
+        if self.warmup_steps < 0 or (self.schedule == "cosine" and self.warmup_steps >= self.max_steps):
+            raise ValueError(f"warmup_steps={self.warmup_steps!r} must be >= 0"
+                             + (f" and below max_steps={self.max_steps}" if self.schedule == "cosine" else ""))
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
+        if not self.lr > 0.0:
+            raise ValueError(f"lr={self.lr!r} must be > 0")
+        if not self.grad_clip >= 0.0:
+            raise ValueError(f"grad_clip={self.grad_clip!r} must be >= 0 (0: off)")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction={self.val_fraction!r} must be in (0, 1)")
         if self.dims[2] % self.dims[1]:
@@ -181,8 +206,110 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def typed_config(cfg: LMConfig) -> dict[str, Any]:
+    """The settings as JSON values: numbers, bools and null as they are, paths as strings."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+SCHEDULE_SETTINGS = ("lr", "schedule", "warmup_steps", "min_lr_ratio")
+
+
+def check_schedule(cfg: LMConfig, marker: dict[str, Any]) -> None:
+    """``--resume`` continues the lr schedule exactly only with the settings it was saved with
+    (for cosine also max_steps, its horizon): refuse others in one line. Checkpoints written
+    before the schedule settings existed ran the defaults."""
+    saved = marker.get("config", {})
+    defaults = {f.name: f.default for f in dataclasses.fields(LMConfig)}
+    for key in (*SCHEDULE_SETTINGS, *(("max_steps",) if cfg.schedule == "cosine" else ())):
+        then = saved.get(key, defaults[key])
+        if str(then) != str(getattr(cfg, key)):  # str: older markers hold every setting as a string
+            raise ConfigError(f"--resume: {key}={getattr(cfg, key)} differs from the checkpoint's {then}; the lr "
+                              f"schedule continues exactly only as saved (pass --{key.replace('_', '-')} {then})")
+
+
+@dataclass
+class Interval:
+    """What one log line reports since the one before: the mean training loss (summed on the
+    device, read once) and gradient norm, and the training time alone (the clock is stopped
+    around evaluation and checkpoint writes)."""
+
+    steps: int = 0
+    loss: Any = 0.0
+    norm: Any = 0.0
+    norms: int = 0
+    seconds: float = 0.0
+    started: float | None = None
+
+    def add(self, loss: torch.Tensor, norm: Any) -> None:
+        self.steps += 1
+        self.loss = self.loss + loss.detach()
+        if norm is not None:
+            self.norm, self.norms = self.norm + norm, self.norms + 1
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+
+    def stop(self, device: torch.device) -> None:
+        if device.type == "cuda":  # the queued steps belong to training, not to what follows
+            torch.cuda.synchronize(device)
+        if self.started is not None:
+            self.seconds += time.perf_counter() - self.started
+        self.started = None
+
+
+class Progress:
+    """A tqdm bar over the steps when stdout is a terminal, with the log lines printed above
+    it; the plain log lines otherwise (a log file gets no bar redraws)."""
+
+    def __init__(self, start: int, total: int, enabled: bool) -> None:
+        self.enabled, self.bar = enabled, None
+        if enabled and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, file=sys.stdout, unit="step", dynamic_ncols=True)
+
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def line(self, text: str, **postfix: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.write(text)
+        elif self.enabled:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def plot_losses(metrics: Path, path: Path, title: str = "") -> None:
+    """Train loss (mean of each interval) and validation loss against the step, from the log
+    (the newest line of a step wins: a resumed run logs again what came after its checkpoint)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {row["step"]: row for row in map(json.loads, metrics.read_text().splitlines())}
+    steps = sorted(rows)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(steps, [rows[s]["train_loss"] for s in steps], marker=".", label="train (mean since the last point)")
+    ax.plot(steps, [rows[s]["val_loss"] for s in steps], marker=".", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def run(cfg: LMConfig) -> int:
     from accelerate import Accelerator
+
+    from bregtop_dist.integrations.deepspeed import load_config, optimizer_block
 
     accelerator = Accelerator(cpu=cfg.cpu)
     tokenizer = gpt2_tokenizer(cfg.tokenizer_dir)
@@ -198,20 +325,30 @@ def run(cfg: LMConfig) -> int:
     ckpt_root = out / "ckpt"
     start = 0
     resume_from: Path | None = None
+    marker: dict[str, Any] = {}
     if cfg.resume:
         try:
             resume_from, marker = checkpoints.latest(ckpt_root)
         except CheckpointError as err:
             raise DataError(f"--resume: {err}") from None
         start = int(marker["step"])
+        check_schedule(cfg, marker)
     if cfg.method == "adamw" and cfg.deepspeed is not None:
         raise ConfigError("--deepspeed configs select BregTop; run adamw without --deepspeed")
     overrides: dict[str, Any] = {"method": cfg.method, "lr": cfg.lr, "weight_decay": cfg.weight_decay}
     if cfg.method != "adamw":
         overrides["precondition_frequency"] = cfg.precondition_frequency
-    engine = build(accelerator, model, make_optimizer, overrides, cfg.deepspeed, cfg.batch_size)
+    if cfg.deepspeed is not None:
+        try:
+            optimizer_block(load_config(cfg.deepspeed))
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"--deepspeed: {err}") from None
+    engine = build(accelerator, model, make_optimizer, overrides, cfg.deepspeed, cfg.batch_size,
+                   grad_clip=cfg.grad_clip)  # a DeepSpeed engine clips itself
     model, opt = engine.model, engine.optimizer
+    ds_engine = hasattr(model, "get_global_grad_norm")  # directly or through Accelerate
     direct_ds = cfg.deepspeed is not None and hasattr(model, "save_checkpoint")
+    scheduler = make_scheduler(opt, cfg.schedule, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
     if resume_from is not None:
         if direct_ds:
             from bregtop_dist.integrations.deepspeed import load_checkpoint
@@ -219,17 +356,23 @@ def run(cfg: LMConfig) -> int:
             load_checkpoint(model, resume_from / "deepspeed", tag="resume")
         else:
             load_state(resume_from, *_plain(model, opt, accelerator))
+        if "scheduler" in marker:  # else a checkpoint from before schedules: constant, nothing to restore
+            scheduler.load_state_dict(marker["scheduler"])
+            for group, lr in zip(opt.param_groups, scheduler.get_last_lr()):
+                group["lr"] = lr  # the next step's lr, whatever the optimizer's state held
 
     main_proc = accelerator.is_main_process
     metrics = None
+    progress = Progress(start, cfg.max_steps, main_proc)
+    n_params = sum(p.numel() for p in (model.module if direct_ds else accelerator.unwrap_model(model)).parameters())
     if main_proc:
         out.mkdir(parents=True, exist_ok=True)
         metrics = (out / "metrics.jsonl").open("a" if cfg.resume else "w")
-        n = sum(p.numel() for p in (model.module if direct_ds else accelerator.unwrap_model(model)).parameters())
-        print(f"{cfg.method}: {layers} layers, {heads} heads, dim {dim}, block {block}, {n:,} parameters; "
-              f"{train_ids.numel():,} train / {val_ids.numel():,} val tokens; {accelerator.num_processes} "
-              f"process(es) on {accelerator.device}; steps {start}..{cfg.max_steps}", flush=True)
-        print(f"{'step':>6}{'train loss':>12}{'val loss':>10}{'val ppl':>10}{'ms/step':>9}", flush=True)
+        progress.line(f"{cfg.method}: {layers} layers, {heads} heads, dim {dim}, block {block}, {n_params:,} "
+                      f"parameters; {train_ids.numel():,} train / {val_ids.numel():,} val tokens; "
+                      f"{accelerator.num_processes} process(es) on {accelerator.device}; steps {start}..{cfg.max_steps}")
+        progress.line(f"{'step':>6}{'train loss':>12}{'val loss':>10}{'val ppl':>10}{'lr':>10}{'grad norm':>11}"
+                      f"{'ms/step':>9}")
 
     def save(step: int) -> None:
         def write(folder: Path) -> None:
@@ -238,32 +381,67 @@ def run(cfg: LMConfig) -> int:
             else:
                 save_state(folder, *_plain(model, opt, accelerator))
 
-        config = {k: str(v) for k, v in dataclasses.asdict(cfg).items()}
-        checkpoints.save(ckpt_root, step, write, {"config": config, "processes": accelerator.num_processes},
-                         main_proc, accelerator.wait_for_everyone)
+        info = {"config": typed_config(cfg), "processes": accelerator.num_processes,
+                "scheduler": scheduler.state_dict()}
+        checkpoints.save(ckpt_root, step, write, info, main_proc, accelerator.wait_for_everyone)
 
     model.train()
-    train_loss, t0 = math.nan, time.perf_counter()
+    started = time.perf_counter()
+    interval, train_seconds, last = Interval(), 0.0, None
+    interval.start()
     for step in range(start, cfg.max_steps):
         x, y = batch_at(train_ids, step, cfg.batch_size, block, cfg.seed, accelerator.process_index, accelerator.num_processes)
         _, loss = model(x.to(accelerator.device), y.to(accelerator.device))
         engine.backward(loss)
+        norm = None
+        if cfg.grad_clip and not ds_engine:
+            norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         engine.step()
-        train_loss = float(accelerator.reduce(loss.detach(), reduction="mean"))
+        if ds_engine:
+            norm = model.get_global_grad_norm()
+        lr = opt.param_groups[0]["lr"]  # the lr this step used
+        scheduler.step()
+        interval.add(loss, norm)
+        progress.step()
         done = step + 1
-        if done % cfg.eval_every == 0 or done == cfg.max_steps:
+        log = done % cfg.eval_every == 0 or done == cfg.max_steps
+        ckpt = done % cfg.ckpt_every == 0 or done == cfg.max_steps
+        if log or ckpt:
+            interval.stop(accelerator.device)
+        if log:
+            train = float(accelerator.reduce(interval.loss, reduction="mean")) / interval.steps
+            grad = float(interval.norm) / interval.norms if interval.norms else None
             val = evaluate(model, val_ids, cfg, accelerator)
-            ms = (time.perf_counter() - t0) * 1e3 / max(1, done - start)
+            ms = interval.seconds * 1e3 / interval.steps
+            train_seconds += interval.seconds
+            last = {"step": done, "train_loss": train, "val_loss": val, "val_ppl": math.exp(val), "lr": float(lr),
+                    "grad_norm": grad, "ms_per_step": ms}
             if main_proc and metrics is not None:
-                print(f"{done:>6}{train_loss:>12.4f}{val:>10.4f}{math.exp(val):>10.1f}{ms:>9.0f}", flush=True)
-                metrics.write(json.dumps({"step": done, "train_loss": train_loss, "val_loss": val,
-                                          "val_ppl": math.exp(val), "lr": cfg.lr, "ms_per_step": ms}) + "\n")
+                progress.line(f"{done:>6}{train:>12.4f}{val:>10.4f}{math.exp(val):>10.1f}{lr:>10.2e}"
+                              f"{'-' if grad is None else f'{grad:.3g}':>11}{ms:>9.0f}",
+                              loss=f"{train:.4f}", val=f"{val:.4f}")
+                metrics.write(json.dumps(last) + "\n")
                 metrics.flush()
-        if done % cfg.ckpt_every == 0 or done == cfg.max_steps:
+            interval = Interval()
+        if ckpt:
             save(done)
-    if metrics is not None:
+        if log or ckpt:
+            interval.start()
+    progress.close()
+    if main_proc and metrics is not None:
         metrics.close()
-        print(f"wrote {out / 'metrics.jsonl'} and {ckpt_root}")
+        plot_losses(out / "metrics.jsonl", out / "loss.png", f"{cfg.method}: {layers} layers, dim {dim}, block {block}")
+        steps = cfg.max_steps - start
+        summary = {
+            "config": typed_config(cfg), "processes": accelerator.num_processes, "parameters": n_params,
+            "resumed_from": start if cfg.resume else None, "final_step": cfg.max_steps,
+            **{k: v for k, v in (last or {}).items() if k != "step"},  # the last log line's figures
+            "train_ms_per_step": train_seconds * 1e3 / steps if steps and last else None,
+            "wall_time_s": time.perf_counter() - started,
+            "metrics": str(out / "metrics.jsonl"), "plot": str(out / "loss.png"), "checkpoints": str(ckpt_root),
+        }
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"wrote {out / 'metrics.jsonl'}, {out / 'summary.json'}, {out / 'loss.png'} and {ckpt_root}")
     accelerator.wait_for_everyone()
     return 0
 

@@ -10,8 +10,9 @@ training loss falls below 0.05; the EMA starts at the first step's loss.
 Each (method, seed) is one row: ``seeds="0,1,2"`` trains every method once per seed, the seed
 fixing both the model's initialisation and the data order. Writes ``OUT/metrics.jsonl`` (one
 line per step, with its method and seed), ``OUT/summary.json`` (one entry per row, keyed
-``METHOD/seedN``), ``OUT/ema_loss.png`` (the EMA curves of every row in the summary) and
-prints a table. Runs on one process, under ``torchrun ... --cpu`` and under ``accelerate launch``.
+``METHOD/seedN``), ``OUT/ema_loss.png`` (the training loss of every row in the summary, raw and
+faint under a bias-corrected EMA) and prints a table (with the paper's counts beside rows that
+ran the protocol's length, ``max_steps`` >= 2000). Runs on one process, under ``torchrun ... --cpu`` and under ``accelerate launch``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ PAPER_TABLE4 = {
     "shampoo": 1119, "kl": 1092, "vn-v1": 1141, "vn-v2": 1127, "f-v1": 1598, "f-v2": 1602,
     "bregtop-vn-v1": 1018, "bregtop-vn-v2": 1003, "bregtop-f-v1": 1084, "bregtop-f-v2": 1059,
 }
+PROTOCOL_STEPS = 2000  # a row with max_steps below this is not comparable with PAPER_TABLE4
 
 
 SST2_HELP = {
@@ -325,9 +327,14 @@ def row_seed(row: dict[str, Any]) -> int:
 
 
 def ema_curves(metrics: Path, keys: list[str]) -> dict[str, list[tuple[int, float]]]:
-    """(step, EMA) of the last run of each summary row in ``keys`` found in ``metrics`` (a run
-    restarts at step 1). Lines are keyed like the summary: ``METHOD/seedN``, or the method
-    alone for lines written before seeds."""
+    """(step, judged EMA) of the last run of each summary row in ``keys`` found in ``metrics``
+    (a run restarts at step 1). Lines are keyed like the summary: ``METHOD/seedN``, or the
+    method alone for lines written before seeds."""
+    return curves(metrics, keys, "ema")
+
+
+def curves(metrics: Path, keys: list[str], field: str) -> dict[str, list[tuple[int, float]]]:
+    """(step, ``field``) of the last run of each summary row in ``keys``, as :func:`ema_curves`."""
     wanted = set(keys)
     out: dict[str, list[tuple[int, float]]] = {}
     for line in metrics.read_text().splitlines():
@@ -336,13 +343,25 @@ def ema_curves(metrics: Path, keys: list[str]) -> dict[str, list[tuple[int, floa
         if key in wanted:
             if row["step"] == 1:
                 out[key] = []
-            out.setdefault(key, []).append((row["step"], row["ema"]))
+            out.setdefault(key, []).append((row["step"], row[field]))
     return out
 
 
-def plot(summary: dict[str, Any], metrics_path: Path, target: float, out: Path) -> None:
-    """EMA-loss curves of every row in the summary (the newest run of each); one colour per
-    method, one line per seed."""
+def debiased_ema(values: list[float], decay: float) -> list[float]:
+    """The plot's smoothing: an EMA started at 0 and divided by ``1 - decay**t`` (Adam's bias
+    correction), so the curve follows the first steps without leaning on the first loss. The
+    judged EMA (the ``ema`` in metrics.jsonl) starts at the first loss, per the paper."""
+    smoothed, ema = [], 0.0
+    for t, value in enumerate(values, 1):
+        ema = decay * ema + (1.0 - decay) * value
+        smoothed.append(ema / (1.0 - decay**t))
+    return smoothed
+
+
+def loss_figure(summary: dict[str, Any], metrics_path: Path, target: float, decay: float = 0.98) -> Any:
+    """Training-loss curves of every row in the summary (the newest run of each): the raw loss
+    faint, under its bias-corrected EMA (:func:`debiased_ema`); one colour per method, one
+    line per seed, and the target in the legend. A matplotlib Figure (Agg)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -350,31 +369,49 @@ def plot(summary: dict[str, Any], metrics_path: Path, target: float, out: Path) 
 
     fig, ax = plt.subplots(figsize=(8, 5))
     colours: dict[str, Any] = {}
-    for key, points in ema_curves(metrics_path, list(summary)).items():
+    for key, points in curves(metrics_path, list(summary), "loss").items():
         method = row_method(key, summary[key])
         steps, values = zip(*points)
-        first = method not in colours
-        line, = ax.plot(steps, values, color=colours.get(method), label=method if first else None, linewidth=1.0,
-                        linestyle="-" if method.startswith("bregtop") else "--")
-        colours.setdefault(method, line.get_color())
-    ax.axhline(target, color="black", linewidth=0.8)
+        raw, = ax.plot(steps, values, color=colours.get(method), alpha=0.15, linewidth=0.6)
+        ax.plot(steps, debiased_ema(list(values), decay), color=raw.get_color(), linewidth=1.0,
+                label=None if method in colours else method, linestyle="-" if method.startswith("bregtop") else "--")
+        colours.setdefault(method, raw.get_color())
+    ax.axhline(target, color="black", linewidth=0.8, linestyle=":", label=f"target {target:g}")
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("EMA(0.98) of training loss")
+    ax.set_ylabel(f"training loss (faint) and its bias-corrected EMA({decay:g})")
     ax.set_title("SST-2, 4-layer Transformer, batch 128")
     ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot(summary: dict[str, Any], metrics_path: Path, target: float, out: Path, decay: float = 0.98) -> None:
+    """:func:`loss_figure` written to ``out`` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = loss_figure(summary, metrics_path, target, decay)
     fig.savefig(out, dpi=120)
     plt.close(fig)
 
 
+def full_length(row: dict[str, Any]) -> bool:
+    """Whether a summary row ran the protocol's length, so that the paper's count compares."""
+    return int(row.get("settings", {}).get("max_steps", 0)) >= PROTOCOL_STEPS
+
+
 def format_table(summary: dict[str, Any]) -> str:
-    head = f"{'method':<15}{'seed':>5}{'steps<target':>13}{'paper':>7}{'final EMA':>11}{'dev acc':>9}{'wall s':>9}"
+    """One line per row; the paper's count only when some row ran the protocol's length (and
+    only beside those rows): a shorter run's steps are not comparable with it."""
+    paper = any(full_length(row) for row in summary.values())
+    head = (f"{'method':<15}{'seed':>5}{'steps<target':>13}" + (f"{'paper':>7}" if paper else "")
+            + f"{'final EMA':>11}{'dev acc':>9}{'wall s':>9}")
     lines = [head, "-" * len(head)]
     for key, row in summary.items():
         method, steps = row_method(key, row), row["steps_to_target"]
+        cell = f"{PAPER_TABLE4.get(method, '-') if full_length(row) else '-':>7}" if paper else ""
         lines.append(
-            f"{method:<15}{row_seed(row):>5}{steps if steps is not None else '-':>13}{PAPER_TABLE4.get(method, '-'):>7}"
+            f"{method:<15}{row_seed(row):>5}{steps if steps is not None else '-':>13}{cell}"
             f"{row['final_ema_loss']:>11.4f}{row['dev_accuracy']:>9.3f}{row['wall_time_s']:>9.0f}"
         )
     return "\n".join(lines)
@@ -437,7 +474,7 @@ def run(cfg: SST2Config) -> int:
                 print(f"[{key}] steps to EMA < {cfg.target_loss}: {row['steps_to_target']}; "
                       f"dev accuracy {row['dev_accuracy']:.3f}; {row['wall_time_s']:.0f} s", flush=True)
     if main_proc:
-        plot(summary, metrics_path, cfg.target_loss, out / "ema_loss.png")
+        plot(summary, metrics_path, cfg.target_loss, out / "ema_loss.png", cfg.ema)
         print(format_table(summary))
         print(f"wrote {summary_path}, {metrics_path}, {out / 'ema_loss.png'}")
     accelerator.wait_for_everyone()

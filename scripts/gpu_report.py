@@ -121,7 +121,7 @@ def lm_figures(method: str) -> Callable[[Path, Path], str]:
             return "no figures"
         last = rows[-1]
         return (f"step {last['step']}: train loss {last['train_loss']:.3f}, val loss {last['val_loss']:.3f}, "
-                f"{last['ms_per_step']:.0f} ms/step (mean incl. evaluation; first steps included)")
+                f"{last['ms_per_step']:.0f} ms/step (training only, over the last logged interval)")
 
     return figures
 

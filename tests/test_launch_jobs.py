@@ -49,9 +49,12 @@ def test_sst2_writes_metrics_summary_plot_and_table(tmp_path, capsys):
     assert [(r["method"], r["step"]) for r in lines] == [(m, s) for m in ("kl", "bregtop-vn-v2") for s in (1, 2, 3)]
     assert lines[0]["ema"] == lines[0]["loss"]  # the EMA starts at the first loss
     assert lines[1]["ema"] == pytest.approx(0.98 * lines[0]["ema"] + 0.02 * lines[1]["loss"])
+    assert (out / "ema_loss.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert (out / "ema_loss.png").stat().st_size > 1000
     printed = capsys.readouterr().out
     assert "[kl/seed0] step 1 loss" in printed and "steps<target" in printed
+    header = next(line for line in printed.splitlines() if "steps<target" in line)
+    assert "paper" not in header  # a 3-step run is not compared with the paper's counts
 
     # --resume skips what is done with the same settings
     assert sst2.main([*args, "--resume"]) == 0
@@ -208,15 +211,19 @@ def test_accelerate_configs_load(path):
 
 # -------------------------------------------------------------------------------- LM job
 def test_lm_resume_continues_exactly(tmp_path, small_text, capsys):
-    common = [*TINY_LM, "--data", str(small_text), "--cache-dir", str(tmp_path / "cache"), "--ckpt-every", "2"]
+    """Through a warm-up (3 steps, longer than the first run): lr, losses and steps as without the break."""
+    common = [*TINY_LM, "--data", str(small_text), "--cache-dir", str(tmp_path / "cache"), "--ckpt-every", "2",
+              "--warmup-steps", "3"]
     assert lm.main([*common, "--max-steps", "2", "--out", str(tmp_path / "a")]) == 0
     assert lm.main([*common, "--max-steps", "4", "--out", str(tmp_path / "a"), "--resume"]) == 0
     assert lm.main([*common, "--max-steps", "4", "--out", str(tmp_path / "b")]) == 0
     resumed, straight = _rows(tmp_path / "a/metrics.jsonl"), _rows(tmp_path / "b/metrics.jsonl")
     assert [r["step"] for r in resumed] == [2, 4] == [r["step"] for r in straight]
     for a, b in zip(resumed, straight):
-        assert a["train_loss"] == b["train_loss"] and a["val_loss"] == b["val_loss"]
-    assert "val ppl" in capsys.readouterr().out
+        assert a["train_loss"] == b["train_loss"] and a["val_loss"] == b["val_loss"] and a["lr"] == b["lr"]
+    assert [r["lr"] for r in straight] == pytest.approx([2e-3 / 4, 4e-3 / 4])  # the lr of steps 2 and 4
+    printed = capsys.readouterr().out
+    assert "val ppl" in printed and "\r" not in printed and "step/s" not in printed  # no bar: not a terminal
 
 
 @pytest.mark.parametrize(
@@ -226,6 +233,12 @@ def test_lm_resume_continues_exactly(tmp_path, small_text, capsys):
         (["--data", "nope.txt"], "text file 'nope.txt' does not exist; pass --data FILE"),
         (["--resume"], "--resume: no complete checkpoint under"),
         (["--preset", "huge"], "preset='huge' is not allowed"),
+        (["--schedule", "linear"], "schedule='linear' is not allowed; use one of constant, cosine"),
+        (["--schedule", "cosine", "--warmup-steps", "5", "--max-steps", "5"],
+         "warmup_steps=5 must be >= 0 and below max_steps=5"),
+        (["--min-lr-ratio", "1.5"], "min_lr_ratio=1.5 must be in [0, 1]"),
+        (["--grad-clip", "-1"], "grad_clip=-1.0 must be >= 0 (0: off)"),
+        (["--deepspeed", "nope.json"], "--deepspeed: DeepSpeed config 'nope.json' does not exist"),
     ],
 )
 def test_lm_bad_input_is_one_line(args, message, capsys, tmp_path):
@@ -256,13 +269,14 @@ def test_sst2_under_torchrun_ddp(tmp_path):
 
 def test_lm_under_torchrun_with_deepspeed_zero3_resumes(tmp_path, small_text):
     common = [*TINY_LM, "--data", str(small_text), "--cache-dir", str(tmp_path / "cache"), "--ckpt-every", "2",
-              "--deepspeed", str(ROOT / "configs/deepspeed/zero3.json")]
+              "--deepspeed", str(ROOT / "configs/deepspeed/zero3.json"), "--grad-clip", "1.0"]
     _torchrun("launch.lm", [*common, "--max-steps", "2", "--out", str(tmp_path / "a")], ROOT)
     _torchrun("launch.lm", [*common, "--max-steps", "4", "--out", str(tmp_path / "a"), "--resume"], ROOT)
     _torchrun("launch.lm", [*common, "--max-steps", "4", "--out", str(tmp_path / "b")], ROOT)
     resumed, straight = _rows(tmp_path / "a/metrics.jsonl"), _rows(tmp_path / "b/metrics.jsonl")
     assert [r["step"] for r in resumed] == [2, 4]
     assert resumed[-1]["train_loss"] == pytest.approx(straight[-1]["train_loss"], rel=1e-6)
+    assert all(r["grad_norm"] > 0 for r in resumed)  # the engine clips (gradient_clipping) and reports the norm
 
 
 @pytest.mark.parametrize("job", [sst2, lm])

@@ -94,3 +94,52 @@ def test_a_tensor_lr_works_like_a_float(gen):
     assert float(opt.param_groups[0]["lr"]) == pytest.approx(1.5e-3)
     with pytest.raises(TypeError, match=r"lr=tensor\(\[0.0010, 0.0020\]\) is not allowed"):
         BregTop([nn.Parameter(torch.randn(3, 3))], lr=torch.tensor([1e-3, 2e-3]))
+
+
+def test_one_cycle_lr_cycles_the_adamw_side_as_it_cycles_torch_adamw(gen):
+    """OneCycleLR writes betas[0]; with adam_betas unset the AdamW side takes it, so a
+    BregTop AdamW group follows torch.optim.AdamW under the same schedule step for step."""
+    w0 = torch.randn(5, 4, generator=gen)
+    ours, theirs = nn.Parameter(w0.clone()), nn.Parameter(w0.clone())
+    opts = [BregTop([{"params": [ours], "bregtop": False}], lr=1e-2, betas=(0.9, 0.999)),
+            torch.optim.AdamW([theirs], lr=1e-2, betas=(0.9, 0.999), weight_decay=0.0)]
+    scheds = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=5e-2, total_steps=12) for o in opts]
+    momenta = set()
+    for _ in range(10):
+        grad = torch.randn(5, 4, generator=gen)
+        for p, o, s in zip((ours, theirs), opts, scheds):
+            p.grad = grad.clone()
+            o.step()
+            s.step()
+        momenta.add(opts[0].param_groups[0]["betas"][0])
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+    assert len(momenta) > 5  # the momentum did cycle
+
+
+def test_explicit_adam_betas_stay_put_under_a_momentum_scheduler():
+    opt = BregTop(param_groups(_model()), adam_betas=(0.8, 0.99))
+    torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10)
+    assert "betas: (0.8, 0.99)" in repr(opt).split("Parameter Group 1")[1]
+
+
+def test_embeddings_without_the_grouping_are_warned_about(gen):
+    model = nn.ModuleDict({"token_embedding": nn.Embedding(11, 6), "mlp": nn.Linear(6, 5)})
+    with pytest.warns(UserWarning, match=r"BregTop: token_embedding.weight looks like an embedding"):
+        BregTop(model.named_parameters())
+    named = nn.ModuleDict({"wte": nn.Embedding(11, 6), "lm_head": nn.Linear(6, 11)})
+    with pytest.warns(UserWarning, match=r"wte.weight \(and 1 more\) looks like an embedding or output head"):
+        BregTop(named.named_parameters())
+    vocab = nn.Parameter(torch.zeros(8192, 16))  # unnamed: a vocabulary-sized matrix
+    with pytest.warns(UserWarning, match=r"a \(8192, 16\) matrix looks like an embedding"):
+        BregTop([vocab])
+
+
+@pytest.mark.parametrize("build", [
+    lambda m: BregTop(param_groups(m)),  # the paper's grouping
+    lambda m: BregTop([{"params": list(m.parameters()), "bregtop": True}]),  # a decided group
+    lambda m: BregTop(m.parameters(), bregtop=False),  # all AdamW
+    lambda m: BregTop(nn.Linear(6, 5).named_parameters()),  # no embedding
+])
+def test_no_warning_when_the_grouping_is_decided(build, recwarn):
+    build(nn.Sequential(nn.Embedding(11, 6), nn.Linear(6, 5)))
+    assert not [w for w in recwarn if "looks like an embedding" in str(w.message)]
