@@ -2,9 +2,9 @@
 through ``accelerate launch``), or DeepSpeed directly from a JSON file (``--deepspeed``; works
 under ``torchrun`` on a CPU machine too).
 
-Either way the optimizer is BregTop (or AdamW) built by the job, and the DeepSpeed JSON's
-``"optimizer"`` block supplies BregTop's settings, with the job's own ``method``/``lr``/...
-taking precedence (a sweep over methods needs that).
+Either way the optimizer is BregTop (or AdamW) built by the job from its own settings (its
+``BregTopConfig``, into which :mod:`launch.jobconfig` already parsed a ``--deepspeed`` JSON's
+optimizer block); the block's ``comm_dtype``, an optimizer-wide setting, is taken from it.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def build(
     """Wrap ``model`` and the optimizer ``make_optimizer(model, bregtop_settings)`` builds.
 
     ``overrides`` are the job's BregTop settings; a DeepSpeed config's optimizer block fills
-    in the rest. ``micro_batch`` is the per-process batch (for DeepSpeed's "auto" sizes).
+    in what they leave out (``comm_dtype``). ``micro_batch`` is the per-process batch (for DeepSpeed's "auto" sizes).
     ``grad_clip`` (when given) becomes a DeepSpeed engine's ``gradient_clipping``: the engine
     clips, so the job does not (0 turns the config's clipping off).
     """

@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from bregtop_dist import METHODS, BregTop, param_groups
+from bregtop_dist import METHODS, BregTop, BregTopConfig, param_groups
 from launch import checkpoints
 from launch.checkpoints import CheckpointError, check_dcp_metadata
 from launch.engines import build
@@ -57,13 +57,10 @@ LM_HELP = {
     "block_size": "context length in tokens (overrides the preset)",
     "batch_size": "sequences per step and process",
     "max_steps": "training steps",
-    "lr": "peak learning rate (reached after the warm-up)",
     "schedule": "learning-rate schedule: constant, or cosine (decays to min_lr_ratio times lr at max_steps)",
     "warmup_steps": "steps of linear warm-up from lr/(warmup_steps+1) up to lr (0: none)",
     "min_lr_ratio": "cosine only: the lr at max_steps as a fraction of lr",
     "grad_clip": "clip the gradients' global L2 norm to this (0: off); with --deepspeed it sets gradient_clipping",
-    "weight_decay": "decoupled weight decay",
-    "precondition_frequency": "BregTop's basis refresh period T",
     "eval_every": "evaluate the validation loss every this many steps",
     "eval_batches": "validation batches per evaluation",
     "ckpt_every": "write a checkpoint every this many steps",
@@ -86,6 +83,7 @@ class LMConfig:
     """Every setting of the job; ``--config FILE`` (YAML) may set any of them."""
 
     HELP: ClassVar[dict[str, str]] = LM_HELP
+    OPTIMIZER_OWN: ClassVar[tuple[str, ...]] = ("method", "bregtop")
 
     method: str = "bregtop-vn-v2"  # "adamw" or one of the ten BregTop rows
     preset: str = "small"  # tiny | small | gpt2 (124M)
@@ -95,13 +93,11 @@ class LMConfig:
     block_size: int | None = None
     batch_size: int = 16  # per process
     max_steps: int = 200
-    lr: float = 1e-3
+    optimizer: BregTopConfig = BregTopConfig()  # BregTop's settings (and adamw's lr, betas, eps, decay)
     schedule: str = "constant"  # constant | cosine (to min_lr_ratio * lr at max_steps)
     warmup_steps: int = 0  # linear warm-up to lr first
     min_lr_ratio: float = 0.0
     grad_clip: float = 0.0  # max global gradient norm; 0: off
-    weight_decay: float = 0.0
-    precondition_frequency: int = 10
     eval_every: int = 50
     eval_batches: int = 8
     ckpt_every: int = 100
@@ -121,7 +117,7 @@ class LMConfig:
             raise ValueError(f"method={self.method!r} is not allowed; use adamw or one of {', '.join(METHODS)}")
         if self.preset not in PRESETS:
             raise ValueError(f"preset={self.preset!r} is not allowed; use one of {', '.join(PRESETS)}")
-        for name in ("batch_size", "max_steps", "precondition_frequency", "eval_every", "eval_batches", "ckpt_every",
+        for name in ("batch_size", "max_steps", "eval_every", "eval_batches", "ckpt_every",
                      "layers", "heads", "dim", "block_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -135,6 +131,10 @@ class LMConfig:
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
         if not self.lr > 0.0:
             raise ValueError(f"lr={self.lr!r} must be > 0")
+        if self.optimizer.method != BregTopConfig.method:
+            raise ValueError("optimizer.method is the job's: set method at the top level")
+        if self.method != "adamw":
+            self.row_config()  # BregTop's own checks of the combination
         if not self.grad_clip >= 0.0:
             raise ValueError(f"grad_clip={self.grad_clip!r} must be >= 0 (0: off)")
         if not 0.0 < self.val_fraction < 1.0:
@@ -143,15 +143,27 @@ class LMConfig:
             raise ValueError(f"dim={self.dims[2]} must be a multiple of heads={self.dims[1]}")
 
     @property
+    def lr(self) -> float:
+        """The peak learning rate (BregTop's ``lr``, also adamw's)."""
+        return self.optimizer.lr
+
+    def row_config(self) -> BregTopConfig:
+        """BregTop's settings with the job's method."""
+        return dataclasses.replace(self.optimizer, method=self.method)
+
+    @property
     def dims(self) -> tuple[int, int, int, int]:
         layers, heads, dim, block = PRESETS[self.preset]
         return (self.layers or layers, self.heads or heads, self.dim or dim, self.block_size or block)
 
 
 def make_optimizer(model: nn.Module, settings: dict[str, Any]) -> torch.optim.Optimizer:
-    """AdamW, or BregTop with the tied embedding/head, norms and biases on its AdamW side."""
+    """AdamW with BregTop's AdamW-side settings, or BregTop with the tied embedding/head, norms
+    and biases on its AdamW side."""
     if settings["method"] == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=settings["weight_decay"])
+        cfg = BregTopConfig.from_mapping({k: v for k, v in settings.items() if k not in ("method", "comm_dtype")})
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.resolved_adam_betas, eps=cfg.adam_eps,
+                                 weight_decay=cfg.weight_decay)
     return BregTop(param_groups(model), **settings)
 
 
@@ -218,8 +230,10 @@ def check_schedule(cfg: LMConfig, marker: dict[str, Any]) -> None:
     """``--resume`` continues the lr schedule exactly only with the settings it was saved with
     (for cosine also max_steps, its horizon): refuse others in one line. Checkpoints written
     before the schedule settings existed ran the defaults."""
-    saved = marker.get("config", {})
-    defaults = {f.name: f.default for f in dataclasses.fields(LMConfig)}
+    saved = dict(marker.get("config", {}))
+    if isinstance(saved.get("optimizer"), dict):  # markers since the nesting hold lr in optimizer
+        saved["lr"] = saved["optimizer"].get("lr", BregTopConfig.lr)
+    defaults = {f.name: f.default for f in dataclasses.fields(LMConfig)} | {"lr": BregTopConfig.lr}
     for key in (*SCHEDULE_SETTINGS, *(("max_steps",) if cfg.schedule == "cosine" else ())):
         then = saved.get(key, defaults[key])
         if str(then) != str(getattr(cfg, key)):  # str: older markers hold every setting as a string
@@ -335,9 +349,7 @@ def run(cfg: LMConfig) -> int:
         check_schedule(cfg, marker)
     if cfg.method == "adamw" and cfg.deepspeed is not None:
         raise ConfigError("--deepspeed configs select BregTop; run adamw without --deepspeed")
-    overrides: dict[str, Any] = {"method": cfg.method, "lr": cfg.lr, "weight_decay": cfg.weight_decay}
-    if cfg.method != "adamw":
-        overrides["precondition_frequency"] = cfg.precondition_frequency
+    overrides = {**cfg.optimizer.as_defaults(), "method": cfg.method}
     if cfg.deepspeed is not None:
         try:
             optimizer_block(load_config(cfg.deepspeed))

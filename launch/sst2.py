@@ -56,12 +56,7 @@ SST2_HELP = {
     "seeds": "comma-separated seeds (\"0,1,2\"), one row per method and seed; replaces --seed",
     "out": "output folder: metrics.jsonl, summary.json, table and plot",
     "batch_size": "sentences per step, over all processes",
-    "lr": "learning rate of every optimizer",
-    "precondition_frequency": "BregTop's basis refresh period T",
-    "eig_floor": "BregTop's damping, the same for every row (0: the paper's algorithm)",
-    "init": "BregTop's state initialisation: first-gradient or kl-methods (Lin et al.'s code)",
-    "init_factor": "kl-methods only: the constant first eigenvalue estimate",
-    "exponent": "the shampoo row's p of S^-p: 0.25 or 0.5 (unset: 0.25)",
+    "exponent": "the shampoo row's p of S^-p: 0.25 or 0.5 (unset: 0.25); the other rows' is fixed at 1/2",
     "loss_reduction": "mean (F.mse_loss over batch and classes) or sum (summed over classes)",
     "vocab_size": "WordPiece vocabulary size (the shipped vocabulary is used when it matches)",
     "max_len": "tokens per sentence at most",
@@ -87,6 +82,7 @@ class SST2Config:
     """Every setting of the job; ``--config FILE`` (YAML) may set any of them."""
 
     HELP: ClassVar[dict[str, str]] = SST2_HELP
+    OPTIMIZER_OWN: ClassVar[tuple[str, ...]] = ("method", "exponent", "bregtop")
 
     method: str = "bregtop-vn-v2"  # a Table 4 row, "adamw", a comma-separated list of them, or "all"
     max_steps: int = 3000
@@ -97,11 +93,7 @@ class SST2Config:
     seeds: str | None = None  # comma-separated seeds ("0,1,2"), one row per (method, seed); replaces seed
     out: Path = Path("runs/sst2")
     batch_size: int = 128  # global, over all processes
-    lr: float = 1e-3
-    precondition_frequency: int = 10
-    eig_floor: float = 0.0  # BregTop's damping, the same for every row (0: the paper's algorithm)
-    init: str = "first-gradient"  # BregTop's state initialisation: first-gradient or kl-methods (Lin et al.'s code)
-    init_factor: float = 0.1  # kl-methods only: the constant first eigenvalue estimate
+    optimizer: BregTopConfig = BregTopConfig()  # every row's settings; the row sets method (and exponent)
     exponent: float | None = None  # the shampoo row's p of S^-p (0.25 or 0.5; None: BregTop's default, 0.25)
     loss_reduction: str = "mean"  # "mean": F.mse_loss over batch and classes; "sum": summed over classes
     vocab_size: int = 30000
@@ -126,7 +118,7 @@ class SST2Config:
                 raise ValueError(
                     f"method={name!r} is not allowed; use one of {', '.join(CHOICES)}, a comma-separated list, or all"
                 )
-        for name in ("max_steps", "batch_size", "precondition_frequency", "vocab_size", "max_len", "dim",
+        for name in ("max_steps", "batch_size", "vocab_size", "max_len", "dim",
                      "layers", "heads", "ff", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be an integer >= 1")
@@ -134,8 +126,11 @@ class SST2Config:
             raise ValueError(f"ema={self.ema!r} must be in (0, 1)")
         if not self.target_loss > 0.0:
             raise ValueError(f"target_loss={self.target_loss!r} must be > 0")
-        if not self.lr > 0.0:
-            raise ValueError(f"lr={self.lr!r} must be > 0")
+        if not self.optimizer.lr > 0.0:
+            raise ValueError(f"lr={self.optimizer.lr!r} must be > 0")
+        if self.optimizer.method != BregTopConfig.method or self.optimizer.exponent is not None:
+            raise ValueError("optimizer.method and optimizer.exponent are the job's: set method (the rows) and "
+                             "exponent (the shampoo row's) at the top level")
         if self.loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction={self.loss_reduction!r} is not allowed; use mean or sum")
         if self.dim % self.heads:
@@ -151,7 +146,7 @@ class SST2Config:
                              f"method={self.method!r} does not run")
         for method in self.methods:  # BregTop's own checks, before any row has run
             if method != "adamw":
-                BregTopConfig(**self.bregtop_settings(method))
+                self.row_config(method)
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -166,21 +161,25 @@ class SST2Config:
             return (self.seed,)
         return tuple(dict.fromkeys(parse_list(self.seeds, "seeds")))
 
-    def bregtop_settings(self, method: str) -> dict[str, Any]:
-        """The settings a BregTop row passes to the optimizer (an ``adamw`` row passes none of
-        them). ``exponent`` goes to the shampoo row only, and only when set."""
-        settings: dict[str, Any] = {"method": method, "lr": self.lr, "weight_decay": 0.0,
-                                    "precondition_frequency": self.precondition_frequency,
-                                    "eig_floor": self.eig_floor, "init": self.init, "init_factor": self.init_factor}
-        if method == "shampoo" and self.exponent is not None:
-            settings["exponent"] = self.exponent
-        return settings
+    def row_config(self, method: str) -> BregTopConfig:
+        """The settings of a BregTop row: ``optimizer`` with the row's method, and ``exponent``
+        on the shampoo row only."""
+        exponent = self.exponent if method == "shampoo" else None
+        return dataclasses.replace(self.optimizer, method=method, exponent=exponent)
 
     def fingerprint(self, method: str | None = None, seed: int | None = None) -> dict[str, Any]:
-        """The settings a row's result depends on (what ``--resume`` compares): the row's seed
-        in place of seed/seeds, and exponent only on the shampoo row, the one that uses it."""
-        skip = {"method", "seeds", "out", "resume", "log_every", "cache_dir", "cpu", "deepspeed"}
+        """The settings a row's result depends on (what ``--resume`` compares), as strings: the
+        row's seed in place of seed/seeds, exponent only on the shampoo row, the one that uses
+        it, and BregTop's settings flat: lr, precondition_frequency, eig_floor, init and
+        init_factor always (the settings of summaries written before the nesting), any other
+        only where it is not BregTop's default."""
+        skip = {"method", "seeds", "out", "resume", "log_every", "cache_dir", "cpu", "deepspeed", "optimizer"}
         out = {k: str(v) for k, v in dataclasses.asdict(self).items() if k not in skip}
+        default = BregTopConfig().as_defaults()
+        always = ("lr", "precondition_frequency", "eig_floor", "init", "init_factor")
+        for key, value in self.optimizer.as_defaults().items():
+            if key in always or (key not in self.OPTIMIZER_OWN and value != default[key]):
+                out[key] = str(value)
         out["seed"] = str(self.seed_list[0] if seed is None else seed)
         if method is not None and method != "shampoo":
             out["exponent"] = "None"
@@ -194,9 +193,12 @@ def row_key(method: str, seed: int) -> str:
 
 # ----------------------------------------------------------------------------- training
 def make_optimizer(model: nn.Module, settings: dict[str, Any]) -> torch.optim.Optimizer:
-    """The paper's grouping: the method on the matrices, Adam (same lr, no decay) on the rest."""
+    """The paper's grouping: the method on the matrices, Adam (same lr) on the rest; the
+    ``adamw`` row is torch's AdamW with BregTop's AdamW-side settings on every parameter."""
     if settings["method"] == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=0.0)
+        cfg = BregTopConfig.from_mapping({k: v for k, v in settings.items() if k not in ("method", "comm_dtype")})
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.resolved_adam_betas, eps=cfg.adam_eps,
+                                 weight_decay=cfg.weight_decay)
     return BregTop(param_groups(model, head_names=["head"]), **settings)
 
 
@@ -244,11 +246,11 @@ def run_method(method: str, seed: int, cfg: SST2Config, accelerator: Any, train:
     if method == "adamw" and cfg.deepspeed is not None:
         raise ConfigError("--deepspeed configs select BregTop; run adamw without --deepspeed")
     if method == "adamw":
-        overrides: dict[str, Any] = {"method": method, "lr": cfg.lr, "weight_decay": 0.0}
+        overrides: dict[str, Any] = {**cfg.optimizer.as_defaults(), "method": method}
         applied: dict[str, Any] = {"init": None, "init_factor": None, "exponent": None, "eig_floor": None}
     else:
-        overrides = cfg.bregtop_settings(method)
-        resolved = BregTopConfig(**overrides)
+        resolved = cfg.row_config(method)
+        overrides = resolved.as_defaults()
         applied = {"init": resolved.init, "init_factor": resolved.init_factor,
                    "exponent": resolved.resolved_exponent, "eig_floor": resolved.eig_floor}
     engine = build(accelerator, model, make_optimizer, overrides, cfg.deepspeed, per_process)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bregtop_dist import METHODS, BregTop
+from bregtop_dist import METHODS, BregTop, BregTopConfig
 from bregtop_dist.integrations.deepspeed import load_config, optimizer_block
 from launch import lm, sst2
 from launch.jobconfig import ConfigError, from_sources
@@ -151,14 +152,60 @@ def test_sst2_does_not_resume_a_summary_from_before_seeds(tmp_path, capsys):
 def test_sst2_passes_init_and_exponent_only_to_the_rows_that_take_them():
     import torch
 
-    cfg = sst2.SST2Config(method="shampoo,kl", init="kl-methods", init_factor=0.3, exponent=0.5, eig_floor=1e-3)
-    assert cfg.bregtop_settings("shampoo")["exponent"] == 0.5 and "exponent" not in cfg.bregtop_settings("kl")
+    settings = BregTopConfig(init="kl-methods", init_factor=0.3, eig_floor=1e-3)
+    cfg = sst2.SST2Config(method="shampoo,kl", optimizer=settings, exponent=0.5)
+    assert cfg.row_config("shampoo").exponent == 0.5 and cfg.row_config("kl").exponent is None
     for method in ("shampoo", "kl"):
-        settings = cfg.bregtop_settings(method)
-        assert (settings["init"], settings["init_factor"], settings["eig_floor"]) == ("kl-methods", 0.3, 1e-3)
-        BregTop([torch.nn.Parameter(torch.randn(4, 3))], **settings)  # BregTop takes every setting
-    assert "exponent" not in sst2.SST2Config(method="shampoo").bregtop_settings("shampoo")
+        row = cfg.row_config(method)
+        assert (row.method, row.init, row.init_factor, row.eig_floor) == (method, "kl-methods", 0.3, 1e-3)
+        assert isinstance(BregTop.from_config([torch.nn.Parameter(torch.randn(4, 3))], row), BregTop)
+    assert sst2.SST2Config(method="shampoo").row_config("shampoo").exponent is None
     assert sst2.SST2Config(seeds="2, 0,2").seed_list == (2, 0) and sst2.SST2Config(seed=5).seed_list == (5,)
+
+
+def test_bregtop_settings_nest_in_yaml_and_flatten_on_the_command_line(tmp_path):
+    """YAML's optimizer: block maps one-to-one onto BregTopConfig; each field is also an
+    option; the command line wins over the file, the file over a DeepSpeed JSON's block, the
+    block over BregTop's defaults."""
+    path = tmp_path / "job.yaml"
+    path.write_text("method: kl\noptimizer:\n  lr: 0.002\n  betas: [0.8, 0.95]\n  precondition_frequency: 7\n")
+    parser = sst2.build_parser()
+    cfg = from_sources(sst2.SST2Config, path, parser.parse_args(["--lr", "0.003", "--adam-betas", "0.85,0.99"]))
+    assert cfg.optimizer == BregTopConfig(lr=0.003, betas=(0.8, 0.95), precondition_frequency=7, adam_betas=(0.85, 0.99))
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"optimizer": {"type": "BregTop", "params": {"lr": 0.01, "eps": 1e-6, "max_precond_dim": 64}}}))
+    cfg = from_sources(sst2.SST2Config, path, parser.parse_args(["--deepspeed", str(ds)]))
+    assert (cfg.optimizer.lr, cfg.optimizer.eps, cfg.optimizer.max_precond_dim) == (0.002, 1e-6, 64)
+    lm_cfg = from_sources(lm.LMConfig, None, lm.build_parser().parse_args(["--weight-decay", "0.1", "--lr", "3e-4"]))
+    assert lm_cfg.row_config() == BregTopConfig(weight_decay=0.1, lr=3e-4) and lm_cfg.lr == 3e-4
+
+
+@pytest.mark.parametrize("text,message", [
+    ("lr: 0.1\n", "unknown setting 'lr' (BregTop's settings go under optimizer:)"),
+    ("optimizer:\n  lrr: 0.1\n", "optimizer.lrr is not a BregTop setting; allowed: lr, rho"),
+    ("optimizer:\n  method: kl\n", "optimizer.method is the job's own setting: set method at the top level"),
+    ("optimizer:\n  betas: 0.9\n", "betas=0.9 must be a pair of floats in [0, 1)"),
+    ("optimizer:\n  rho: 0.5\nmethod: kl\n", "rho=0.5 is not allowed for method='kl'"),
+    ("optimizer: 3\n", "optimizer must be a mapping of BregTop settings, got int"),
+])
+def test_bad_nested_settings_are_named(tmp_path, text, message):
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        from_sources(sst2.SST2Config, path, sst2.build_parser().parse_args([]))
+
+
+def test_resume_fingerprints_of_the_shipped_table4_configs_are_stable():
+    """The nesting keeps the flat fingerprint that --resume compares: the settings recorded by
+    rows run before it (lr, precondition_frequency, eig_floor, init, init_factor as strings)."""
+    cfg = from_sources(sst2.SST2Config, ROOT / "configs/sst2/table4.yaml", sst2.build_parser().parse_args([]))
+    print_ = cfg.fingerprint("kl", 1)
+    assert {k: print_[k] for k in ("lr", "precondition_frequency", "eig_floor", "init", "init_factor", "exponent",
+                                   "seed")} == {"lr": "0.001", "precondition_frequency": "10", "eig_floor": "0.0",
+                                                "init": "kl-methods", "init_factor": "0.1", "exponent": "None",
+                                                "seed": "1"}
+    assert "betas" not in print_  # defaults beyond the five are left out, as before the nesting
+    assert "betas" in sst2.SST2Config(optimizer=BregTopConfig(betas=(0.8, 0.9))).fingerprint("kl", 0)
 
 
 def test_the_default_settings_use_the_shipped_vocabulary(tmp_path):

@@ -96,7 +96,8 @@ def test_summary_holds_typed_values_and_loss_png_is_written(cosine_run):
     out, _ = cosine_run
     summary = json.loads((out / "summary.json").read_text())
     config = summary["config"]
-    assert config["lr"] == LR and config["max_steps"] == STEPS and config["warmup_steps"] == WARMUP
+    assert config["optimizer"]["lr"] == LR and config["optimizer"]["betas"] == [0.9, 0.98]  # BregTopConfig, nested
+    assert config["max_steps"] == STEPS and config["warmup_steps"] == WARMUP
     assert config["resume"] is False and config["cpu"] is False and config["grad_clip"] == 0.0
     assert config["dataset"] is None and config["deepspeed"] is None and config["layers"] is None
     assert isinstance(config["data"], str) and isinstance(config["out"], str) and config["schedule"] == "cosine"
