@@ -19,10 +19,16 @@ def per_matrix(fn: Callable[[Tensor], tuple[Tensor, ...]], a: Tensor) -> tuple[T
     LAPACK's results depend on where a matrix sits in memory, so a batched call gives a block
     a basis that depends on which other blocks share its stack. One call per matrix makes a
     block's basis a function of the block alone: a rank that owns a subset of the blocks then
-    computes exactly what the single-process run computes.
+    computes exactly what the single-process run computes. The results are row-major
+    (contiguous) whatever the batch size: LAPACK hands back column-major matrices, and a
+    product with a column-major operand takes another BLAS path and rounds differently, so a
+    lone refreshing block (a batch of one) would otherwise differ from the same block refreshed
+    beside others.
     """
-    if accelerator_paths(a.device) or a.shape[0] <= 1:
+    if accelerator_paths(a.device):
         return fn(a)
+    if a.shape[0] <= 1:
+        return tuple(t.contiguous() for t in fn(a))
     parts = [fn(a[k : k + 1]) for k in range(a.shape[0])]
     return tuple(torch.cat(column) for column in zip(*parts))
 
