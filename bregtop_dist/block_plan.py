@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from bregtop_dist.core.block_state import KronBlockState
+from bregtop_dist.core.block_step import refresh_due
 from bregtop_dist.distributed.assignment import Block, plan_blocks
 from bregtop_dist.distributed.exchange import Exchange
 from bregtop_dist.distributed.layout import ParamShard
@@ -45,7 +46,7 @@ class BlockStack:
         reads the host counts nor uploads an index."""
         key = (step % frequency, frequency, device)
         if key not in self._refresh_rows:
-            due = torch.remainder(step - self.offsets, frequency) == 0
+            due = refresh_due(torch.tensor(step), self.offsets, frequency)
             self._refresh_rows[key] = due.nonzero().flatten().to(device) if bool(due.any()) else None
         return self._refresh_rows[key]
 
