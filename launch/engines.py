@@ -36,7 +36,7 @@ def build(
     accelerator: Any, model: nn.Module, make_optimizer: Callable[[nn.Module, dict[str, Any]], torch.optim.Optimizer],
     overrides: dict[str, Any], deepspeed_config: Path | None, micro_batch: int, grad_clip: float | None = None,
 ) -> Engine:
-    """Wrap ``model`` and the optimizer ``make_optimizer(model, bregtop_settings)`` builds.
+    """Wrap ``model`` and the optimizer ``make_optimizer(model, settings)`` builds.
 
     ``overrides`` are the job's BregTop settings; a DeepSpeed config's optimizer block fills
     in what they leave out (``comm_dtype``). ``micro_batch`` is the per-process batch (for DeepSpeed's "auto" sizes).
