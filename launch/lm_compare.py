@@ -46,11 +46,12 @@ from torch import Tensor, nn
 
 from bregtop_dist import METHODS, BregTop, param_groups
 from launch.bench import code_version, machine_info
+from launch.lm import PRESETS as LM_PRESETS
 from launch.lm_data import DEFAULT_TEXT, GPT2_DIR, DataError, batch_at, gpt2_tokenizer, load_text, token_ids
 from launch.models import GPT
 
-PRESETS = {"tiny": (2, 2, 64, 64), "small": (4, 4, 128, 128)}
-"""name -> (layers, heads, dim, block_size), as launch.lm's presets of those names."""
+PRESETS = {name: LM_PRESETS[name] for name in ("tiny", "small")}
+"""name -> (layers, heads, dim, block_size): launch.lm's presets that fit a CPU."""
 
 BASELINE = "adamw"
 PEER = "soap"
