@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bregtop_dist.core.precondition import select_top_set, select_top_set_kernel, spectrum_root
+from bregtop_dist.core.precondition import select_top_set, spectrum_root
 
 pytest.importorskip("triton")
 
@@ -40,7 +40,7 @@ def _factors(gen, shape, kind):
 def test_kernel_selection_equals_torch_search(gen, kernel_device, shape, rho, kind, power):
     a, b = _factors(gen, shape, kind)
     want = select_top_set(a, b, rho, 0.01, 3.0, 1e-3, power)
-    got = select_top_set_kernel(a.to(kernel_device), b.to(kernel_device), rho, 0.01, 3.0, 1e-3, power)
+    got = select_top_set(a.to(kernel_device), b.to(kernel_device), rho, 0.01, 3.0, 1e-3, power, kernel=True)
     assert torch.equal(got.threshold.cpu(), want.threshold)
     assert torch.equal(got.cutoff.cpu(), want.cutoff)
     assert torch.equal(got.chi.cpu(), want.chi)
@@ -52,12 +52,12 @@ def test_kernel_selection_spans_the_float32_range(gen, kernel_device):
     a = spectrum_root(torch.tensor([[tiny, 1e-30, 1.0, 1e30, big] * 3]))
     b = spectrum_root(torch.tensor([[big, 1.0, tiny, 3e-7, 2e20, 5.0, 1e-38]]))
     want = select_top_set(a, b, 0.2, 0.3, 2.0, 0.0, 1.0)
-    got = select_top_set_kernel(a.to(kernel_device), b.to(kernel_device), 0.2, 0.3, 2.0, 0.0, 1.0)
+    got = select_top_set(a.to(kernel_device), b.to(kernel_device), 0.2, 0.3, 2.0, 0.0, 1.0, kernel=True)
     assert torch.equal(got.threshold.cpu(), want.threshold) and torch.equal(got.cutoff.cpu(), want.cutoff)
     assert torch.equal(got.chi.cpu(), want.chi) and bool(torch.isfinite(got.chi).all())
 
 
 def test_every_entry_in_the_top_set_launches_nothing(kernel_device):
     a = torch.ones(2, 3, device=kernel_device)
-    got = select_top_set_kernel(a, a, 1.0, 0.01, 3.0)
+    got = select_top_set(a, a, 1.0, 0.01, 3.0, kernel=True)
     assert bool(torch.isinf(got.threshold).all()) and got.cutoff.tolist() == [8, 8]

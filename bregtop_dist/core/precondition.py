@@ -115,40 +115,29 @@ def _chi(low: Tensor, high: Tensor, weight: Tensor, c: float, eps: float, power:
 
 
 def select_top_set(
-    lam_l: Tensor, lam_r: Tensor, rho: float, q: float, c: float, eps: float = 0.0, power: float = 0.5
+    lam_l: Tensor, lam_r: Tensor, rho: float, q: float, c: float, eps: float = 0.0, power: float = 0.5,
+    *, kernel: bool = False,
 ) -> TopSet:
     """The top set and chi of Algorithm 2 from (B, m), (B, n) non-negative factors of a
     spectrum ``lam_l lam_r^T`` of one float dtype (eigenvalues with ``power`` 0.5, their
-    square roots with ``power`` 1), found from the sorted vectors."""
-    bsz, m = lam_l.shape
-    n = lam_r.shape[-1]
-    if top_count(rho, m, n) == m * n:
-        return _everything(bsz, m, n, lam_l.dtype, lam_l.device)
-    k, ranks, weight = _selection_constants(m, n, rho, q, lam_l.dtype, lam_l.device)
-    a_desc = torch.sort(lam_l, dim=-1, descending=True).values
-    b_asc = torch.sort(lam_r, dim=-1).values
-    stats = kth_largest_product(a_desc, b_asc, ranks.expand(bsz, 3).contiguous())
-    threshold = stats[:, 0]
-    chi = _chi(stats[:, 1], stats[:, 2], weight, c, eps, power)
-    cutoff = _tie_cutoff(lam_l, lam_r, b_asc, threshold, k)
-    return TopSet(threshold=threshold, cutoff=cutoff, chi=chi)
-
-
-def select_top_set_kernel(
-    lam_l: Tensor, lam_r: Tensor, rho: float, q: float, c: float, eps: float = 0.0, power: float = 0.5
-) -> TopSet:
-    """:func:`select_top_set` (float32) with the searches in one Triton launch per stack
-    (``triton_kernels.top_set``): the same entries, the same cutoff, the same chi."""
-    from triton_kernels.top_set import top_set_statistics
-
+    square roots with ``power`` 1), found from the sorted vectors. ``kernel`` runs the
+    searches in one Triton launch per stack (``triton_kernels.top_set``, float32): the same
+    entries, the same cutoff, the same chi."""
     bsz, m = lam_l.shape
     n = lam_r.shape[-1]
     if top_count(rho, m, n) == m * n:
         return _everything(bsz, m, n, lam_l.dtype, lam_l.device)
     k, ranks, weight = _selection_constants(m, n, rho, q, lam_l.dtype, lam_l.device)
     b_asc = torch.sort(lam_r, dim=-1).values
-    values, cutoff = top_set_statistics(lam_l, lam_r, b_asc, ranks, k)
-    return TopSet(threshold=values[:, 0], cutoff=cutoff, chi=_chi(values[:, 1], values[:, 2], weight, c, eps, power))
+    if kernel:
+        from triton_kernels.top_set import top_set_statistics
+
+        stats, cutoff = top_set_statistics(lam_l, lam_r, b_asc, ranks, k)
+    else:
+        a_desc = torch.sort(lam_l, dim=-1, descending=True).values
+        stats = kth_largest_product(a_desc, b_asc, ranks.expand(bsz, 3).contiguous())
+        cutoff = _tie_cutoff(lam_l, lam_r, b_asc, stats[:, 0], k)
+    return TopSet(threshold=stats[:, 0], cutoff=cutoff, chi=_chi(stats[:, 1], stats[:, 2], weight, c, eps, power))
 
 
 def _tie_cutoff(lam_l: Tensor, lam_r: Tensor, b_asc: Tensor, threshold: Tensor, k: int) -> Tensor:
@@ -224,7 +213,7 @@ def precondition_rotated(
     if resolve_backend(backend, mt.device, dtype) == "triton":
         from triton_kernels.masked_scale import masked_scale
 
-        top = select_top_set_kernel(root_l, root_r, rho, q, c, eps, power)
+        top = select_top_set(root_l, root_r, rho, q, c, eps, power, kernel=True)
         scaled = mt if mt.dtype in (torch.float32, torch.bfloat16) else mt.float()
         out = masked_scale(scaled.contiguous(), root_l, root_r, top.threshold, top.cutoff, top.chi, eps, power=power)
         return out.to(mt.dtype)

@@ -65,8 +65,7 @@ def chunk_rows(rows: int, world: int) -> list[Range]:
 def replicated_shard(param: Tensor, name: str, world: int) -> ParamShard:
     """A plain tensor every rank holds in full."""
     _require_contiguous(param, name)
-    grad = None if param.grad is None else param.grad.contiguous()
-    return ParamShard(param, name, tuple(param.shape), ((0, param.numel()),) * world, param, grad)
+    return ParamShard(param, name, tuple(param.shape), ((0, param.numel()),) * world, param, _dense(param.grad))
 
 
 def dtensor_shard(param: Tensor, name: str) -> ParamShard:
@@ -99,10 +98,17 @@ def dtensor_shard(param: Tensor, name: str) -> ParamShard:
             f"torch.chunk row semantics over {world} ranks"
         )
     _require_contiguous(local, name)
-    grad = None
-    if param.grad is not None:
-        grad = param.grad.to_local().contiguous()  # type: ignore[attr-defined]
+    grad = None if param.grad is None else _dense(param.grad.to_local())  # type: ignore[attr-defined]
     return ParamShard(param, name, shape, ranges, local, grad)
+
+
+def _dense(grad: Tensor | None) -> Tensor | None:
+    """A gradient as the step reads it; a sparse one counts as absent here, so that what reads
+    no gradient (``state_dict``, the plans) works with one attached: the step itself refuses
+    sparse gradients, naming the parameter, before it reads any shard."""
+    if grad is None or grad.layout != torch.strided:
+        return None
+    return grad.contiguous()
 
 
 def is_dtensor(param: Tensor) -> bool:

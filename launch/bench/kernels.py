@@ -47,7 +47,6 @@ from bregtop_dist.core.precondition import (
     apply_top_set,
     precondition_rotated,
     select_top_set,
-    select_top_set_kernel,
     spectrum_root,
 )
 from bregtop_dist.core.stats import weighted_square_sums
@@ -197,7 +196,7 @@ def bench_precondition(shape: tuple[int, int, int], device: torch.device, timing
         return masked_scale(mt, root_l, root_r, top.threshold, top.cutoff, top.chi, EPS, out=out, power=1.0)
 
     kernel_s = median_per_call(kernel, device, triton_timing)
-    selection_s = median_per_call(lambda: select_top_set_kernel(*selection), device, triton_timing)
+    selection_s = median_per_call(lambda: select_top_set(*selection, kernel=True), device, triton_timing)
     triton_s, got = timed(lambda: whole("triton"), device, triton_timing)
     moved = 2 * mt.numel() * mt.element_size()  # read Mt, write the result; the vectors are negligible
     return {

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -83,6 +83,17 @@ def _count_tolist(counter: _OpCounter) -> Iterator[None]:
         torch.Tensor.tolist = original  # type: ignore[method-assign]
 
 
+class _CountedKernel:
+    """A Triton kernel whose every ``kernel[grid](...)`` launch goes through ``on_launch(run)``."""
+
+    def __init__(self, kernel: Any, on_launch: Callable[[Callable[[], None]], None]) -> None:
+        self.kernel, self.on_launch = kernel, on_launch
+
+    def __getitem__(self, grid: Any) -> Callable[..., None]:
+        launch = self.kernel[grid]
+        return lambda *args, **kwargs: self.on_launch(lambda: launch(*args, **kwargs))
+
+
 @contextmanager
 def _count_launches(counter: _OpCounter, stand_ins: bool) -> Iterator[list[int]]:
     """Counts launches of the Triton kernels; with ``stand_ins`` the kernels are replaced by
@@ -112,16 +123,7 @@ def _count_launches(counter: _OpCounter, stand_ins: bool) -> Iterator[list[int]]
         except ImportError:
             continue
         original = getattr(module, fn_name)
-
-        class _Counted:
-            def __init__(self, kernel: Any) -> None:
-                self.kernel = kernel
-
-            def __getitem__(self, grid: Any) -> Any:
-                launch = self.kernel[grid]
-                return lambda *a, **k: on_launch(lambda: launch(*a, **k))
-
-        setattr(module, fn_name, _Counted(original))
+        setattr(module, fn_name, _CountedKernel(original, on_launch))
         patched.append((module, fn_name, original))
     try:
         yield count
