@@ -59,7 +59,7 @@ def test_rows_of_several_runs_become_one_run(tmp_path):
     assert sorted(summary) == ["kl/seed0", "kl/seed1", "shampoo/seed0", "vn-v1/seed1"]
     lines = _lines(tmp_path / "m")
     assert {(r["method"], r["seed"]) for r in lines} == set(rate)  # the interrupted f-v1 row is left out
-    for (method, seed), r in rate.items():
+    for method, seed in rate:
         steps = [x["step"] for x in lines if (x["method"], x["seed"]) == (method, seed)]
         assert steps == list(range(1, summary[f"{method}/seed{seed}"]["final_step"] + 1))  # last start only
     assert all(x["ema"] != 9.0 for x in lines)
