@@ -114,9 +114,11 @@ def test_first_state_comes_from_the_first_gradient(gen, method):
     assert torch.count_nonzero(state.momentum) == 0
     for k in range(2):
         G = grad[k].double()
+        # the isotropic state at the gradient's scale (rms); Shampoo's statistics ignore the state
+        c = 1.0 if stats == "shampoo" else float(G.square().mean().sqrt())
         eye_l, eye_r = torch.eye(m, dtype=torch.float64), torch.eye(n, dtype=torch.float64)
-        dL, dR = kron_stats_ref(stats, G, eye_l, eye_r, torch.ones(m, dtype=torch.float64),
-                                torch.ones(n, dtype=torch.float64), eye_l, eye_r)
+        dL, dR = kron_stats_ref(stats, G, eye_l, eye_r, c * torch.ones(m, dtype=torch.float64),
+                                c * torch.ones(n, dtype=torch.float64), c * eye_l, c * eye_r)
         for factor, want, U, lam in ((state.L[k], dL, state.U_L[k], state.lam_L[k]),
                                      (state.R[k], dR, state.U_R[k], state.lam_R[k])):
             _close(factor, want, 1e-5)
@@ -130,6 +132,36 @@ def test_first_state_comes_from_the_first_gradient(gen, method):
             assert float(lam.min()) >= float(floor) * (1 - 1e-5)
 
 
+
+
+@pytest.mark.parametrize("method", list(PRESETS))
+def test_first_steps_do_not_depend_on_the_gradient_scale(gen, method):
+    """The fixed point of every divergence's EMA makes its steps scale-free (Adam-like): the
+    first state must start at that scale too, or tiny gradients hardly move the weights and
+    huge ones take giant steps. Three steps of gradients scaled by 1e-10 .. 1e30 give the same
+    updates, with eps = 0 and each method's default exponent (Shampoo's p = 1/4; p = 1/2 on
+    its unnormalised factors scales as 1/|G|)."""
+    hyper = dataclasses.replace(_hyper(method), eps=0.0, exponent=BregTopConfig(method=method).resolved_exponent)
+    bsz, m, n = 2, 5, 5  # full-rank first factors: a null space's basis would be rounding's choice
+    grads = [torch.randn(bsz, m, n, generator=gen) for _ in range(3)]
+    offset = torch.zeros(bsz, dtype=torch.int64)
+    updates = {}
+    # the largest scale whose intermediate products float32 holds: Shampoo's G G^T, f-v2's
+    # lam^2 and f-v1's G R G^T (~|G|^3); beyond it the optimizer trains on or raises (test_real_gradients)
+    top = {"shampoo": 1e15, "f-v2": 1e15, "f-v1": 1e10}.get(PRESETS[method].stats, 1e30)
+    for scale in (1e-10, 1e-3, 1.0, 1e4, top):
+        state, failed = init_block_state(hyper, scale * grads[0])
+        assert not failed.any()
+        steps = []
+        for g in grads:
+            result = kron_block_step(state, scale * g, hyper, offset)
+            state = result.state
+            steps.append(result.update)
+        updates[scale] = torch.stack(steps)
+        assert torch.isfinite(updates[scale]).all(), scale
+    for scale, got in updates.items():
+        _close(got, updates[1.0].double(), 1e-3)
+        assert float(got.abs().amax()) > 1e-2, scale  # the weights move at every scale
 
 
 def test_refresh_due_follows_offsets():

@@ -21,7 +21,7 @@ def _sqrt_spd(gen, d, cond):
     return Q @ torch.diag(torch.logspace(0, -math.log10(cond), d).sqrt()) @ Q.T
 
 
-def _final_loss(make_opt, seed, steps=300, m=24, n=32, batch=64):
+def _final_loss(make_opt, seed, steps=300, m=24, n=32, batch=64, loss_scale=1.0):
     gen = torch.Generator().manual_seed(seed)
     a_half, b_half = _sqrt_spd(gen, n, 1e3), _sqrt_spd(gen, m, 1e3)
     w_star = torch.randn(m, n, generator=gen)
@@ -30,7 +30,7 @@ def _final_loss(make_opt, seed, steps=300, m=24, n=32, batch=64):
     for _ in range(steps):
         x = a_half @ torch.randn(n, batch, generator=gen)
         noise = 0.01 * torch.randn(m, batch, generator=gen)
-        loss = 0.5 * (b_half @ ((w - w_star) @ x) + noise).pow(2).sum() / batch
+        loss = loss_scale * 0.5 * (b_half @ ((w - w_star) @ x) + noise).pow(2).sum() / batch
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -39,9 +39,16 @@ def _final_loss(make_opt, seed, steps=300, m=24, n=32, batch=64):
 
 
 def test_bregtop_beats_tuned_adamw_on_kronecker_regression():
+    """Each at its best lr; the margin (measured 0.35-0.73 of AdamW's loss on these seeds) is
+    asserted at 0.8. Then the loss's units: the same lr on the loss times 1e-2 or 1e2 (a sum
+    instead of a mean, say) reaches about the same loss, as with AdamW. An earlier first state
+    taken at unit scale was 4-16x worse at those scales than at 1."""
     for seed in (0, 1):
         adamw = min(_final_loss(lambda p, lr=lr: torch.optim.AdamW(p, lr=lr, weight_decay=0.0), seed) for lr in LRS)
-        bregtop = min(_final_loss(lambda p, lr=lr: BregTop(p, lr=lr, method="bregtop-vn-v2"), seed) for lr in LRS)
-        kl = min(_final_loss(lambda p, lr=lr: BregTop(p, lr=lr, method="kl"), seed) for lr in LRS)
-        assert bregtop < 0.5 * adamw, (seed, bregtop, adamw)
-        assert kl < 0.5 * adamw, (seed, kl, adamw)
+        for method in ("bregtop-vn-v2", "kl"):
+            losses = {lr: _final_loss(lambda p, lr=lr: BregTop(p, lr=lr, method=method), seed) for lr in LRS}
+            best_lr = min(losses, key=losses.get)
+            assert losses[best_lr] < 0.8 * adamw, (seed, method, losses[best_lr], adamw)
+            for loss_scale in (1e-2, 1e2):
+                scaled = _final_loss(lambda p: BregTop(p, lr=best_lr, method=method), seed, loss_scale=loss_scale)
+                assert scaled < 1.25 * losses[best_lr], (seed, method, loss_scale, scaled, losses[best_lr])
