@@ -46,9 +46,9 @@ def test_bregtop_beats_tuned_adamw_on_kronecker_regression():
     for seed in (0, 1):
         adamw = min(_final_loss(lambda p, lr=lr: torch.optim.AdamW(p, lr=lr, weight_decay=0.0), seed) for lr in LRS)
         for method in ("bregtop-vn-v2", "kl"):
-            losses = {lr: _final_loss(lambda p, lr=lr: BregTop(p, lr=lr, method=method), seed) for lr in LRS}
+            losses = {lr: _final_loss(lambda p, lr=lr, m=method: BregTop(p, lr=lr, method=m), seed) for lr in LRS}
             best_lr = min(losses, key=losses.get)
             assert losses[best_lr] < 0.8 * adamw, (seed, method, losses[best_lr], adamw)
             for loss_scale in (1e-2, 1e2):
-                scaled = _final_loss(lambda p: BregTop(p, lr=best_lr, method=method), seed, loss_scale=loss_scale)
+                scaled = _final_loss(lambda p, lr=best_lr, m=method: BregTop(p, lr=lr, method=m), seed, loss_scale=loss_scale)
                 assert scaled < 1.25 * losses[best_lr], (seed, method, loss_scale, scaled, losses[best_lr])
