@@ -132,8 +132,6 @@ def test_first_state_comes_from_the_first_gradient(gen, method):
             assert float(lam.min()) >= float(floor) * (1 - 1e-5)
 
 
-
-
 @pytest.mark.parametrize("method", list(PRESETS))
 def test_first_steps_do_not_depend_on_the_gradient_scale(gen, method):
     """The fixed point of every divergence's EMA makes its steps scale-free (Adam-like): the

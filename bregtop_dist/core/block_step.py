@@ -159,11 +159,11 @@ def init_block_state(hyper: BlockHyper, grad: Tensor) -> tuple[KronBlockState, T
     eye_r = torch.eye(n, dtype=grad.dtype, device=grad.device).expand(bsz, n, n)
     ones_l = grad.new_ones(bsz, m)
     ones_r = grad.new_ones(bsz, n)
+    scale = _first_state_scale(hyper, grad)  # STATS(G, scale I) = scale STATS(G / scale, I)
+    d_l, d_r = stats_increments(hyper.stats, grad / scale, None, None, ones_l, ones_r, eye_l, eye_r)
+    d_l, d_r = scale * d_l, scale * d_r
     if hyper.init == "kl-methods":  # the factor EMA's first term, from zero
-        d_l, d_r = stats_increments(hyper.stats, grad, None, None, ones_l, ones_r, eye_l, eye_r)
         d_l, d_r = (1.0 - hyper.beta2) * d_l, (1.0 - hyper.beta2) * d_r
-    else:
-        d_l, d_r = _first_stats(hyper.stats, grad, ones_l, ones_r, eye_l, eye_r)
     eig_l, u_l, failed_l = eigh_descending(d_l)
     eig_r, u_r, failed_r = eigh_descending(d_r)
     if hyper.init == "kl-methods":
@@ -185,25 +185,21 @@ def init_block_state(hyper: BlockHyper, grad: Tensor) -> tuple[KronBlockState, T
     return state, failed_l | failed_r
 
 
-def _first_stats(
-    stats: str, grad: Tensor, ones_l: Tensor, ones_r: Tensor, eye_l: Tensor, eye_r: Tensor
-) -> tuple[Tensor, Tensor]:
-    """``first-gradient``'s factors: STATS of the first gradient from the isotropic state at
-    the gradient's own scale. Shampoo's statistics do not depend on the state (``G G^T``, whose
-    eigenvalues are the fixed point's scale). Every other divergence's are homogeneous of
-    degree 1 in (G, state), so their fixed point has estimates of the scale of ``|G|``; from
-    the unit state they would start at ``|G|^2``, which makes the first steps' size depend on
-    the gradient's scale (tiny gradients hardly move, and on SST-2 the F rows collapse onto
-    their top directions). ``STATS(G, rms I) = rms STATS(G / rms, I)`` with ``rms`` the
-    gradient's root mean square, formed from ``G / max|G|`` so that it neither overflows nor
-    underflows."""
-    if stats == "shampoo":
-        return stats_increments(stats, grad, None, None, ones_l, ones_r, eye_l, eye_r)
-    amax = grad.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(grad.dtype).tiny)
-    rms = amax * (grad / amax).square().mean(dim=(-2, -1), keepdim=True).sqrt()
-    rms = rms.clamp_min(torch.finfo(grad.dtype).tiny)
-    d_l, d_r = stats_increments(stats, grad / rms, None, None, ones_l, ones_r, eye_l, eye_r)
-    return rms * d_l, rms * d_r
+def _first_state_scale(hyper: BlockHyper, grad: Tensor) -> Tensor | float:
+    """The scale of the isotropic state STATS is first taken from: 1 (the identity state) for
+    ``kl-methods``, as [11] does, and for Shampoo, whose statistics do not depend on the state
+    (``G G^T``, whose eigenvalues are the fixed point's scale). Every other divergence's
+    statistics are homogeneous of degree 1 in (G, state), so their fixed point has estimates of
+    the scale of ``|G|``; from the unit state they would start at ``|G|^2``, which makes the
+    first steps' size depend on the gradient's scale (tiny gradients hardly move, and on SST-2
+    the F rows collapse onto their top directions). For those ``first-gradient`` starts at the
+    gradient's root mean square (B, 1, 1), formed from ``G / max|G|`` so that it neither
+    overflows nor underflows."""
+    if hyper.init == "kl-methods" or hyper.stats == "shampoo":
+        return 1.0
+    tiny = torch.finfo(grad.dtype).tiny
+    amax = grad.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(tiny)
+    return (amax * (grad / amax).square().mean(dim=(-2, -1), keepdim=True).sqrt()).clamp_min(tiny)
 
 
 def _first_floor(lam: Tensor) -> Tensor:
