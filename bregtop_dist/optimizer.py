@@ -133,7 +133,8 @@ class BregTop(torch.optim.Optimizer):
 
     ``method`` is one of the paper's Table 4 rows: ``shampoo, kl, vn-v1, vn-v2, f-v1,
     f-v2`` (every entry preconditioned, rho = 1) or ``bregtop-vn-v1, bregtop-vn-v2,
-    bregtop-f-v1, bregtop-f-v2`` (top set by rho/q/c, defaults from appendix D). Every
+    bregtop-f-v1, bregtop-f-v2`` (top set by rho/q/c, defaults from appendix D); the default
+    is ``kl``, the fastest row measured here (README, *Defaults*). Every
     setting is a field of :class:`~bregtop_dist.config.BregTopConfig` and may be set per
     param group; ``bregtop=False`` in a group runs it with AdamW (see ``param_groups``).
 

@@ -10,7 +10,8 @@ BregTopConfig``. In YAML it is a mapping under ``optimizer:`` whose keys are
 of its own (``--lr``, ``--betas 0.9,0.98``), with BregTopConfig's own documentation as help.
 Fields the job decides itself (its ``OPTIMIZER_OWN``, such as the method of each row) are
 not among them. With a DeepSpeed JSON (the job's ``deepspeed`` setting) the JSON's optimizer
-block comes between BregTop's defaults and the YAML file.
+block comes between BregTop's defaults and the YAML file; a job-own field it names (the
+shipped JSONs name ``method``) becomes the job's setting unless the YAML or command line set it.
 """
 
 from __future__ import annotations
@@ -120,7 +121,12 @@ def from_sources(cls: type[T], path: Path | None, args: argparse.Namespace) -> T
                 block[name] = _coerce(f"--{name.replace('_', '-')}", given, kinds[name])
     try:
         if nested:
-            values[OPTIMIZER_FIELD] = _optimizer(block, values.get("deepspeed"), path)
+            settings, named = _optimizer(block, values.get("deepspeed"), path, getattr(cls, "OPTIMIZER_OWN", ()))
+            for name, value in named.items():  # the JSON's method (exponent) unless the YAML or command line set it
+                if name not in names:
+                    raise ConfigError(f"--deepspeed: optimizer.params.{name} is decided by the job; remove it from the JSON")
+                values.setdefault(name, _coerce(f"--deepspeed: optimizer.params.{name}", value, hints[name]))
+            values[OPTIMIZER_FIELD] = settings
         return cls(**values)
     except ValueError as err:
         raise ConfigError(str(err)) from None
@@ -146,18 +152,26 @@ def _yaml_block(path: Path, block: Any, nested: tuple[str, ...], cls: type) -> d
     return dict(block)
 
 
-def _optimizer(block: dict[str, Any], deepspeed: Path | None, path: Path | None) -> Any:
-    """BregTopConfig from its defaults, a DeepSpeed JSON's optimizer block, then ``block``."""
+def _optimizer(block: dict[str, Any], deepspeed: Path | None, path: Path | None,
+               own: tuple[str, ...]) -> tuple[Any, dict[str, Any]]:
+    """BregTopConfig from its defaults, a DeepSpeed JSON's optimizer block, then ``block``; and
+    the settings in ``own`` (the job's, such as ``method``) that the JSON's block names, which
+    the job takes where its YAML and command line do not set them."""
     base: dict[str, Any] = {}
+    named: dict[str, Any] = {}
     if deepspeed is not None:
         from bregtop_dist.integrations.deepspeed import load_config, optimizer_block
 
         try:
-            base = optimizer_block(load_config(deepspeed)).settings.as_defaults()
+            config = load_config(deepspeed)
+            base = optimizer_block(config).settings.as_defaults()
         except (OSError, ValueError) as err:
             raise ConfigError(f"--deepspeed: {err}") from None
+        given = config["optimizer"].get("params") or {}
+        named = {k: given[k] for k in own if k in given}
+        base = {k: v for k, v in base.items() if k not in own}
     where = f"config file {str(path)!r}: {OPTIMIZER_FIELD}" if path is not None else "BregTop settings"
-    return _optimizer_class().from_mapping({**base, **block}, where=where)
+    return _optimizer_class().from_mapping({**base, **block}, where=where), named
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -177,7 +177,26 @@ def test_bregtop_settings_nest_in_yaml_and_flatten_on_the_command_line(tmp_path)
     cfg = from_sources(sst2.SST2Config, path, parser.parse_args(["--deepspeed", str(ds)]))
     assert (cfg.optimizer.lr, cfg.optimizer.eps, cfg.optimizer.max_precond_dim) == (0.002, 1e-6, 64)
     lm_cfg = from_sources(lm.LMConfig, None, lm.build_parser().parse_args(["--weight-decay", "0.1", "--lr", "3e-4"]))
-    assert lm_cfg.row_config() == BregTopConfig(weight_decay=0.1, lr=3e-4) and lm_cfg.lr == 3e-4
+    assert lm_cfg.row_config() == BregTopConfig(method=lm_cfg.method, weight_decay=0.1, lr=3e-4) and lm_cfg.lr == 3e-4
+
+
+@pytest.mark.parametrize("job", [sst2, lm])
+def test_a_deepspeed_json_s_method_is_the_job_s_unless_the_yaml_or_command_line_sets_one(tmp_path, job):
+    """The JSON's block may name the method (the shipped ones do): the job runs it, whatever
+    BregTop's default; a method in the YAML or on the command line wins over it."""
+    config_cls = sst2.SST2Config if job is sst2 else lm.LMConfig
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"optimizer": {"type": "BregTop", "params": {"method": "vn-v2", "lr": 0.01}}}))
+    parser = job.build_parser()
+    cfg = from_sources(config_cls, None, parser.parse_args(["--deepspeed", str(ds)]))
+    assert (cfg.method, cfg.optimizer.method, cfg.optimizer.lr) == ("vn-v2", BregTopConfig.method, 0.01)
+    assert from_sources(config_cls, None, parser.parse_args(["--deepspeed", str(ds), "--method", "f-v1"])).method == "f-v1"
+    yaml_file = tmp_path / "job.yaml"
+    yaml_file.write_text("method: shampoo\n")
+    assert from_sources(config_cls, yaml_file, parser.parse_args(["--deepspeed", str(ds)])).method == "shampoo"
+    ds.write_text(json.dumps({"optimizer": {"type": "BregTop", "params": {"method": "vn-v2", "bregtop": False}}}))
+    with pytest.raises(ConfigError, match=re.escape("--deepspeed: optimizer.params.bregtop is decided by the job")):
+        from_sources(config_cls, None, parser.parse_args(["--deepspeed", str(ds)]))
 
 
 @pytest.mark.parametrize("text,message", [

@@ -38,7 +38,9 @@ def largest_magnitudes(tensors: list[Tensor]) -> Tensor:
     on the CPU path each tensor's min and max (``_foreach_norm(inf)`` is an order of magnitude
     slower there). Every tensor must have elements."""
     if accelerator_paths(tensors[0].device):
-        return torch.stack(torch._foreach_norm(tensors, float("inf"), dtype=torch.float32))  # type: ignore[arg-type]
+        if all(t.dtype != torch.float64 for t in tensors):  # float32 accumulation is exact for a max
+            return torch.stack(torch._foreach_norm(tensors, float("inf"), dtype=torch.float32))  # type: ignore[arg-type]
+        return torch.stack([n.float() for n in torch._foreach_norm(tensors, float("inf"))])  # no float64 -> float32 arg
     parts = []
     for t in tensors:
         lo, hi = torch.aminmax(t)

@@ -10,7 +10,8 @@ Per configuration it reports the elements each rank receives per step against th
 (sharded ``2 (W-1) P / W^2``, replicated ``(W-1) P / W``; P the parameter count), the rank's
 own CPU time in ``opt.step()`` (the work it does: it should fall like 1/W), the wall time of
 a step (the slowest rank; meaningful only while W <= cores), its max/median with staggered
-and with synchronised refreshes, and the Kronecker state bytes per rank.
+and with synchronised refreshes, and the Kronecker state bytes per rank. The method is
+``bregtop-vn-v2`` (the top-set selection on top of the step; the figures in docs/benchmarks.md).
 
 All configurations of one world size are warmed up together (set-up step and one refresh
 period), then timed in interleaved windows of ``--steps`` steps, ``--repeats`` times, so a
@@ -44,6 +45,7 @@ HELP = "bytes per rank, per-rank optimizer time and step jitter of sharded BregT
 DEFAULT_OUT = Path("runs/bench/dist.json")
 LAYOUTS = ("replicated", "sharded")
 GRAD_POOL = 4
+METHOD = "bregtop-vn-v2"  # the method the figures in docs/benchmarks.md were measured with
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ class _Config:
 
 def _start(layout: str, stagger: bool, rank: int, world: int, sizes: Sizes, pool: list[list[torch.Tensor]]) -> _Config:
     params, set_grads = _params(layout, world, rank, sizes)
-    opt = BregTop(params, lr=1e-3, precondition_frequency=sizes.frequency, max_precond_dim=sizes.dim,
+    opt = BregTop(params, lr=1e-3, method=METHOD, precondition_frequency=sizes.frequency, max_precond_dim=sizes.dim,
                   stagger_refresh=stagger)
     for step in range(sizes.frequency + 1):  # set-up step and one refresh of every block
         set_grads(pool[step % GRAD_POOL])
