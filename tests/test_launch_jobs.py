@@ -180,11 +180,10 @@ def test_bregtop_settings_nest_in_yaml_and_flatten_on_the_command_line(tmp_path)
     assert lm_cfg.row_config() == BregTopConfig(method=lm_cfg.method, weight_decay=0.1, lr=3e-4) and lm_cfg.lr == 3e-4
 
 
-@pytest.mark.parametrize("job", [sst2, lm])
-def test_a_deepspeed_json_s_method_is_the_job_s_unless_the_yaml_or_command_line_sets_one(tmp_path, job):
+@pytest.mark.parametrize("job,config_cls", [(sst2, sst2.SST2Config), (lm, lm.LMConfig)])
+def test_a_deepspeed_json_s_method_is_the_job_s_unless_the_yaml_or_command_line_sets_one(tmp_path, job, config_cls):
     """The JSON's block may name the method (the shipped ones do): the job runs it, whatever
     BregTop's default; a method in the YAML or on the command line wins over it."""
-    config_cls = sst2.SST2Config if job is sst2 else lm.LMConfig
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"optimizer": {"type": "BregTop", "params": {"method": "vn-v2", "lr": 0.01}}}))
     parser = job.build_parser()

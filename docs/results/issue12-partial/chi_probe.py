@@ -4,11 +4,10 @@ BregTop rows". Run from the repository root: python docs/results/issue12-partial
 bregtop-f-v2 300 (method, steps; prints the statistics at step 50 and at the last step)."""
 import sys, torch
 from torch.utils.data import DataLoader
-from bregtop_dist import BregTop, param_groups
+from bregtop_dist import BregTop, BregTopConfig, param_groups
 from launch.models import EncoderClassifier
 from launch.sst2 import SST2Config, mse
 from launch.sst2_data import Encoded, collate, load_sst2, wordpiece
-from bregtop_dist.core.precondition import select_top_set
 torch.set_num_threads(1)
 cfg = SST2Config()
 tr, dv = load_sst2(cfg.train_file, cfg.dev_file, None)
@@ -30,7 +29,6 @@ for batch in loader:
             lam_l, lam_r = st.lam_L.float(), st.lam_R.float()
             s = lam_l[:, :, None] * lam_r[:, None, :]
             w = s.clamp_min(1e-30).rsqrt()
-            from bregtop_dist.config import BregTopConfig
             c = BregTopConfig(method=method)
             rho, q, cc = c.resolved_rho, c.resolved_q, c.resolved_c
             B, m, n = s.shape
