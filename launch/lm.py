@@ -455,6 +455,7 @@ def run(cfg: LMConfig) -> int:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"wrote {out / 'metrics.jsonl'}, {out / 'summary.json'}, {out / 'loss.png'} and {ckpt_root}")
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroys the process group under torchrun: gloo may abort at exit otherwise
     return 0
 
 

@@ -480,6 +480,7 @@ def run(cfg: SST2Config) -> int:
         print(format_table(summary))
         print(f"wrote {summary_path}, {metrics_path}, {out / 'ema_loss.png'}")
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroys the process group under torchrun: gloo may abort at exit otherwise
     return 0
 
 

@@ -11,6 +11,7 @@ SAVE_AT of ``trainer``, writes the final weights). Exits non-zero on a failed ch
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -136,6 +137,7 @@ def main() -> None:
         _accelerate(mode, out)
     else:
         _trainer(mode, out)
+    gc.collect()  # free what the run left in reference cycles (DDP model, engine) while gloo is still up
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
