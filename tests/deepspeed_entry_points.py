@@ -142,7 +142,7 @@ def main() -> None:
         (_library if mode == "library" else _plain)()
     else:
         _trainer(mode, out)
-    gc.collect()  # free what the run left in reference cycles (DDP model, engine) while gloo is still up
+    gc.collect()  # anything the run left in reference cycles goes while gloo is still up, not at exit
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -137,7 +137,7 @@ def main() -> None:
         _accelerate(mode, out)
     else:
         _trainer(mode, out)
-    gc.collect()  # free what the run left in reference cycles (DDP model, engine) while gloo is still up
+    gc.collect()  # anything the run left in reference cycles goes while gloo is still up, not at exit
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
