@@ -9,7 +9,7 @@ import torch
 from reference import chi_ref, kron_precondition_ref, top_mask_ref
 
 from bregtop_dist import kron_precondition
-from bregtop_dist.core.precondition import precondition_weights
+from bregtop_dist.core.precondition import precondition_weights, select_top_set, spectrum_root, top_mask
 
 SHAPES = [(1, 1), (1, 12), (12, 1), (7, 3), (16, 16), (33, 65)]
 TOL = {torch.float32: 2e-5, torch.float64: 1e-11}
@@ -169,3 +169,21 @@ def test_tie_cutoff_matches_stable_sort_on_many_tie_patterns(gen, dtype):
         # chi = 7 * quantile(S^-1/2) exceeds every S^-1/2 <= 1 here: the mask is W > 1.
         assert torch.equal(W > 1.0, ~top), (m, n, rho)
         assert torch.allclose(W[~top], chi.expand(int((~top).sum())))
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_top_mask_is_the_papers_top_set(gen, ties):
+    """``top_mask`` on the root spectrum is E of Algorithm 2: the K largest entries of S, ties
+    in row-major order; batched, random shapes and rho, with and without tied eigenvalues."""
+    for _ in range(40):
+        bsz, m, n = (int(x) for x in torch.randint(1, 10, (3,), generator=gen))
+        _, _, _, lam_l, lam_r = _block(gen, m, n, torch.float64, ties=ties)
+        lam_l = torch.stack([lam_l[torch.randperm(m, generator=gen)] for _ in range(bsz)])
+        lam_r = torch.stack([lam_r[torch.randperm(n, generator=gen)] for _ in range(bsz)])
+        rho = float(torch.rand((), generator=gen)) * 0.98 + 0.01
+        root_l, root_r = spectrum_root(lam_l), spectrum_root(lam_r)
+        top = select_top_set(root_l, root_r, rho, 0.01, 3.0)
+        got = top_mask(root_l[:, :, None] * root_r[:, None, :], top)
+        for b in range(bsz):
+            want = top_mask_ref(torch.outer(lam_l[b], lam_r[b]), rho)
+            assert torch.equal(got[b], want), (m, n, rho, b)

@@ -163,22 +163,26 @@ def _tie_cutoff(lam_l: Tensor, lam_r: Tensor, b_asc: Tensor, threshold: Tensor, 
     return torch.where(straddles, row * n + col, torch.full_like(row, m * n - 1))
 
 
+def top_mask(s: Tensor, top: TopSet) -> Tensor:
+    """The indicator E of the top set (B, m, n), bool, from the spectrum ``s`` (B, m, n) that
+    ``top`` was selected on (the root spectrum ``lam_l lam_r^T`` of :func:`select_top_set`'s
+    arguments): what Algorithm 2 scales by ``S^-1/2``; its complement gets chi."""
+    m, n = s.shape[-2:]
+    thr = top.threshold[:, None, None]
+    if accelerator_paths(s.device) or bool((top.cutoff < m * n - 1).any()):  # ties straddle the cut
+        flat = torch.arange(m * n, device=s.device).view(1, m, n)
+        return (s > thr) | ((s == thr) & (flat <= top.cutoff[:, None, None]))
+    return s >= thr
+
+
 def apply_top_set(
     mt: Tensor, lam_l: Tensor, lam_r: Tensor, top: TopSet, eps: float, power: float = 0.5
 ) -> Tensor:
     """``Mt * W`` (B, m, n): ``1 / ((lam_l lam_r^T)^power + eps)`` on the top set, chi
     elsewhere. The torch reference of the fused Triton kernel ``triton_kernels.masked_scale``;
     computed in lam's dtype."""
-    bsz, m = lam_l.shape
-    n = lam_r.shape[-1]
     s = lam_l[:, :, None] * lam_r[:, None, :]
-    thr = top.threshold[:, None, None]
-    if accelerator_paths(s.device) or bool((top.cutoff < m * n - 1).any()):  # ties straddle the cut
-        flat = torch.arange(m * n, device=s.device).view(1, m, n)
-        in_top = (s > thr) | ((s == thr) & (flat <= top.cutoff[:, None, None]))
-    else:
-        in_top = s >= thr
-    w = torch.where(in_top, _inverse_power_(s, eps, power), top.chi[:, None, None].to(s.dtype))
+    w = torch.where(top_mask(s, top), _inverse_power_(s, eps, power), top.chi[:, None, None].to(s.dtype))
     return w.mul_(mt)
 
 

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from bregtop_dist import BregTop, BregTopConfig, param_groups
-from bregtop_dist.core.precondition import inverse_power, select_top_set, spectrum_root
+from bregtop_dist.core.precondition import inverse_power, select_top_set, spectrum_root, top_mask
 from launch.models import EncoderClassifier
 from launch.sst2 import SST2Config, mse
 from launch.sst2_data import Encoded, collate, load_sst2, wordpiece
@@ -28,13 +28,10 @@ def block_stats(lam_l, lam_r, mt, cfg):
     root_l, root_r = spectrum_root(lam_l.float()), spectrum_root(lam_r.float())
     top = select_top_set(root_l, root_r, cfg.resolved_rho, cfg.resolved_q, cfg.resolved_c, cfg.eps, power=1.0)
     root_s = root_l[:, :, None] * root_r[:, None, :]
-    bsz, m, n = root_s.shape
-    index = torch.arange(m * n).view(1, m, n)
-    in_top = (root_s > top.threshold[:, None, None]) | (
-        (root_s == top.threshold[:, None, None]) & (index <= top.cutoff[:, None, None]))
+    in_top = top_mask(root_s, top)
     base = inverse_power(root_s, cfg.eps, power=1.0)  # the baseline's scale, every entry
     rows = []
-    for b in range(bsz):
+    for b in range(root_s.shape[0]):
         t, bot, chi = in_top[b], base[b][~in_top[b]], top.chi[b]
         edge = base[b][t].max()
         exact, breg = mt[b] * base[b], torch.where(t, mt[b] * base[b], mt[b] * chi)
