@@ -75,3 +75,26 @@ def test_errors_name_the_method_and_missing_factors(gen):
     for method in ("vn-v1", "f-v1"):
         with pytest.raises(ValueError, match=f"method='{method}' needs the current factors L and R"):
             kron_stats(method, G, U_L, U_R, lam_L, lam_R)
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (3, 17), (17, 3)])
+@pytest.mark.parametrize("g_scale, factor_scale", [(1e10, 1e20), (1e18, 1e25), (1e-20, 1e-30)])
+def test_f_v1_in_float32_where_its_products_leave_the_range(gen, shape, g_scale, factor_scale):
+    """f-v1's ``G R G^T / Tr(R^2)`` and its rotated diagonals (both branches: (3, 17) and (17, 3)
+    take the long-side product) in float32 equal the float64 reference where the result is in
+    range but ``G R G^T`` or ``Tr(R^2)`` alone are not (the step after a x1e10 spike, whose
+    factors grew ~1e20; huge factors; tiny ones)."""
+    G, U_L, U_R, lam_L, lam_R, L, R = _inputs(gen, *shape, torch.float64)
+    G, L, R = G * g_scale, L * factor_scale, R * factor_scale
+    inputs = [x.float() for x in (G, U_L, U_R, lam_L, lam_R, L, R)]
+    want = kron_stats_ref("f-v1", G, U_L, U_R, lam_L, lam_R, L, R)
+    assert all(bool(torch.isfinite(w.float()).all()) for w in want), "setup: the result must be float32-finite"
+    got = kron_stats("f-v1", *inputs)
+    for g, w in zip(got, want):
+        assert torch.allclose(g.double(), w, rtol=1e-4, atol=1e-4 * float(w.abs().max()))
+    f = inputs
+    gt = f[1].mT @ f[0] @ f[2]
+    diags = rotated_diagonals("f-v1", gt, f[3], f[4], f[5], f[6], got[0], got[1], f[1], f[2], G=f[0])
+    for d, w, u in zip(diags, want, (U_L, U_R)):
+        ref = torch.diagonal(u.T @ w @ u)
+        assert torch.allclose(d.double(), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))

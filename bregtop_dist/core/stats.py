@@ -51,6 +51,16 @@ def _weighted_gram(x: Tensor, weight: Tensor) -> Tensor:
     return _mm(x * weight[..., None, :], x.mT)
 
 
+def _fv1_weight(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(x / a, a Tr((x / a)^2))`` with a = max|x|, whose ratio is f-v1's weight ``x / Tr(x^2)``
+    for a symmetric factor x (..., d, d). Formed so because ``Tr(x^2)`` leaves float32 for
+    factors beyond ~1e19, and ``G x G^T`` for gradients ~1e10 above the factor (the step after
+    a spike), where ``G x G^T / Tr(x^2)`` itself does not."""
+    a = x.abs().amax((-2, -1), keepdim=True)
+    xn = x / a
+    return xn, a * (xn * xn).sum((-2, -1), keepdim=True)
+
+
 def _check(method: str, L: Tensor | None, R: Tensor | None) -> None:
     if method not in STATS_METHODS:
         raise ValueError(f"method={method!r} is unknown; allowed: {', '.join(STATS_METHODS)}")
@@ -98,14 +108,16 @@ def _fv1_diagonals(
         diag_l = torch.diagonal(dL, dim1=-2, dim2=-1)
     elif G is not None and n * (m + n) < m * m:
         y = _mm(U_L.mT, G)
-        diag_l = (_mm(y, R) * y).sum(-1) / (R * R).sum((-2, -1))[..., None]
+        rn, r2 = _fv1_weight(R)
+        diag_l = (_mm(y, rn) * y).sum(-1) / r2[..., 0]
     else:
         diag_l = (U_L * _mm(dL, U_L)).sum(-2)
     if U_R is None:
         diag_r = torch.diagonal(dR, dim1=-2, dim2=-1)
     elif G is not None and m * (m + n) < n * n:
         z = _mm(G, U_R)
-        diag_r = (z * _mm(L, z)).sum(-2) / (L * L).sum((-2, -1))[..., None]
+        ln, l2 = _fv1_weight(L)
+        diag_r = (z * _mm(ln, z)).sum(-2) / l2[..., 0]
     else:
         diag_r = (U_R * _mm(dR, U_R)).sum(-2)
     return diag_l, diag_r
@@ -193,9 +205,8 @@ def stats_increments(
     are its own state (non-empty float32 stacks of matching shapes)."""
     if method == "f-v1":
         assert L is not None and R is not None
-        d_l = _mm(_mm(G, R), G.mT) / (R * R).sum((-2, -1))[..., None, None]
-        d_r = _mm(_mm(G.mT, L), G) / (L * L).sum((-2, -1))[..., None, None]
-        return d_l, d_r
+        (rn, r2), (ln, l2) = _fv1_weight(R), _fv1_weight(L)
+        return _mm(_mm(G, rn), G.mT) / r2, _mm(_mm(G.mT, ln), G) / l2
     w_l, w_r = factor_weights(method, lam_L, lam_R, L, R)
     x_l, x_r = G, G
     if method in EIGEN_WEIGHTED:
