@@ -1,6 +1,6 @@
 """Where chi sits in the bottom set's scale during SST-2 training (seed 0, first-gradient, the
-job's model and data order): the probe behind docs/results/issue12-partial/README.md, "The
-BregTop rows". Run from the repository root: python docs/results/issue12-partial/chi_probe.py
+job's model and data order): the probe behind docs/results/issue12/README.md, "The
+BregTop rows". Run from the repository root: python docs/results/issue12/chi_probe.py
 bregtop-f-v2 300 (method, steps; prints the statistics at step 50 and at the last step).
 
 The top set, chi and both scales come from the library's own Algorithm 2 selection
