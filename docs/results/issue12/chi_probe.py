@@ -10,13 +10,10 @@ import statistics
 import sys
 
 import torch
-from torch.utils.data import DataLoader
+from probe_setup import probe_setup
 
-from bregtop_dist import BregTop, BregTopConfig, param_groups
 from bregtop_dist.core.precondition import inverse_power, select_top_set, spectrum_root, top_mask
-from launch.models import EncoderClassifier
-from launch.sst2 import SST2Config, mse
-from launch.sst2_data import Encoded, collate, load_sst2, wordpiece
+from launch.sst2 import mse
 
 STATS = ["chi / top-edge scale", "frac bottom with baseline scale > chi (damped)", "chi / median bottom scale",
          "max bottom scale / top-edge scale", "top share of |update|", "|bregtop update| / |baseline update|",
@@ -45,16 +42,7 @@ def block_stats(lam_l, lam_r, mt, cfg):
 def main() -> None:
     torch.set_num_threads(1)
     method, steps = sys.argv[1], int(sys.argv[2])
-    job = SST2Config()
-    tr, _ = load_sst2(job.train_file, job.dev_file, None)
-    tok = wordpiece(tr.sentences, job.vocab_size, job.cache_dir)
-    train = Encoded(tr, tok, job.max_len)
-    torch.manual_seed(0)
-    model = EncoderClassifier(tok.get_vocab_size(), 128, 4, 8, 512, 128)
-    cfg = BregTopConfig(method=method, lr=1e-3, eig_floor=0.0, init="first-gradient")
-    opt = BregTop.from_config(param_groups(model, head_names=["head"]), cfg)
-    loader = DataLoader(train, batch_size=128, shuffle=True, drop_last=True, collate_fn=collate,
-                        generator=torch.Generator().manual_seed(0))
+    model, opt, cfg, loader = probe_setup(method)
     for step, batch in enumerate(loader, start=1):
         loss = mse(model(batch["ids"], batch["mask"]), batch["labels"], "mean")
         loss.backward()

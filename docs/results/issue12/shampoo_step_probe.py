@@ -13,29 +13,18 @@ import statistics
 import sys
 
 import torch
-from torch.utils.data import DataLoader
+from probe_setup import probe_setup
 
-from bregtop_dist import BregTop, BregTopConfig, param_groups
-from launch.models import EncoderClassifier
-from launch.sst2 import SST2Config, mse
-from launch.sst2_data import Encoded, collate, load_sst2, wordpiece
+from launch.sst2 import mse
 
 
 def setup(method: str, kron_lr_factor: float = 1.0):
-    """The job's model (seed 0), loader and optimizer; the Kronecker group's lr times the factor."""
-    job = SST2Config()
-    tr, _ = load_sst2(job.train_file, job.dev_file, None)
-    tok = wordpiece(tr.sentences, job.vocab_size, job.cache_dir)
-    torch.manual_seed(0)
-    model = EncoderClassifier(tok.get_vocab_size(), 128, 4, 8, 512, 128)
-    groups = param_groups(model, head_names=["head"])
-    cfg = BregTopConfig(method=method, lr=1e-3, eig_floor=0.0, init="first-gradient")
-    opt = BregTop.from_config(groups, cfg)
+    """The job's model (seed 0), optimizer and loader, and the Kronecker groups, whose lr is
+    multiplied by the factor (the Adam group's is kept)."""
+    model, opt, _, loader = probe_setup(method)
     kron = [g for g in opt.param_groups if g["bregtop"]]
     for g in kron:
         g["lr"] = g["lr"] * kron_lr_factor
-    loader = DataLoader(Encoded(tr, tok, job.max_len), batch_size=128, shuffle=True, drop_last=True,
-                        collate_fn=collate, generator=torch.Generator().manual_seed(0))
     return model, opt, kron, loader
 
 
