@@ -3,6 +3,11 @@
 Nothing here is clever: S is materialised, the top set comes from a stable descending sort,
 the quantile from torch.quantile, inverse factors from their eigen-approximation as in the
 KL-Shampoo code, and every diagonal from the explicit product U^T dL U.
+
+Algorithm 2's selection is the paper's with its two continuity rules (see
+``bregtop_dist.core.precondition``): entries tied with the K-th largest all take the top
+scale, and entries within ``band`` (relative, on sqrt(S)) below it blend linearly from chi to
+their own scale. ``band=0`` is the paper's hard cut (ties then in row-major order).
 """
 
 from __future__ import annotations
@@ -11,6 +16,9 @@ import math
 
 import torch
 from torch import Tensor
+
+from bregtop_dist.core.bases import REFRESH_SHIFT
+from bregtop_dist.core.precondition import SELECTION_BAND
 
 
 def top_mask_ref(S: Tensor, rho: float) -> Tensor:
@@ -28,15 +36,26 @@ def chi_ref(S: Tensor, top: Tensor, q: float, c: float, eps: float = 0.0) -> Ten
     return c * torch.quantile(inv[~top], q, interpolation="linear")
 
 
-def kron_precondition_ref(M, U_L, U_R, lam_L, lam_R, rho, q, c, eps=0.0, p=0.5) -> Tensor:
-    """Algorithm 2, line by line (``p`` of S^-p: 1/2, or Shampoo's 1/4 with rho = 1)."""
-    Mt = U_L.T @ M @ U_R
-    S = torch.outer(lam_L, lam_R)
+def weights_ref(S: Tensor, rho: float, q: float, c: float, eps: float = 0.0, p: float = 0.5,
+                band: float = SELECTION_BAND) -> Tensor:
+    """W of Algorithm 2 (``p`` of S^-p: 1/2, or Shampoo's 1/4 with rho = 1): S^-p on the top
+    set, chi on the bottom set; with ``band`` > 0 the continuity rules of the module docstring."""
     top = top_mask_ref(S, rho)
     inv = S**-p if eps == 0 else 1.0 / (S**p + eps)
-    W = inv.clone()
-    if not bool(top.all()):
-        W[~top] = chi_ref(S, top, q, c, eps)
+    if bool(top.all()):
+        return inv
+    chi = chi_ref(S, top, q, c, eps)
+    if band == 0.0:
+        return torch.where(top, inv, chi)
+    threshold = S[top].min()
+    ramp = ((S / threshold).sqrt() - (1.0 - band)).div(band).clamp(0.0, 1.0)
+    return torch.where(S >= threshold, inv, chi + ramp * (inv - chi))
+
+
+def kron_precondition_ref(M, U_L, U_R, lam_L, lam_R, rho, q, c, eps=0.0, p=0.5, band=SELECTION_BAND) -> Tensor:
+    """Algorithm 2, line by line."""
+    Mt = U_L.T @ M @ U_R
+    W = weights_ref(torch.outer(lam_L, lam_R), rho, q, c, eps, p, band)
     return U_L @ (Mt * W) @ U_R.T
 
 
@@ -62,6 +81,13 @@ def kron_stats_ref(method, G, U_L, U_R, lam_L, lam_R, L, R) -> tuple[Tensor, Ten
     raise ValueError(method)
 
 
+def shifted_power_qr_ref(factor: Tensor, basis: Tensor, shift: float = REFRESH_SHIFT) -> Tensor:
+    """Line 7, ``qr(L U)``, of the shifted factor ``L + delta I`` (the same eigenvectors),
+    ``delta = shift * max|L|``; ``shift=0`` is the paper's."""
+    delta = shift * factor.abs().max()
+    return torch.linalg.qr((factor + delta * torch.eye(factor.shape[0], dtype=factor.dtype)) @ basis).Q
+
+
 def algorithm1_ref(state: dict, G: Tensor, stats: str, beta1, beta2, refresh: bool, rho, q, c, eps):
     """One step of Algorithm 1 on one block; returns (new state, M_hat). float64 in, out."""
     s = {k: v.clone() for k, v in state.items()}
@@ -72,8 +98,8 @@ def algorithm1_ref(state: dict, G: Tensor, stats: str, beta1, beta2, refresh: bo
     s["lam_L"] = (1 - beta2) * torch.diag(s["U_L"].T @ dL @ s["U_L"]) + beta2 * s["lam_L"]
     s["lam_R"] = (1 - beta2) * torch.diag(s["U_R"].T @ dR @ s["U_R"]) + beta2 * s["lam_R"]
     if refresh:
-        s["U_L"] = torch.linalg.qr(s["L"] @ s["U_L"]).Q
-        s["U_R"] = torch.linalg.qr(s["R"] @ s["U_R"]).Q
+        s["U_L"] = shifted_power_qr_ref(s["L"], s["U_L"])
+        s["U_R"] = shifted_power_qr_ref(s["R"], s["U_R"])
     M_hat = kron_precondition_ref(s["M"], s["U_L"], s["U_R"], s["lam_L"], s["lam_R"], rho, q, c, eps)
     return s, M_hat
 

@@ -16,7 +16,7 @@ from reference import boundary_gap, chi_ref, top_mask_ref
 
 from bregtop_dist import BregTop, kron_precondition
 from bregtop_dist.core.dispatch import resolve_backend
-from bregtop_dist.core.precondition import apply_top_set, select_top_set
+from bregtop_dist.core.precondition import SELECTION_BAND, apply_top_set, select_top_set
 
 pytest.importorskip("triton")
 from triton_kernels.masked_scale import masked_scale  # noqa: E402
@@ -27,8 +27,8 @@ SHAPES = [(2, 1, 37), (2, 29, 1), (3, 7, 3), (1, 129, 65), (2, 33, 70)]
 def _run_kernel(mt, lam_l, lam_r, top, eps, device):
     """The kernel on ``device``, its result back on the CPU."""
     out = torch.full_like(mt, float("nan"), device=device)
-    args = (mt, lam_l, lam_r, top.threshold, top.cutoff, top.chi)
-    masked_scale(*(t.to(device) for t in args), eps, out=out)
+    args = (mt, lam_l, lam_r, top.threshold, top.chi)
+    masked_scale(*(t.to(device) for t in args), eps, SELECTION_BAND, out=out)
     return out.cpu()
 
 
@@ -48,8 +48,8 @@ def test_kernel_equals_reference(gen, kernel_device, shape, rho, dtype, eps):
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * float(want.float().abs().max()))
 
-    for k in range(bsz):  # the paper's definition in float64, away from near-ties at the cut
-        if boundary_gap(lam_l[k].double(), lam_r[k].double(), rho) < 1e-5:
+    for k in range(bsz):  # the paper's definition in float64, where no entry is in the blending band
+        if boundary_gap(lam_l[k].double(), lam_r[k].double(), rho) < 2 * SELECTION_BAND:
             continue
         S = torch.outer(lam_l[k].double(), lam_r[k].double())
         mask = top_mask_ref(S, rho)
@@ -60,7 +60,7 @@ def test_kernel_equals_reference(gen, kernel_device, shape, rho, dtype, eps):
 
 
 @pytest.mark.parametrize("rho", [0.1, 0.5, 0.77])
-def test_ties_at_the_cut_follow_row_major_order(gen, kernel_device, rho):
+def test_entries_tied_at_the_cut_all_take_the_top_scale(gen, kernel_device, rho):
     m, n = 9, 70  # more than one column tile
     lam_l = torch.randint(1, 3, (2, m), generator=gen).float()
     lam_r = torch.randint(1, 3, (2, n), generator=gen).float()
@@ -71,8 +71,25 @@ def test_ties_at_the_cut_follow_row_major_order(gen, kernel_device, rho):
         S = torch.outer(lam_l[k], lam_r[k])
         mask = top_mask_ref(S, rho)
         assert int(mask.sum()) == max(1, math.ceil(rho * m * n))
-        W = torch.where(mask, S**-0.5, chi_ref(S, mask, 0.25, 2.0))
+        W = torch.where(S >= S[mask].min(), S**-0.5, chi_ref(S, mask, 0.25, 2.0))
         assert torch.allclose(got[k], mt[k] * W, rtol=1e-6)
+
+
+def test_kernel_blends_the_band_like_the_reference(gen, kernel_device):
+    """Entries placed inside the band below the threshold: the kernel's blend equals the torch
+    reference's (``selection_weights``)."""
+    n = 70
+    lam_l = torch.ones(2, 1)
+    frac = torch.rand(2, n - 2, generator=gen)
+    lam_r = torch.cat([torch.full((2, 2), 4.0), 4.0 * (1.0 - frac * SELECTION_BAND)], dim=1)  # K = 2 at rho 0.02
+    mt = torch.randn(2, 1, n, generator=gen)
+    top = select_top_set(lam_l, lam_r, 0.02, 0.5, 2.0, 0.0, power=1.0)
+    out = torch.full_like(mt, float("nan"), device=kernel_device)
+    args = (mt, lam_l, lam_r, top.threshold, top.chi)
+    masked_scale(*(t.to(kernel_device) for t in args), 0.0, SELECTION_BAND, out=out, power=1.0)
+    want = apply_top_set(mt, lam_l, lam_r, top, 0.0, 1.0)
+    assert torch.allclose(out.cpu(), want, rtol=1e-6)
+    assert not torch.allclose(want, mt * top.chi[:, None, None]) and not torch.allclose(want, mt / 4.0)
 
 
 def test_bad_inputs_are_named(gen, kernel_device):
@@ -81,11 +98,11 @@ def test_bad_inputs_are_named(gen, kernel_device):
     lam_r = (torch.rand(2, 3, generator=gen) + 0.1).to(kernel_device)
     top = select_top_set(lam_l, lam_r, 0.5, 0.1, 1.0)
     with pytest.raises(ValueError, match=r"lam_l and lam_r must have shapes \(2, 4\) and \(2, 3\)"):
-        masked_scale(mt, lam_r, lam_l, top.threshold, top.cutoff, top.chi, 0.0)
+        masked_scale(mt, lam_r, lam_l, top.threshold, top.chi, 0.0, SELECTION_BAND)
     with pytest.raises(ValueError, match="unit stride along its last dimension"):
-        masked_scale(mt.mT.contiguous().mT, lam_l, lam_r, top.threshold, top.cutoff, top.chi, 0.0)
+        masked_scale(mt.mT.contiguous().mT, lam_l, lam_r, top.threshold, top.chi, 0.0, SELECTION_BAND)
     with pytest.raises(ValueError, match="lam_l must be float32, got torch.float64"):
-        masked_scale(mt, lam_l.double(), lam_r, top.threshold, top.cutoff, top.chi, 0.0)
+        masked_scale(mt, lam_l.double(), lam_r, top.threshold, top.chi, 0.0, SELECTION_BAND)
 
 
 def test_kron_precondition_triton_backend_equals_torch(gen, kernel_device):

@@ -39,7 +39,7 @@ def specialisations():
 
     for dtype, eps_zero, power_one in itertools.product(["fp32", "bf16"], [False, True], [False, True]):
         sig = {"mt_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "lam_l_ptr": "*fp32", "lam_r_ptr": "*fp32",
-               "thr_ptr": "*fp32", "cutoff_ptr": "*i64", "chi_ptr": "*fp32", "m": "i32", "n": "i32", "eps": "fp32",
+               "thr_ptr": "*fp32", "chi_ptr": "*fp32", "m": "i32", "n": "i32", "eps": "fp32", "band": "fp32",
                "stride_b": "i32", "stride_m": "i32", "stride_out_b": "i32", "stride_out_m": "i32",
                "EPS_ZERO": "constexpr", "POWER_ONE": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
         consts = {"EPS_ZERO": eps_zero, "POWER_ONE": power_one, "BLOCK_M": MS_M, "BLOCK_N": MS_N}
@@ -54,11 +54,10 @@ def specialisations():
     from triton_kernels.top_set import MAX_BLOCK_M, _top_set_kernel
 
     for m, n in ((48, 64), (768, 1024), (1024, 768), (3072, 768)):  # GPT-2 small's, at 1/16 and full size
-        block_m, block_n = min(triton.next_power_of_2(m), MAX_BLOCK_M), min(triton.next_power_of_2(n), MAX_BLOCK_M)
-        sig = {"a_ptr": "*fp32", "b_asc_ptr": "*fp32", "b_ptr": "*fp32", "rank_ptr": "*i64", "values_ptr": "*fp32",
-               "cutoff_ptr": "*i64", "k": "i32", "last": "i32", "m": "constexpr", "n": "constexpr",
-               "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "LOG_N": "constexpr"}
-        consts = {"m": m, "n": n, "BLOCK_M": block_m, "BLOCK_N": block_n, "LOG_N": int(n).bit_length()}
+        block_m = min(triton.next_power_of_2(m), MAX_BLOCK_M)
+        sig = {"a_ptr": "*fp32", "b_asc_ptr": "*fp32", "rank_ptr": "*i64", "values_ptr": "*fp32",
+               "m": "constexpr", "n": "constexpr", "BLOCK_M": "constexpr", "LOG_N": "constexpr"}
+        consts = {"m": m, "n": n, "BLOCK_M": block_m, "LOG_N": int(n).bit_length()}
         yield f"top_set[{m}x{n}]", _top_set_kernel, sig, consts, False
 
 

@@ -1,9 +1,9 @@
 """Fused masked scaling of Algorithm 2: ``out = Mt * W`` in one pass over the rotated momentum.
 
 W is never materialised: each program loads a tile of ``Mt`` and the matching slices of
-``lam_L`` and ``lam_R``, forms ``S = lam_L lam_R^T`` in registers, decides the top set from the
-threshold and the row-major tie cutoff, and writes ``Mt / (S^power + eps)`` (top) or
-``Mt * chi``. The optimizer passes the square roots of the eigenvalues with power 1 (p = 1/2)
+``lam_L`` and ``lam_R``, forms ``S = lam_L lam_R^T`` in registers, and writes ``Mt / (S^power + eps)`` at
+or above the threshold (the top set), ``Mt * chi`` below it, blended linearly in the band
+just below the threshold (``bregtop_dist.core.precondition.selection_weights``). The optimizer passes the square roots of the eigenvalues with power 1 (p = 1/2)
 or 1/2 (Shampoo's p = 1/4), so that S stays in the float32 range.
 One launch covers a whole stack of same-shape blocks (grid axis 0 is the block).
 The torch reference is ``bregtop_dist.core.precondition.apply_top_set``.
@@ -27,11 +27,11 @@ def _masked_scale_kernel(
     lam_l_ptr,
     lam_r_ptr,
     thr_ptr,
-    cutoff_ptr,
     chi_ptr,
     m,
     n,
     eps,
+    band,
     stride_b,
     stride_m,
     stride_out_b,
@@ -52,10 +52,9 @@ def _masked_scale_kernel(
     b = tl.load(lam_r_ptr + blk * n + cols, mask=col_ok, other=1.0)
     s = a[:, None] * b[None, :]  # the joint spectrum, in registers only
     thr = tl.load(thr_ptr + blk)
-    cutoff = tl.load(cutoff_ptr + blk)
     chi = tl.load(chi_ptr + blk)
-    flat = rows[:, None].to(tl.int64) * n + cols[None, :]
-    top = (s > thr) | ((s == thr) & (flat <= cutoff))
+    top = s >= thr
+    ramp = tl.minimum(tl.maximum(tl.div_rn(tl.div_rn(s, thr) - (1.0 - band), band), 0.0), 1.0)  # as torch rounds
     if EPS_ZERO:
         s = tl.maximum(s, 1.1754943508222875e-38)  # float32's smallest normal: the scale is never inf
     if POWER_ONE:
@@ -66,7 +65,7 @@ def _masked_scale_kernel(
         scale = tl.div_rn(1.0, root)
     else:
         scale = tl.div_rn(1.0, root + eps)
-    w = tl.where(top, scale, chi)
+    w = tl.where(top, scale, chi + ramp * (scale - chi))
 
     x = tl.load(mt_ptr + blk * stride_b + rows[:, None] * stride_m + cols[None, :], mask=inside, other=0.0)
     y = x.to(tl.float32) * w
@@ -82,18 +81,19 @@ def masked_scale(
     lam_l: Tensor,
     lam_r: Tensor,
     threshold: Tensor,
-    cutoff: Tensor,
     chi: Tensor,
     eps: float,
+    band: float,
     out: Tensor | None = None,
     power: float = 0.5,
 ) -> Tensor:
     """``Mt * W`` for a stack of blocks in one launch; W is ``1 / (S^power + eps)`` on the
-    top set (``power`` 0.5 or 1), chi elsewhere.
+    top set (``power`` 0.5 or 1), chi elsewhere, blended within ``band`` (relative, in (0, 1))
+    below the threshold.
 
     ``mt`` (B, m, n) float32 or bfloat16 with unit stride along n; ``lam_l`` (B, m) and
-    ``lam_r`` (B, n) float32; ``threshold``, ``chi`` (B,) float32 and ``cutoff`` (B,) int64 as
-    in ``bregtop_dist.core.precondition.TopSet``. Returns ``out`` (B, m, n) in mt's dtype.
+    ``lam_r`` (B, n) float32; ``threshold``, ``chi`` (B,) float32 as in
+    ``bregtop_dist.core.precondition.TopSet``. Returns ``out`` (B, m, n) in mt's dtype.
     """
     bsz, m, n = mt.shape
     if lam_l.shape != (bsz, m) or lam_r.shape != (bsz, n):
@@ -106,6 +106,8 @@ def masked_scale(
     for name, t in (("lam_l", lam_l), ("lam_r", lam_r), ("threshold", threshold), ("chi", chi)):
         if t.dtype != torch.float32:
             raise ValueError(f"{name} must be float32, got {t.dtype}")
+    if not 0.0 < band < 1.0:
+        raise ValueError(f"band={band!r} is not allowed; it must lie in (0, 1)")
     if power not in (0.5, 1.0):
         raise ValueError(f"power={power!r} is not allowed; allowed: 0.5, 1.0")
     if out is None:
@@ -117,11 +119,11 @@ def masked_scale(
         lam_l.contiguous(),
         lam_r.contiguous(),
         threshold.contiguous(),
-        cutoff.to(torch.int64).contiguous(),
         chi.contiguous(),
         m,
         n,
         float(eps),
+        float(band),
         mt.stride(0),
         mt.stride(1),
         out.stride(0),

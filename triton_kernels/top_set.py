@@ -1,5 +1,5 @@
-"""Algorithm 2's selection in one launch per stack: the top-set threshold, its row-major tie
-cutoff, and the two order statistics of the bottom-set quantile.
+"""Algorithm 2's selection in one launch per stack: the top-set threshold and the two order
+statistics of the bottom-set quantile.
 
 On an accelerator the torch search (``bregtop_dist.core.selection``) costs hundreds of small
 launches per stack; this kernel does the same exact search in one. Program ``(b, q)`` finds
@@ -8,8 +8,7 @@ bit patterns (non-negative floats order like their bit patterns), each count of
 ``#{(i, j) : fl(a_i b_j) >= t}`` taken row by row with a lower-bound search over the ascending
 ``b``: ``fl(a_i b_j)`` is monotone in ``b_j``, so the search compares exact products and never
 divides. The result is the entry that sorting the materialised float32 S would give, as in the
-torch reference ``bregtop_dist.core.precondition.select_top_set``. Program ``(b, 0)`` also
-places the row-major cutoff of entries tied with the threshold.
+torch reference ``bregtop_dist.core.precondition.select_top_set``.
 """
 
 from __future__ import annotations
@@ -53,16 +52,11 @@ def _count(a_ptr, b_ptr, m: tl.constexpr, n: tl.constexpr, t, BLOCK_M: tl.conste
 def _top_set_kernel(
     a_ptr,
     b_asc_ptr,
-    b_ptr,
     rank_ptr,
     values_ptr,
-    cutoff_ptr,
-    k,
-    last,
     m: tl.constexpr,
     n: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
     LOG_N: tl.constexpr,
 ):
     blk = tl.program_id(0).to(tl.int64)
@@ -91,73 +85,27 @@ def _top_set_kernel(
     thr = lo.to(tl.int32).to(tl.float32, bitcast=True)
     tl.store(values_ptr + blk * 3 + query, thr)
 
-    if query == 0:
-        # Entries tied with the threshold join the top set in row-major order until K are in.
-        above = (lo + 1).to(tl.int32).to(tl.float32, bitcast=True)  # the next float32 up
-        at_least = _count(a_row, b_row, m, n, thr, BLOCK_M, LOG_N)
-        greater = _count(a_row, b_row, m, n, above, BLOCK_M, LOG_N)
-        cutoff = tl.zeros((), dtype=tl.int64) + last
-        if at_least > k:
-            budget = k - greater  # tied entries that join, >= 1
-            seen = tl.zeros((), dtype=tl.int64)
-            row = tl.zeros((), dtype=tl.int64) - 1
-            before = tl.zeros((), dtype=tl.int64)
-            for i0 in range(0, m, BLOCK_M):
-                rows = i0 + tl.arange(0, BLOCK_M)
-                row_ok = rows < m
-                a = tl.load(a_row + rows, mask=row_ok, other=0.0)
-                ties = (_count_rows(a, row_ok, b_row, n, thr, LOG_N)
-                        - _count_rows(a, row_ok, b_row, n, above, LOG_N)).to(tl.int64)
-                cum = seen + tl.cumsum(ties, axis=0)
-                first = tl.min(tl.where(row_ok & (cum >= budget), rows, m), axis=0).to(tl.int64)
-                hit = (row < 0) & (first < m)
-                before = tl.where(hit, tl.sum(tl.where(rows < first, ties, 0), axis=0) + seen, before)
-                row = tl.where(hit, first, row)
-                seen = seen + tl.sum(ties, axis=0)
-            a_r = tl.load(a_row + row)
-            left = budget - before  # the left-th tied entry of the row, in column order
-            seen = tl.zeros((), dtype=tl.int64)
-            col = tl.zeros((), dtype=tl.int64) - 1
-            for j0 in range(0, n, BLOCK_N):
-                cols = j0 + tl.arange(0, BLOCK_N)
-                col_ok = cols < n
-                b = tl.load(b_ptr + blk * n + cols, mask=col_ok, other=0.0)
-                tied = (col_ok & (a_r * b == thr)).to(tl.int64)
-                cum = seen + tl.cumsum(tied, axis=0)
-                first = tl.min(tl.where(col_ok & (cum >= left), cols, n), axis=0).to(tl.int64)
-                col = tl.where((col < 0) & (first < n), first, col)
-                seen = seen + tl.sum(tied, axis=0)
-            cutoff = row * n + col
-        tl.store(cutoff_ptr + blk, cutoff)
 
+def top_set_statistics(a: Tensor, b_asc: Tensor, ranks: Tensor) -> Tensor:
+    """Order statistics of ``S = a b^T`` per block: (B, 3) float32, the entries at ``ranks``.
 
-def top_set_statistics(a: Tensor, b: Tensor, b_asc: Tensor, ranks: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Order statistics of ``S = a b^T`` per block and the tie cutoff of the top set.
-
-    ``a`` (B, m), ``b`` (B, n) float32 positive normal numbers (the root spectrum's factors, in
-    their own order), ``b_asc`` the ascending sort of ``b``; ``ranks`` (3,) int64: 0-based
-    descending ranks, the first ``k - 1`` (K-th largest, the threshold). Returns ``values``
-    (B, 3) float32, the entries at those ranks, and ``cutoff`` (B,) int64, the row-major index
-    of the last entry equal to the threshold that joins the top set (``m n - 1`` when every
-    tied entry joins).
+    ``a`` (B, m), ``b_asc`` (B, n) float32 positive normal numbers (the root spectrum's factors;
+    ``b_asc`` sorted ascending); ``ranks`` (3,) int64: 0-based descending ranks (the first is
+    the threshold's, K - 1).
     """
     bsz, m = a.shape
-    n = b.shape[-1]
-    for name, t in (("a", a), ("b", b), ("b_asc", b_asc)):
+    n = b_asc.shape[-1]
+    for name, t in (("a", a), ("b_asc", b_asc)):
         if t.dtype != torch.float32:
             raise ValueError(f"{name} must be float32, got {t.dtype}")
-    if b.shape != (bsz, n) or b_asc.shape != (bsz, n) or ranks.shape != (3,):
-        raise ValueError(f"b, b_asc must be {(bsz, n)} and ranks (3,), got {tuple(b.shape)}, "
-                         f"{tuple(b_asc.shape)}, {tuple(ranks.shape)}")
+    if b_asc.shape != (bsz, n) or ranks.shape != (3,):
+        raise ValueError(f"b_asc must be {(bsz, n)} and ranks (3,), got {tuple(b_asc.shape)}, {tuple(ranks.shape)}")
     values = torch.empty(bsz, 3, dtype=torch.float32, device=a.device)
-    cutoff = torch.empty(bsz, dtype=torch.int64, device=a.device)
     if bsz == 0:
-        return values, cutoff
+        return values
     block_m = min(triton.next_power_of_2(m), MAX_BLOCK_M)
-    block_n = min(triton.next_power_of_2(n), MAX_BLOCK_M)
     log_n = max(1, int(n).bit_length())  # lower-bound passes: ceil(log2(n + 1))
     _top_set_kernel[(bsz, 3)](
-        a.contiguous(), b_asc.contiguous(), b.contiguous(), ranks, values, cutoff, k, m * n - 1,
-        m=m, n=n, BLOCK_M=block_m, BLOCK_N=block_n, LOG_N=log_n,
+        a.contiguous(), b_asc.contiguous(), ranks, values, m=m, n=n, BLOCK_M=block_m, LOG_N=log_n,
     )
-    return values, cutoff
+    return values

@@ -8,7 +8,8 @@ State is float32 whatever the parameter dtype. A block's state is set up by the 
 2. ``(dL, dR) <- STATS(G, U_L, U_R, lam_L, lam_R)``
 3. ``L <- (1-b2) dL + b2 L``, ``R`` likewise
 4. ``lam <- (1-b2) diag(U^T dL U) + b2 lam``, from the rotated gradient (see ``stats``)
-5. on refresh steps ``U <- qr(L U)`` (one warm-started power iteration)
+5. on refresh steps ``U <- qr((L + delta I) U)`` (one warm-started power iteration; the small
+   shift keeps a rank-deficient factor's null space on its previous basis, see ``bases``)
 6. ``update = KRONPRECOND(U_L, U_R, lam_L, lam_R, M, rho, q, c)``
 
 The step is functional: it returns the new state and the update and changes nothing, so
@@ -23,9 +24,10 @@ Two initialisations (``BlockHyper.init``):
 
 - ``first-gradient``: the factors start from one application of STATS to the first gradient,
   taken from the isotropic state at the gradient's scale (U = I, lam = rms(G), L = R = rms(G) I;
-  for Shampoo, whose statistics ignore the state, the identity); the bases are the exact
-  eigenvectors of those factors (``eigh``, eigenvalues descending) and the eigenvalue
-  estimates their eigenvalues raised to at least ``FIRST_EIG_FLOOR`` times their mean (one
+  for Shampoo, whose statistics ignore the state, the identity); the bases are the
+  eigenvectors of those factors, degenerate eigenspaces resolved by value
+  (:func:`~bregtop_dist.core.bases.tie_broken_eigh`), and the eigenvalue estimates their
+  eigenvalues (Rayleigh quotients) raised to at least ``FIRST_EIG_FLOOR`` times their mean (one
   gradient gives rank-deficient factors whose zero eigenvalues would make ``S^-1/2`` explode).
   The same step then runs Algorithm 1, so the first gradient already moves the parameters.
 - ``kl-methods``: what Lin et al.'s public KL-Shampoo code does (the paper's [11]). The first
@@ -61,7 +63,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bregtop_dist.core.bases import eigh_descending, power_qr
+from bregtop_dist.core.bases import power_qr, tie_broken_eigh
 from bregtop_dist.core.block_state import KronBlockState
 from bregtop_dist.core.dispatch import resolve_backend
 from bregtop_dist.core.finite import nonzero_rows
@@ -164,8 +166,8 @@ def init_block_state(hyper: BlockHyper, grad: Tensor) -> tuple[KronBlockState, T
     d_l, d_r = scale * d_l, scale * d_r
     if hyper.init == "kl-methods":  # the factor EMA's first term, from zero
         d_l, d_r = (1.0 - hyper.beta2) * d_l, (1.0 - hyper.beta2) * d_r
-    eig_l, u_l, failed_l = eigh_descending(d_l)
-    eig_r, u_r, failed_r = eigh_descending(d_r)
+    eig_l, u_l, failed_l = tie_broken_eigh(d_l)
+    eig_r, u_r, failed_r = tie_broken_eigh(d_r)
     if hyper.init == "kl-methods":
         lam_l = kl_methods_clamp(torch.full_like(eig_l, hyper.init_factor))
         lam_r = kl_methods_clamp(torch.full_like(eig_r, hyper.init_factor))

@@ -12,9 +12,22 @@ x 1e-25 underflows it), although ``S^-1/2`` is representable. Everything here wo
 *root spectrum* ``sqrt(S) = sqrt(lam_L) sqrt(lam_R)^T``, which has the same order as S and
 stays in range; a ``power`` of 1 (p = 1/2) or 1/2 (p = 1/4) turns it into the scale.
 
-Ties are broken by row-major position (the first K entries of a stable descending sort
-form the top set). The threshold and the quantile come from
-:mod:`bregtop_dist.core.selection`, never from sorting the m*n entries.
+The selection is resolved by value, never by the last bit of a sum (so that the update is a
+continuous function of the estimates, and every world size, kernel and device gives the same
+run). Two departures from a literal reading of Algorithm 2 follow, each confined to entries
+the paper leaves to chance:
+
+- Entries equal to the K-th largest entry (the threshold) all join the top set, where a sort
+  would admit only as many as make K, chosen by position (and so by the basis the refresh
+  happened to pick for a degenerate eigenspace).
+- Entries up to ``SELECTION_BAND`` (relatively) below the threshold blend linearly from chi
+  (at the band's lower edge) to their own scale (at the threshold). A hard cut would move an
+  entry from one scale to the other, a factor of about c, on a one-ulp change of an estimate;
+  the blend bounds that sensitivity at about ``c / SELECTION_BAND``. Entries outside the band
+  get exactly what Algorithm 2 gives them.
+
+The threshold and the quantile come from :mod:`bregtop_dist.core.selection`, never from
+sorting the m*n entries.
 """
 
 from __future__ import annotations
@@ -26,8 +39,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bregtop_dist.core.dispatch import BACKENDS, accelerator_paths, resolve_backend
-from bregtop_dist.core.selection import kth_largest_product, row_counts_at_least
+from bregtop_dist.core.dispatch import BACKENDS, resolve_backend
+from bregtop_dist.core.selection import kth_largest_product
 from bregtop_dist.core.validate import check_floating_tensor, is_real, wrong_type
 
 
@@ -35,6 +48,10 @@ def top_count(rho: float, m: int, n: int) -> int:
     """K = ceil(rho * m * n), at least 1 (the size of the top set)."""
     return max(1, math.ceil(rho * m * n))
 
+
+SELECTION_BAND = 1e-2
+"""Relative width of the band below the threshold over which the bottom set's chi blends into
+the top set's scale (see the module docstring)."""
 
 POWERS = (0.5, 1.0)
 """``power`` of the scale ``1 / (x^power + eps)`` of a spectrum x: 0.5 on S (or on the root
@@ -71,13 +88,12 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
 class TopSet:
     """Algorithm 2's selection for a batch of blocks, everything a kernel needs to apply it.
 
-    An entry of S is in the top set when it exceeds ``threshold``, or equals it and its
-    row-major index is at most ``cutoff`` (ties at the K-th largest value join in row-major
-    order). Every other entry is scaled by ``chi``.
+    An entry of the spectrum at or above ``threshold`` is in the top set; one below it gets
+    ``chi``, blended into its own scale within ``SELECTION_BAND`` of the threshold (see
+    :func:`selection_weights`).
     """
 
     threshold: Tensor  # (B,) the K-th largest entry of S (-inf: every entry is in the top set)
-    cutoff: Tensor  # (B,) int64 row-major index of the last tied entry admitted
     chi: Tensor  # (B,) the bottom-set scale
 
 
@@ -104,8 +120,7 @@ def _selection_constants(
 def _everything(bsz: int, m: int, n: int, dtype: torch.dtype, device: torch.device) -> TopSet:
     """The selection when every entry is in the top set (rho * m * n >= m * n)."""
     none = torch.full((bsz,), -torch.inf, dtype=dtype, device=device)
-    everything = torch.full((bsz,), m * n - 1, dtype=torch.int64, device=device)
-    return TopSet(threshold=none, cutoff=everything, chi=torch.zeros_like(none))
+    return TopSet(threshold=none, chi=torch.zeros_like(none))
 
 
 def _chi(low: Tensor, high: Tensor, weight: Tensor, c: float, eps: float, power: float) -> Tensor:
@@ -122,68 +137,56 @@ def select_top_set(
     spectrum ``lam_l lam_r^T`` of one float dtype (eigenvalues with ``power`` 0.5, their
     square roots with ``power`` 1), found from the sorted vectors. ``kernel`` runs the
     searches in one Triton launch per stack (``triton_kernels.top_set``, float32): the same
-    entries, the same cutoff, the same chi."""
+    threshold, the same chi."""
     bsz, m = lam_l.shape
     n = lam_r.shape[-1]
     if top_count(rho, m, n) == m * n:
         return _everything(bsz, m, n, lam_l.dtype, lam_l.device)
-    k, ranks, weight = _selection_constants(m, n, rho, q, lam_l.dtype, lam_l.device)
+    _, ranks, weight = _selection_constants(m, n, rho, q, lam_l.dtype, lam_l.device)
     b_asc = torch.sort(lam_r, dim=-1).values
     if kernel:
         from triton_kernels.top_set import top_set_statistics
 
-        stats, cutoff = top_set_statistics(lam_l, lam_r, b_asc, ranks, k)
+        stats = top_set_statistics(lam_l, b_asc, ranks)
     else:
         a_desc = torch.sort(lam_l, dim=-1, descending=True).values
         stats = kth_largest_product(a_desc, b_asc, ranks.expand(bsz, 3).contiguous())
-        cutoff = _tie_cutoff(lam_l, lam_r, b_asc, stats[:, 0], k)
-    return TopSet(threshold=stats[:, 0], cutoff=cutoff, chi=_chi(stats[:, 1], stats[:, 2], weight, c, eps, power))
-
-
-def _tie_cutoff(lam_l: Tensor, lam_r: Tensor, b_asc: Tensor, threshold: Tensor, k: int) -> Tensor:
-    """Row-major index of the last entry equal to the threshold that joins the top set.
-
-    When the entries equal to the K-th largest value straddle the cut, the first
-    ``k - #greater`` of them in row-major order join. Per-row counts of the tied entries
-    (rows in their own order) locate the row where that budget runs out, and one row of S
-    the column: O(m log n + n), no host sync, S never formed. ``m n - 1`` when every tied
-    entry joins.
-    """
-    m, n = lam_l.shape[-1], lam_r.shape[-1]
-    above = torch.nextafter(threshold, torch.full_like(threshold, torch.inf))
-    counts = row_counts_at_least(lam_l, b_asc, torch.stack([threshold, above], dim=-1))  # (B, 2, m)
-    ties = counts[:, 0] - counts[:, 1]  # (B, m) entries equal to the threshold, per row
-    budget = k - counts[:, 1].sum(-1)  # (B,) tied entries that join
-    cum = ties.cumsum(-1)
-    row = (cum < budget[:, None]).sum(-1).clamp_max(m - 1)  # first row reaching the budget
-    before = torch.where(row > 0, cum.gather(-1, (row - 1).clamp_min(0)[:, None])[:, 0], 0)
-    tied_in_row = lam_l.gather(-1, row[:, None]) * lam_r == threshold[:, None]  # (B, n)
-    col = (tied_in_row.cumsum(-1) < (budget - before)[:, None]).sum(-1)
-    straddles = counts[:, 0].sum(-1) > k
-    return torch.where(straddles, row * n + col, torch.full_like(row, m * n - 1))
+    return TopSet(threshold=stats[:, 0], chi=_chi(stats[:, 1], stats[:, 2], weight, c, eps, power))
 
 
 def top_mask(s: Tensor, top: TopSet) -> Tensor:
     """The indicator E of the top set (B, m, n), bool, from the spectrum ``s`` (B, m, n) that
     ``top`` was selected on (the root spectrum ``lam_l lam_r^T`` of :func:`select_top_set`'s
-    arguments): what Algorithm 2 scales by ``S^-1/2``; its complement gets chi."""
-    m, n = s.shape[-2:]
-    thr = top.threshold[:, None, None]
-    if accelerator_paths(s.device) or bool((top.cutoff < m * n - 1).any()):  # ties straddle the cut
-        flat = torch.arange(m * n, device=s.device).view(1, m, n)
-        return (s > thr) | ((s == thr) & (flat <= top.cutoff[:, None, None]))
-    return s >= thr
+    arguments): the entries at or above the threshold, which Algorithm 2 scales by ``S^-1/2``."""
+    return s >= top.threshold[:, None, None]
+
+
+def blend_ramp(s: Tensor, threshold: Tensor, band: float = SELECTION_BAND) -> Tensor:
+    """How far an entry below the threshold has moved from chi towards its own scale: 0 at or
+    below ``(1 - band) * threshold``, rising linearly to 1 at the threshold; ``s`` (B, m, n),
+    ``threshold`` (B, 1, 1). (A threshold of -inf gives 0: every entry is above it anyway.)"""
+    return (s / threshold - (1.0 - band)).div_(band).clamp_(0.0, 1.0)
+
+
+def selection_weights(s: Tensor, scale: Tensor, top: TopSet, band: float = SELECTION_BAND) -> Tensor:
+    """W of Algorithm 2 from the spectrum entries ``s`` and their top-set ``scale`` (both
+    (B, m, n)): ``scale`` at or above the threshold, chi below, blended in the band between."""
+    thr = top.threshold[:, None, None].to(s.dtype)
+    chi = top.chi[:, None, None].to(s.dtype)
+    below = torch.lerp(chi.expand_as(scale), scale, blend_ramp(s, thr, band))
+    return torch.where(s >= thr, scale, below)
 
 
 def apply_top_set(
-    mt: Tensor, lam_l: Tensor, lam_r: Tensor, top: TopSet, eps: float, power: float = 0.5
+    mt: Tensor, lam_l: Tensor, lam_r: Tensor, top: TopSet, eps: float, power: float = 0.5,
+    band: float = SELECTION_BAND,
 ) -> Tensor:
     """``Mt * W`` (B, m, n): ``1 / ((lam_l lam_r^T)^power + eps)`` on the top set, chi
-    elsewhere. The torch reference of the fused Triton kernel ``triton_kernels.masked_scale``;
-    computed in lam's dtype."""
+    elsewhere, blended in the band below the threshold (:func:`selection_weights`). The torch
+    reference of the fused Triton kernel ``triton_kernels.masked_scale``; computed in lam's
+    dtype."""
     s = lam_l[:, :, None] * lam_r[:, None, :]
-    w = torch.where(top_mask(s, top), _inverse_power_(s, eps, power), top.chi[:, None, None].to(s.dtype))
-    return w.mul_(mt)
+    return selection_weights(s, _inverse_power_(s.clone(), eps, power), top, band).mul_(mt)
 
 
 def precondition_weights(
@@ -219,7 +222,7 @@ def precondition_rotated(
 
         top = select_top_set(root_l, root_r, rho, q, c, eps, power, kernel=True)
         scaled = mt if mt.dtype in (torch.float32, torch.bfloat16) else mt.float()
-        out = masked_scale(scaled.contiguous(), root_l, root_r, top.threshold, top.cutoff, top.chi, eps, power=power)
+        out = masked_scale(scaled.contiguous(), root_l, root_r, top.threshold, top.chi, eps, SELECTION_BAND, power=power)
         return out.to(mt.dtype)
     top = select_top_set(root_l, root_r, rho, q, c, eps, power)
     return apply_top_set(mt.to(dtype), root_l, root_r, top, eps, power).to(mt.dtype)

@@ -15,22 +15,21 @@ from typing import Any
 
 import torch
 
-from bregtop_dist.core.precondition import TopSet, _tie_cutoff, apply_top_set
+from bregtop_dist.core.precondition import TopSet, apply_top_set
 from bregtop_dist.core.selection import kth_largest_product
 
 
-def _top_set(a, b_asc, b, ranks, values, cutoff, k, last, m, n, **_: Any) -> None:
+def _top_set(a, b_asc, ranks, values, m, n, **_: Any) -> None:
     bsz = a.shape[0]
     a_desc = torch.sort(a, dim=-1, descending=True).values
     values.copy_(kth_largest_product(a_desc, b_asc, ranks.expand(bsz, 3).contiguous(), fixed_passes=False))
-    cutoff.copy_(_tie_cutoff(a, b, b_asc, values[:, 0], k))
 
 
-def _masked_scale(mt, out, lam_l, lam_r, thr, cutoff, chi, m, n, eps, *_: Any, EPS_ZERO, POWER_ONE, **__: Any) -> None:
+def _masked_scale(mt, out, lam_l, lam_r, thr, chi, m, n, eps, band, *_: Any, EPS_ZERO, POWER_ONE, **__: Any) -> None:
     bsz = lam_l.shape[0]
     view = torch.as_strided(mt, (bsz, m, n), (mt.stride(0), mt.stride(1), 1))
-    top = TopSet(threshold=thr, cutoff=cutoff, chi=chi)
-    res = apply_top_set(view.float(), lam_l, lam_r, top, 0.0 if EPS_ZERO else eps, 1.0 if POWER_ONE else 0.5)
+    res = apply_top_set(view.float(), lam_l, lam_r, TopSet(threshold=thr, chi=chi), 0.0 if EPS_ZERO else eps,
+                        1.0 if POWER_ONE else 0.5, band)
     out.copy_(res.to(out.dtype))
 
 

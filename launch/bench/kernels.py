@@ -44,6 +44,7 @@ from bregtop_dist import PRESETS, BregTop, param_groups
 from bregtop_dist.core.blocking import block_slices, matrix_shape
 from bregtop_dist.core.dispatch import launcher_missing, triton_available
 from bregtop_dist.core.precondition import (
+    SELECTION_BAND,
     apply_top_set,
     precondition_rotated,
     select_top_set,
@@ -193,7 +194,7 @@ def bench_precondition(shape: tuple[int, int, int], device: torch.device, timing
     from triton_kernels.masked_scale import masked_scale
 
     def kernel() -> Tensor:
-        return masked_scale(mt, root_l, root_r, top.threshold, top.cutoff, top.chi, EPS, out=out, power=1.0)
+        return masked_scale(mt, root_l, root_r, top.threshold, top.chi, EPS, SELECTION_BAND, out=out, power=1.0)
 
     kernel_s = median_per_call(kernel, device, triton_timing)
     selection_s = median_per_call(lambda: select_top_set(*selection, kernel=True), device, triton_timing)
