@@ -6,11 +6,13 @@ from bregtop_dist.core.stats import kron_stats
 from bregtop_dist.core.validate import ArgumentTypeError
 from bregtop_dist.grouping import param_groups
 from bregtop_dist.optimizer import BregTop, NonFiniteGradientError, NonFiniteStepError
+from bregtop_dist.state_format import IncompleteStateDictWarning
 
 __all__ = [
     "ArgumentTypeError",
     "BregTop",
     "BregTopConfig",
+    "IncompleteStateDictWarning",
     "METHODS",
     "NonFiniteGradientError",
     "NonFiniteStepError",

@@ -38,11 +38,14 @@ from bregtop_dist.distributed.layout import (
 from bregtop_dist.grouping import embedding_or_head_like
 from bregtop_dist.state_format import (
     KRON,
+    IncompleteStateDictWarning,
     KronTiles,
     adamw_for_loading,
     adamw_for_saving,
     describe_tile,
+    incomplete_message,
     saved_block,
+    taken_per_rank,
     to_cpu_block,
 )
 
@@ -167,7 +170,7 @@ class BregTop(torch.optim.Optimizer):
         self._shard_source: ShardSource | None = None
         self._built_params: list[list[Tensor]] = []  # as added, before any engine replaces them
         self._warned_basis = False
-        self._gathered = False  # consolidate_state_dict put other ranks' blocks into state
+        self._gathered = False  # consolidate_state_dict ran since the last step (rank `to` holds every block)
         self._gathered_adamw: dict[Tensor, dict[str, Any]] = {}  # and full AdamW state of DTensor params
         super().__init__(params, defaults)
         self._check_ranks_agree()
@@ -569,8 +572,17 @@ class BregTop(torch.optim.Optimizer):
         other ranks' blocks on the rank that last ran :meth:`consolidate_state_dict` (until
         the next step). Collective-free: it may be called on one rank only. Every rank's dict
         together (torch.distributed.checkpoint), or one consolidated dict, loads at any world
-        size."""
+        size.
+
+        Warns (:class:`~bregtop_dist.state_format.IncompleteStateDictWarning`, once per call,
+        naming the fix for each saver) when taken on a rank of a multi-process run whose dict
+        lacks other ranks' blocks and no :meth:`consolidate_state_dict` ran since the last
+        step: what a rank-0 saver would write and resuming would refuse. Not inside
+        torch.distributed.checkpoint's ``get_state_dict`` / ``get_optimizer_state_dict`` or
+        Accelerate's ``prepare`` (every rank takes its own part there), and not under an engine
+        that saves every rank's state itself (DeepSpeed ZeRO)."""
         self._all_plans()
+        self._warn_if_incomplete()
         index: dict[int, int] = {}
         groups = []
         for group, params in zip(self.param_groups, self._logical()):
@@ -590,12 +602,25 @@ class BregTop(torch.optim.Optimizer):
             }
         return {"state": state, "param_groups": groups}
 
+    def _warn_if_incomplete(self) -> None:
+        """The warning :meth:`state_dict` gives on a rank whose dict alone cannot be resumed.
+        After a consolidation every rank is quiet: the whole state is on rank ``to``, and
+        Accelerate's ``save_state`` takes every rank's dict but writes the main process's."""
+        rank, world = self._world()
+        if world == 1 or self._gathered or self._shard_source is not None:
+            return
+        owners = [blk.owner for plan in self._plans.values() for blk in plan.blocks]
+        held = owners.count(rank)
+        if held < len(owners) and not taken_per_rank():
+            warnings.warn(incomplete_message(rank, world, held, len(owners)), IncompleteStateDictWarning, stacklevel=3)
+
     def consolidate_state_dict(self, to: int = 0) -> None:
         """Gather every rank's Kronecker blocks to rank ``to`` (a rank of the optimizer's
         process group), so that its next :meth:`state_dict` holds the whole state, for savers
         that write rank ``to``'s dict alone (Accelerate's ``save_state`` and the Trainer under
         DDP). A collective: call it on every rank. The gathered copies are dropped at the next
-        step. AdamW-side state is not gathered (it is replicated under DDP)."""
+        step; until then no rank's :meth:`state_dict` warns that it is incomplete. The AdamW-side
+        state of DTensor parameters is gathered too (that of plain parameters is replicated)."""
         rank, world = self._world()
         if not 0 <= to < world:
             raise ValueError(f"to={to!r} is not a rank of the optimizer's {world}-rank process group")

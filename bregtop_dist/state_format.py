@@ -14,10 +14,16 @@ torch's (``step``, ``exp_avg``, ``exp_avg_sq``), as DTensors for DTensor paramet
 That is the layout torch.distributed.checkpoint expects (it keys ``state`` by parameter name
 and saves each rank's tensors), and the layout a rank-0 saver writes once the blocks have
 been gathered to rank 0 (``BregTop.consolidate_state_dict``).
+
+A dict taken on one rank of a multi-process run without that gathering holds only that
+rank's blocks; ``state_dict()`` then warns with :class:`IncompleteStateDictWarning`
+(:func:`incomplete_message` says what to do), except when the caller has every rank take its
+own part (:func:`taken_per_rank`: torch.distributed.checkpoint, Accelerate's device placement).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -28,6 +34,49 @@ from bregtop_dist.distributed.layout import ParamShard, is_dtensor
 
 KRON = "kron"
 """The key of a Kronecker parameter's blocks in its state entry."""
+
+_TORCH_CHECKPOINT = "torch.distributed.checkpoint"
+_ACCELERATE_PLACEMENT = ("accelerate.optimizer", "__init__")  # AcceleratedOptimizer: state_dict, then load it
+
+
+class IncompleteStateDictWarning(UserWarning):
+    """``BregTop.state_dict()`` on one rank of a multi-process run holds only the Kronecker
+    blocks of that rank: written alone, it cannot be resumed from. Savers that have every rank
+    save its own dict may filter it: ``warnings.filterwarnings("ignore", category=...)``."""
+
+
+def incomplete_message(rank: int, world: int, held: int, total: int) -> str:
+    """What :class:`IncompleteStateDictWarning` says: what is missing and each path's fix."""
+    return (
+        f"BregTop.state_dict() on rank {rank} of {world} holds {held} of the {total} Kronecker blocks (the other "
+        "ranks keep the rest) and no consolidate_state_dict() ran since the last step: a checkpoint written from "
+        "this rank's dict alone cannot be resumed. Gather the blocks to the saving rank first, on every rank: "
+        "with BregTop's own state_dict, opt.consolidate_state_dict(to=0) on every rank; with Accelerate's "
+        "save_state, bregtop_dist.integrations.accelerate.consolidate_on_save(accelerator, optimizer) once after "
+        "prepare; with the transformers Trainer, callbacks=[bregtop_dist.integrations.hf.ConsolidateOnSave()] "
+        "(bregtop_for_trainer's optimizer adds it). torch.distributed.checkpoint (get_state_dict or "
+        "get_optimizer_state_dict, then dcp.save: every rank saves its own part) needs none of this and does "
+        "not warn; if every rank saves its own dict another way, filter bregtop_dist.IncompleteStateDictWarning"
+    )
+
+
+def taken_per_rank() -> bool:
+    """Whether the running call comes from a caller that has every rank take its own dict for
+    that rank's own use, where one rank's dict is meant to hold that rank's blocks only:
+    torch.distributed.checkpoint (``get_state_dict``, ``get_optimizer_state_dict``, also through
+    an optimizer ``state_dict`` it patched), where every rank saves its part, and Accelerate's
+    optimizer wrapper, which on ``prepare`` loads each rank's dict back on the device. Read from
+    the call stack, since torch passes ``state_dict()`` no argument that says who asks."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            module = str(frame.f_globals.get("__name__", ""))
+            if module.startswith(_TORCH_CHECKPOINT) or (module, frame.f_code.co_name) == _ACCELERATE_PLACEMENT:
+                return True
+            frame = frame.f_back
+        return False
+    finally:
+        del frame
 
 
 class KronTiles(Mapping[str, dict[str, Tensor]]):

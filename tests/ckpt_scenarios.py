@@ -9,14 +9,17 @@ compare with the single-process reference. Every rank feeds the same batches (se
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from state_tensors import kron_blocks
 from torch import nn
 
-from bregtop_dist import BregTop, param_groups
+from bregtop_dist import BregTop, IncompleteStateDictWarning, param_groups
 
 from dist_scenarios import FP32_TOL, SETTINGS, STEPS, Net, assert_close, fsdp2, full, reference, train
 
@@ -213,6 +216,101 @@ def resume_zero3(rank: int, world: int, single: dist.ProcessGroup, workdir: Path
     _resume_zero(3, rank, world, single, workdir)
 
 
+# ------------------------------------------------- the warning of a state dict one rank cannot resume
+FIXES = (
+    "opt.consolidate_state_dict(to=0) on every rank",
+    "bregtop_dist.integrations.accelerate.consolidate_on_save(accelerator, optimizer)",
+    "callbacks=[bregtop_dist.integrations.hf.ConsolidateOnSave()]",
+    "torch.distributed.checkpoint (get_state_dict or get_optimizer_state_dict, then dcp.save: every rank saves "
+    "its own part) needs none of this",
+)
+"""What the warning must name: the fix for each saver, and that DCP needs none."""
+
+
+def incomplete_warnings(call: Callable[[], object]) -> list[str]:
+    """The messages of the IncompleteStateDictWarnings that ``call()`` gives (every one shown)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    return [str(w.message) for w in caught if issubclass(w.category, IncompleteStateDictWarning)]
+
+
+def state_dict_warns_until_consolidated(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+    """DDP and FSDP2 after 2 steps: ``state_dict()`` warns once on each rank, naming every fix;
+    torch.distributed.checkpoint's save does not warn; after consolidate_state_dict(to=0) no rank
+    warns (Accelerate takes every rank's dict) and rank 0's dict holds every block; the next step
+    drops the gathered blocks and the warning is back. Blocks shared among one rank: no warning.
+    Every collective runs before any check (a failed check must not leave the other rank waiting)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, get_state_dict
+
+    alone = BregTop(param_groups(Net()), process_group=single, **SETTINGS)  # every block, at any step
+    problems = []
+    for engine in ("ddp", "fsdp2"):
+        model, call, opt = _build(engine, world)
+        train(call, opt, range(2))
+        plain = incomplete_warnings(opt.state_dict)
+
+        def dcp_save(model: nn.Module = model, opt: BregTop = opt, engine: str = engine) -> None:
+            msd, osd = get_state_dict(model, opt)
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(workdir / f"warning-dcp-{engine}"))
+
+        sharded = incomplete_warnings(dcp_save) + incomplete_warnings(partial(get_optimizer_state_dict, model, opt))
+        opt.consolidate_state_dict(to=0)
+        consolidated = incomplete_warnings(opt.state_dict)
+        blocks = len(kron_blocks(opt.state_dict()))
+        train(call, opt, range(2, 3))
+        after_step = incomplete_warnings(opt.state_dict)
+
+        if len(plain) != 1 or f"on rank {rank} of {world} " not in plain[0]:
+            problems.append(f"{engine}: without consolidation {len(plain)} warnings: {plain}")
+        missing = [fix for fix in FIXES if plain and fix not in plain[0]]
+        if missing:
+            problems.append(f"{engine}: the warning does not name {missing}: {plain[0]}")
+        if sharded:
+            problems.append(f"{engine}: torch.distributed.checkpoint's save warned: {sharded}")
+        if consolidated:
+            problems.append(f"{engine}: warned after consolidate_state_dict(to=0): {consolidated}")
+        if rank == 0 and blocks != len(kron_blocks(alone.state_dict())):
+            problems.append(f"{engine}: rank 0 holds {blocks} blocks after consolidation")
+        if len(after_step) != 1:
+            problems.append(f"{engine}: after the next step {len(after_step)} warnings")
+    alone_warned = incomplete_warnings(alone.state_dict)
+    if alone_warned:
+        problems.append(f"blocks shared among one rank: warned {alone_warned}")
+    assert not problems, "\n".join(problems)
+
+
+def accelerate_save_state_warns_without_consolidate_on_save(
+    rank: int, world: int, single: dist.ProcessGroup, workdir: Path,
+) -> None:
+    """Accelerate (DDP on gloo): ``prepare`` (which round-trips every rank's own dict) does not
+    warn; ``save_state`` (every rank takes a dict, the main process writes its own) warns on
+    every rank without consolidate_on_save, and on none with it."""
+    from accelerate import Accelerator
+
+    from bregtop_dist.integrations.accelerate import consolidate_on_save
+
+    accelerator = Accelerator(cpu=True)
+    model = Net()
+    prepared: list[nn.Module | BregTop] = []
+    at_prepare = incomplete_warnings(lambda: prepared.extend(accelerator.prepare(model, BregTop(param_groups(model), **SETTINGS))))
+    wrapped, opt = prepared
+    train(wrapped, opt, range(2))
+    without = incomplete_warnings(lambda: accelerator.save_state(str(workdir / "accelerate-plain")))
+    consolidate_on_save(accelerator, opt)
+    with_hook = incomplete_warnings(lambda: accelerator.save_state(str(workdir / "accelerate-consolidated")))
+    accelerator.wait_for_everyone()
+    assert not at_prepare, f"prepare warned: {at_prepare}"
+    assert len(without) == 1 and "consolidate_on_save(accelerator, optimizer)" in without[0], without
+    assert not with_hook, f"save_state with consolidate_on_save warned: {with_hook}"
+
+
+WARNING_SCENARIOS: dict[str, Callable[[int, int, dist.ProcessGroup, Path], None]] = {
+    f.__name__: f for f in (state_dict_warns_until_consolidated, accelerate_save_state_warns_without_consolidate_on_save)
+}
+
+
 CKPT_SAVE: dict[str, Callable[[int, int, dist.ProcessGroup, Path], None]] = {
     f.__name__: f
     for f in (save_dcp_fsdp2, save_dcp_ddp, save_rank0_consolidated_ddp, save_rank0_consolidated_fsdp2,
@@ -223,4 +321,4 @@ CKPT_RESUME: dict[str, Callable[[int, int, dist.ProcessGroup, Path], None]] = {
     for f in (resume_dcp_fsdp2, resume_dcp_ddp, resume_rank0_consolidated_ddp, resume_rank0_consolidated_fsdp2,
               resume_rank0_plain_is_refused_on_every_rank, resume_zero2, resume_zero3)
 }
-SCENARIOS = {**CKPT_SAVE, **CKPT_RESUME}
+SCENARIOS = {**CKPT_SAVE, **CKPT_RESUME, **WARNING_SCENARIOS}

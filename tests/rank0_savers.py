@@ -5,8 +5,10 @@ Trainer's checkpoints, the savers that write the optimizer from rank 0 alone.
 
 MODE: ``accelerate-save`` (trains SAVE_AT steps, save_state), ``accelerate-resume`` (load_state
 at this W, trains to STEPS, compares with the single-process run), ``trainer`` (STEPS steps,
-checkpoints every SAVE_AT, writes the final weights), ``trainer-resume`` (from checkpoint
-SAVE_AT of ``trainer``, writes the final weights). Exits non-zero on a failed check.
+checkpoints every SAVE_AT, writes the final weights; ConsolidateOnSave is the one that
+``bregtop_for_trainer`` installs), ``trainer-resume`` (from checkpoint SAVE_AT of ``trainer``,
+ConsolidateOnSave given as well, writes the final weights). No process may see an
+IncompleteStateDictWarning while saving. Exits non-zero on a failed check.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from __future__ import annotations
 import gc
 import os
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -21,11 +26,21 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bregtop_dist import BregTop, param_groups  # noqa: E402
+from bregtop_dist import BregTop, IncompleteStateDictWarning, param_groups  # noqa: E402
 
 from dist_scenarios import FP32_TOL, SETTINGS, STEPS, Net, assert_close, batch, reference  # noqa: E402
 
 SAVE_AT = 4
+
+
+@contextmanager
+def _no_incomplete_state_dict(what: str) -> Iterator[None]:
+    """Fail if ``state_dict()`` warned that this process's dict lacks other ranks' blocks."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    warned = [str(w.message) for w in caught if issubclass(w.category, IncompleteStateDictWarning)]
+    assert not warned, f"{what}: {warned}"
 
 
 def _single_group() -> dist.ProcessGroup | None:
@@ -43,7 +58,8 @@ def _accelerate(mode: str, out: Path) -> None:
     accelerator = Accelerator(cpu=True)
     model = Net()
     opt = BregTop(param_groups(model), **SETTINGS)
-    wrapped, opt = accelerator.prepare(model, opt)
+    with _no_incomplete_state_dict("prepare"):  # it loads every process's own state_dict back
+        wrapped, opt = accelerator.prepare(model, opt)
     consolidate_on_save(accelerator, opt)
     steps = range(SAVE_AT) if mode == "accelerate-save" else range(SAVE_AT, STEPS)
     if mode == "accelerate-resume":
@@ -53,7 +69,8 @@ def _accelerate(mode: str, out: Path) -> None:
         accelerator.backward(wrapped(batch(step)))
         opt.step()
     if mode == "accelerate-save":
-        accelerator.save_state(str(out))
+        with _no_incomplete_state_dict("save_state with consolidate_on_save"):  # every process takes a state_dict
+            accelerator.save_state(str(out))
     else:
         assert_close(model, reference(_single_group()), FP32_TOL)
     accelerator.wait_for_everyone()
@@ -114,14 +131,18 @@ def _trainer(mode: str, out: Path) -> None:
         save_steps=SAVE_AT, report_to=[], use_cpu=True, seed=0, data_seed=0, logging_steps=1, disable_tqdm=True,
         learning_rate=3e-3, weight_decay=0.01,
     )
-    trainer = transformers.Trainer(
-        model=model, args=args, train_dataset=data, callbacks=[ConsolidateOnSave()],
+    trainer = transformers.Trainer(  # "trainer": bregtop_for_trainer's optimizer adds ConsolidateOnSave
+        model=model, args=args, train_dataset=data,
+        callbacks=[ConsolidateOnSave()] if mode == "trainer-resume" else None,
         optimizer_cls_and_kwargs=bregtop_for_trainer(model, args, precondition_frequency=3, max_precond_dim=8),
     )
     resume = str(out / "first" / f"checkpoint-{SAVE_AT}") if mode == "trainer-resume" else None
     if resume is not None:
         trainer.add_callback(_LoadedEqualsSaved(Path(resume) / "optimizer.pt"))
-    trainer.train(resume_from_checkpoint=resume)
+    with _no_incomplete_state_dict(f"{mode}'s checkpoints"):
+        trainer.train(resume_from_checkpoint=resume)
+    consolidating = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ConsolidateOnSave)]
+    assert len(consolidating) == 1, trainer.callback_handler.callbacks
     from bregtop_dist.integrations.accelerate import find_bregtop
 
     groups = find_bregtop(trainer.optimizer).param_groups  # the TrainingArguments' lr and decay, every group

@@ -8,8 +8,10 @@ process alone, and BregTop's Kronecker blocks are spread over the ranks. Registe
     accelerator.save_state(out)       # every rank calls it, as Accelerate requires
     accelerator.load_state(out)       # at any number of processes
 
-Without it the file holds only the main process's blocks, and ``load_state`` refuses it on
-every rank, naming a missing block.
+Without it the file holds only the main process's blocks: ``state_dict()`` warns on every
+process (:class:`bregtop_dist.IncompleteStateDictWarning`), and ``load_state`` refuses the file
+on every rank, naming a missing block. With it no process warns (``save_state`` takes every
+process's ``state_dict()`` and writes the main process's).
 """
 
 from __future__ import annotations

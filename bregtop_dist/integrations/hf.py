@@ -16,16 +16,20 @@ Under DeepSpeed, give the Trainer a DeepSpeed config without an ``"optimizer"`` 
 ``"auto"`` values the Trainer fills (``configs/deepspeed/trainer/zero2.json``), and add
 :class:`AttachZeroFragments` to the callbacks; a config with a block is refused here.
 
-Under DDP add :class:`ConsolidateOnSave` to the callbacks: the Trainer writes the optimizer's
-``state_dict()`` from process 0 alone, and the callback gathers BregTop's blocks there first
-(on every process, before each checkpoint). Without it a checkpoint of a multi-process run
-holds process 0's blocks only and resuming refuses it, naming a missing block. Under DeepSpeed
-ZeRO :class:`AttachZeroFragments` is the one needed: it points BregTop at the fragments ZeRO
-hands it once training starts (DeepSpeed saves every rank's state itself).
+Under DDP the Trainer writes the optimizer's ``state_dict()`` from process 0 alone, and
+:class:`ConsolidateOnSave` gathers BregTop's blocks there first (on every process, before each
+checkpoint). The optimizer :func:`bregtop_for_trainer` supplies adds that callback to the
+Trainer that builds it (unless the Trainer has one, or saves through DeepSpeed or FSDP); with
+``optimizer_cls_and_kwargs=(BregTop, kwargs)`` add it to the callbacks yourself. Without it a
+checkpoint of a multi-process run holds process 0's blocks only: ``state_dict()`` warns
+(:class:`bregtop_dist.IncompleteStateDictWarning`) and resuming refuses it, naming a missing
+block. Under DeepSpeed ZeRO :class:`AttachZeroFragments` is the one needed: it points BregTop at
+the fragments ZeRO hands it once training starts (DeepSpeed saves every rank's state itself).
 """
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -44,20 +48,60 @@ class BregTopFactory:
     calls ``BregTopFactory()(model, **kwargs)`` with the model it trains, and this makes BregTop
     on the paper's grouping of that model. The Trainer neither pops nor changes ``kwargs``
     here (it pops ``"params"`` from an optimizer class's kwargs), so one tuple serves any
-    number of Trainers."""
+    number of Trainers.
+
+    Called by a Trainer's ``create_optimizer``, it also adds :class:`ConsolidateOnSave` to that
+    Trainer's callbacks when the Trainer writes the optimizer from process 0 alone (neither
+    DeepSpeed nor FSDP saves it) and has no such callback yet, so that checkpoints of a
+    multi-process run hold every block. Called otherwise, it only builds the optimizer."""
 
     def __call__(
         self, model: nn.Module, head_names: Sequence[str] | None = None,
         adamw_group: dict[str, Any] | None = None, **settings: Any,
     ) -> BregTop:
-        return BregTop(param_groups(model, head_names=head_names, **(adamw_group or {})), **settings)
+        optimizer = BregTop(param_groups(model, head_names=head_names, **(adamw_group or {})), **settings)
+        trainer = _calling_trainer()
+        if trainer is not None:
+            _consolidate_on_checkpoints(trainer)
+        return optimizer
+
+
+def _consolidate_on_checkpoints(trainer: Any) -> bool:
+    """Add :class:`ConsolidateOnSave` to ``trainer``'s callbacks where its checkpoints write the
+    optimizer's ``state_dict()`` from process 0 alone and it has none yet; True if added."""
+    if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
+        return False  # DeepSpeed saves every rank's state; FSDP saves through Accelerate's FSDP path
+    if any(isinstance(cb, ConsolidateOnSave) for cb in trainer.callback_handler.callbacks):
+        return False
+    trainer.add_callback(ConsolidateOnSave())
+    return True
+
+
+def _calling_trainer() -> Any:
+    """The transformers Trainer whose ``create_optimizer`` (or a subclass's override of it) is
+    calling :class:`BregTopFactory`, or None: the Trainer hands a factory only the model."""
+    from transformers import Trainer
+
+    frame = inspect.currentframe()
+    try:
+        for _ in range(6):  # this function, __call__, create_optimizer, overrides calling super()
+            if frame is None:
+                return None
+            if frame.f_code.co_name == "create_optimizer" and isinstance(frame.f_locals.get("self"), Trainer):
+                return frame.f_locals["self"]
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
 
 
 def bregtop_for_trainer(
     model: nn.Module, args: Any = None, head_names: Sequence[str] | None = None,
     adamw_group: dict[str, Any] | None = None, **settings: Any,
 ) -> tuple[type[BregTopFactory], dict[str, Any]]:
-    """``(BregTopFactory, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``.
+    """``(BregTopFactory, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``. The Trainer
+    that builds the optimizer from it gets :class:`ConsolidateOnSave` (see
+    :class:`BregTopFactory`), so its checkpoints under DDP hold every Kronecker block.
 
     ``args`` (the ``TrainingArguments``) supplies ``lr`` (``learning_rate``) and
     ``weight_decay`` unless they are given in ``settings``; a given value that differs from
@@ -82,7 +126,8 @@ def bregtop_for_trainer(
             "bregtop_for_trainer: no args and no lr, so BregTop's default lr=1e-3 is used and "
             "TrainingArguments.learning_rate is not; pass args=training_args (or lr=...)", UserWarning, stacklevel=2)
     kwargs = {"head_names": head_names, "adamw_group": adamw_group, **settings}
-    BregTopFactory()(model, **kwargs)  # validate now: the Trainer builds the real one later
+    # validate now (the Trainer builds the real one later)
+    BregTop(param_groups(model, head_names=head_names, **(adamw_group or {})), **settings)
     return BregTopFactory, kwargs
 
 
