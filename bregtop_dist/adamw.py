@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bregtop_dist.core.descend import descend_
+
 
 def init_adamw_state(state: dict[str, Any], param: Tensor) -> None:
     """The state of a parameter that has not stepped: step 0 and zero moments (its first step
@@ -74,4 +76,4 @@ def adamw_group_step(
     torch._foreach_div_(update, [1.0 - b1**k for k in steps])
     if weight_decay:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-    torch._foreach_add_(params, [u.to(p.dtype) for u, p in zip(update, params)], alpha=-lr)
+    descend_(params, update, lr)

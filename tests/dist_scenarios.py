@@ -302,12 +302,123 @@ def thin_blocks_equal_single(rank: int, world: int, single: dist.ProcessGroup, w
             raise AssertionError(f"{engine}, Thin(seed={seed}): {err}") from None
 
 
+class RandomNet(nn.Module):
+    """A model drawn from ``seed``: a 1 x d0 weight (1 x n blocks), a d1 x 1 weight (m x 1
+    blocks), a d2 x d1 and a d2 x d2 weight, fed batches of 5 rows (fewer than most sides, so
+    the first factors are rank-deficient)."""
+
+    BATCH = 5
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.d0, d1, d2 = (int(torch.randint(lo, hi, (), generator=g)) for lo, hi in ((6, 41), (6, 41), (2, 25)))
+        torch.manual_seed(seed)
+        self.a = nn.Linear(self.d0, 1)
+        self.b = nn.Linear(1, d1)
+        self.c = nn.Linear(d1, d2, bias=False)
+        self.e = nn.Linear(d2, d2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.b(torch.tanh(self.a(x))))
+        return self.e(torch.tanh(self.c(h))).square().mean()
+
+
+def random_settings(seed: int) -> dict[str, Any]:
+    """The optimizer of the run drawn from ``seed``: any Table 4 row, tiles or whole blocks,
+    staggered refreshes, more than three refresh periods in ``REPRO_STEPS``."""
+    from bregtop_dist.config import METHODS
+
+    g = torch.Generator().manual_seed(seed + 1)
+    method = METHODS[int(torch.randint(len(METHODS), (), generator=g))]
+    max_dim = (8, 64)[int(torch.randint(2, (), generator=g))]
+    return dict(lr=0.02, method=method, precondition_frequency=3, max_precond_dim=max_dim, weight_decay=0.01,
+                stagger_refresh=True)
+
+
+REPRO_STEPS = 10  # refresh period 3: more than three periods
+REPRO_ENGINES = ("ddp", "fsdp2", "zero1", "zero2", "zero3")
+
+
+def _random_run(engine: str, seed: int, world: int, single: dist.ProcessGroup | None) -> list[dict[str, torch.Tensor]]:
+    """The parameters after step 0 and after the last step of the run drawn from ``seed`` on
+    ``engine`` (``single``: one process)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    settings = random_settings(seed)
+    model = RandomNet(seed)
+
+    def data(step: int) -> torch.Tensor:
+        return torch.randn(RandomNet.BATCH, model.d0, generator=torch.Generator().manual_seed(seed + step))
+
+    if engine.startswith("zero"):
+        import deepspeed
+
+        from bregtop_dist.integrations.deepspeed import initialize
+
+        stage = int(engine[-1])
+        config = {"train_micro_batch_size_per_gpu": RandomNet.BATCH, "gradient_accumulation_steps": 1,
+                  "gradient_clipping": 0.0,  # DeepSpeed's default clips at norm 1: not the one-process run
+                  "zero_optimization": {"stage": stage}, "optimizer": {"type": "BregTop", "params": settings}}
+        ds_engine, _, _, _ = initialize(model=model, config=config)
+
+        def step(i: int) -> None:
+            ds_engine.backward(ds_engine(data(i)))
+            ds_engine.step()
+
+        def snapshot() -> dict[str, torch.Tensor]:
+            with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=stage == 3):
+                return {k: v.detach().clone() for k, v in model.named_parameters()}
+    else:
+        if engine == "fsdp2":
+            fsdp2(model, world)
+        call = DistributedDataParallel(model) if engine == "ddp" else model
+        opt = BregTop(model.parameters(), process_group=single if engine == "single" else None, **settings)
+
+        def step(i: int) -> None:
+            opt.zero_grad(set_to_none=True)
+            call(data(i)).backward()
+            opt.step()
+
+        def snapshot() -> dict[str, torch.Tensor]:
+            return {k: full(v.detach()).clone() for k, v in model.named_parameters()}
+
+    out = []
+    for i in range(REPRO_STEPS):
+        step(i)
+        if i in (0, REPRO_STEPS - 1):
+            out.append(snapshot())
+    return out
+
+
+def random_models_equal_single(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+    """Every engine on a model and optimizer drawn from the run's seed (see RandomNet,
+    random_settings) against the one-process run: step 0 bit for bit, the end within FP32_TOL.
+    Each engine runs (all its collectives) before anything is asserted."""
+    seed_file = workdir / "seed"
+    seed = int(seed_file.read_text()) if seed_file.is_file() else 0
+    want = _random_run("single", seed, world, single)
+    got = {engine: _random_run(engine, seed, world, None) for engine in REPRO_ENGINES}
+    described = f"RandomNet(seed={seed}), {random_settings(seed)}"
+    failures = []
+    for engine, (first, last) in got.items():
+        differ = {name: f"{float((value - want[0][name]).abs().max() / want[0][name].abs().max()):.2g}"
+                  for name, value in first.items() if not torch.equal(value, want[0][name])}
+        if differ:
+            failures.append(f"{engine}: after step 0 not bit-identical (relative differences {differ})")
+        for name, value in last.items():
+            rel = float((value - want[1][name]).abs().max() / want[1][name].abs().max())
+            if rel > FP32_TOL:
+                failures.append(f"{engine}: {name} after {REPRO_STEPS} steps: relative difference {rel:.3g}")
+    assert not failures, f"{described} on {world} ranks:\n" + "\n".join(failures)
+
+
 SCENARIOS: dict[str, Callable[[int, int, dist.ProcessGroup, Path], None]] = {
     f.__name__: f
     for f in (
         ddp_equals_single, fsdp2_equals_single, fsdp2_bf16_comm, ddp_bf16_comm, kl_without_stagger,
         rank_without_blocks, nonfinite_on_one_rank, settings_differ, state_dict_round_trip, state_is_sharded,
-        thin_blocks_equal_single,
+        thin_blocks_equal_single, random_models_equal_single,
     )
 }
 

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from bregtop_dist.core.descend import descend_
 from bregtop_dist.distributed.assignment import Block
 from bregtop_dist.distributed.layout import ParamShard, Range, rect_view
 
@@ -209,5 +210,5 @@ class Exchange:
 
     @staticmethod
     def _add(dst: Tensor, update: Tensor, lr: float) -> None:
-        dst.add_(update.to(dst.dtype), alpha=-lr)
+        descend_([dst], [update], lr)
 

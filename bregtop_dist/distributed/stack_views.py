@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from bregtop_dist.core.descend import descend_
 from bregtop_dist.distributed.assignment import Block
 from bregtop_dist.distributed.layout import ParamShard
 
@@ -116,17 +117,14 @@ class StackViews:
         return cached[1]
 
     def apply(self, shards: Sequence[ParamShard], updates: dict[tuple[int, int], Tensor], lr: float) -> None:
-        """``value -= lr * update`` for every stack's rows, one foreach add (updates are
-        rounded to the parameter's dtype first, as the per-block path does)."""
+        """``value -= lr * update`` for every stack's rows (:func:`~bregtop_dist.core.descend.descend_`,
+        the same roundings as the exchange's per-piece path)."""
         dsts: list[Tensor] = []
         srcs: list[Tensor] = []
         for shape, update in updates.items():
-            views = self._value_views(shape, shards)
-            dsts += views
-            chunks = update.split(self.sizes[shape])
-            srcs += [c if c.dtype == v.dtype else c.to(v.dtype) for c, v in zip(chunks, views)]
-        if dsts:
-            torch._foreach_add_(dsts, srcs, alpha=-lr)
+            dsts += self._value_views(shape, shards)
+            srcs += list(update.split(self.sizes[shape]))
+        descend_(dsts, srcs, lr)
 
     def _value_views(self, shape: tuple[int, int], shards: Sequence[ParamShard]) -> list[Tensor]:
         pieces = self.pieces[shape]
