@@ -8,10 +8,11 @@ rank-deficient, and decaying activation spectra):
 1. run ``t`` steps (``t = 0``: the perturbation hits the first gradient; later ``t``: a state
    that has seen ``t`` gradients);
 2. run the same gradients again with the t-th one moved by one ulp per entry (random
-   direction);
+   direction), or, for ``state``, with every entry of the state (momentum, factors, bases,
+   estimates) moved by one ulp before step t (t >= 1: there is a state);
 3. report the amplification: the largest relative change of the update over the following
    steps (two refresh periods, refreshes staggered as the optimizer staggers them), divided by
-   the relative change of the gradient. A continuous, well-conditioned update gives a
+   the relative change of what was moved. A continuous, well-conditioned update gives a
    small number; a choice made by rounding (an undetermined basis, a near-tie in the top set)
    gives about 1/ulp = 1e7.
 
@@ -67,29 +68,48 @@ def one_ulp(t: Tensor, gen: torch.Generator) -> Tensor:
                        torch.nextafter(t, torch.full_like(t, -math.inf)))
 
 
-def updates(method: str, grads: list[Tensor], m: int, n: int) -> list[Tensor]:
-    """The block's update at every step of ``grads``."""
+FLOAT_FIELDS = ("momentum", "L", "R", "U_L", "U_R", "lam_L", "lam_R")
+
+
+def updates(method: str, grads: list[Tensor], m: int, n: int,
+            moved_state: tuple[int, torch.Generator] | None = None) -> tuple[list[Tensor], float]:
+    """The block's update at every step of ``grads``; with ``moved_state = (t, gen)`` every
+    float entry of the state is moved by one ulp before step t, and the relative change of
+    the state (all fields together) is returned too (0.0 otherwise)."""
     hyper = BregTopConfig(method=method, precondition_frequency=FREQUENCY).block_hyper()
     state = KronBlockState.empty(m, n, 1)
     offset = torch.tensor([OFFSET])
-    out = []
-    for grad in grads:
+    out, rel_in = [], 0.0
+    for step, grad in enumerate(grads):
+        if moved_state is not None and step == moved_state[0]:
+            fields = state.tensors()
+            moved = {k: one_ulp(fields[k], moved_state[1]) for k in FLOAT_FIELDS}
+            before = torch.cat([fields[k].flatten() for k in FLOAT_FIELDS])
+            after = torch.cat([moved[k].flatten() for k in FLOAT_FIELDS])
+            rel_in = float((after - before).norm() / before.norm())
+            state = KronBlockState(**{**fields, **moved})
         result = kron_block_step(state, grad, hyper, offset)
         state = result.state
         out.append(result.update)
-    return out
+    return out, rel_in
 
 
-def amplification(method: str, m: int, n: int, start: int, seed: int) -> float:
+def amplification(method: str, m: int, n: int, start: int, seed: int, what: str = "gradient") -> float:
     """Largest relative change of the update in the 2 * FREQUENCY steps from ``start`` on, over
-    the relative change of the gradient, when gradient ``start`` moves by one ulp."""
+    the relative change of what moved: gradient ``start``, or (``what="state"``) the state
+    before step ``start``, by one ulp."""
     gen = torch.Generator().manual_seed(seed)
     grads = list(linear_gradients(m, n, start + 2 * FREQUENCY, gen))
-    moved = list(grads)
-    moved[start] = one_ulp(grads[start], gen)
-    rel_in = float((moved[start] - grads[start]).norm() / grads[start].norm())
+    base, _ = updates(method, grads, m, n)
+    if what == "state":
+        other, rel_in = updates(method, grads, m, n, (start, gen))
+    else:
+        moved = list(grads)
+        moved[start] = one_ulp(grads[start], gen)
+        rel_in = float((moved[start] - grads[start]).norm() / grads[start].norm())
+        other, _ = updates(method, moved, m, n)
     worst = 0.0
-    for a, b in list(zip(updates(method, grads, m, n), updates(method, moved, m, n)))[start:]:
+    for a, b in list(zip(base, other))[start:]:
         if float(a.norm()) > 0.0:
             worst = max(worst, float((b - a).norm() / a.norm()) / rel_in)
     return worst
@@ -127,16 +147,22 @@ def main(argv: list[str] | None = None) -> None:
     began = time.perf_counter()
     table: dict[str, dict[str, dict[str, float]]] = {}
     for method in methods:
-        table[method] = {}
-        for start in STARTS:
-            row = {f"{m}x{n}": max(amplification(method, m, n, start, s) for s in range(args.seeds)) for m, n in SHAPES}
-            table[method][str(start)] = row
-            print(f"{method:14s} t={start:<4d}" + "".join(f" {k}:{v:9.2e}" for k, v in row.items()), flush=True)
-    header = "| method | t | " + " | ".join(f"{m}x{n}" for m, n in SHAPES) + " | worst |"
-    lines = [header, "|" + "---|" * (len(SHAPES) + 3)]
-    for method, rows in table.items():
+        for what in ("gradient", "state"):
+            table[f"{method}/{what}"] = {}
+            for start in STARTS:
+                if what == "state" and start == 0:
+                    continue  # no state before the first gradient
+                row = {f"{m}x{n}": max(amplification(method, m, n, start, s, what) for s in range(args.seeds))
+                       for m, n in SHAPES}
+                table[f"{method}/{what}"][str(start)] = row
+                print(f"{method:14s} {what:8s} t={start:<4d}" + "".join(f" {k}:{v:9.2e}" for k, v in row.items()),
+                      flush=True)
+    header = "| method | moved | t | " + " | ".join(f"{m}x{n}" for m, n in SHAPES) + " | worst |"
+    lines = [header, "|" + "---|" * (len(SHAPES) + 4)]
+    for key, rows in table.items():
+        method, what = key.split("/")
         for start, row in rows.items():
-            lines.append(f"| {method} | {start} | " + " | ".join(f"{v:.2g}" for v in row.values())
+            lines.append(f"| {method} | {what} | {start} | " + " | ".join(f"{v:.2g}" for v in row.values())
                          + f" | {max(row.values()):.2g} |")
     summary = {"revision": revision(), "seconds": round(time.perf_counter() - began, 1), "seeds": args.seeds,
                "shapes": [list(s) for s in SHAPES], "starts": list(STARTS), "batch": BATCH,

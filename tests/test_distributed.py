@@ -15,7 +15,7 @@ WORLDS = (2, 4)
 def verdicts(request, tmp_path_factory):
     world = request.param
     workdir = tmp_path_factory.mktemp(f"world{world}")
-    (workdir / "seed").write_text(str(BASE_SEED % 2**31))  # the random model sizes of thin_blocks_equal_single
+    (workdir / "seed").write_text(str(BASE_SEED % 2**31))  # the model and method of random_models_equal_single
     return world, run_scenarios(world, list(SCENARIOS), workdir)
 
 
