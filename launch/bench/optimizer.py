@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from bregtop_dist import METHODS, BregTop, kron_precondition
+from bregtop_dist.core.precondition import SELECTION_BAND
 from launch.bench import code_version, machine_info, median_seconds, positive_int, write_json
 
 HELP = "step time, state bytes/param and selection time of BregTop vs AdamW, SOAP and Shampoo"
@@ -262,19 +263,25 @@ def add_baseline_ratios(rows: list[dict[str, Any]]) -> None:
 # ------------------------------------------------------------------------------ selection
 def naive_precondition(m: Tensor, lam_l: Tensor, lam_r: Tensor, rho: float, q: float, c: float) -> Tensor:
     """Algorithm 2 with identity bases the straightforward way: materialise S = lam_L lam_R^T,
-    ``topk`` its K = ceil(rho m n) largest entries, ``torch.quantile`` the rest's S^-1/2."""
+    ``topk`` its K = ceil(rho m n) largest entries, ``torch.quantile`` the rest's S^-1/2; then
+    the library's continuity rules (ties with the K-th largest take S^-1/2, entries within
+    ``SELECTION_BAND`` below it on sqrt(S) blend from chi to S^-1/2)."""
     s = torch.outer(lam_l, lam_r)
     k = math.ceil(rho * s.numel())
     top = torch.zeros(s.numel(), dtype=torch.bool)
     top[torch.topk(s.flatten(), k, sorted=False).indices] = True
     top = top.view_as(s)
     chi = c * torch.quantile(s[~top] ** -0.5, q, interpolation="linear")
-    return m * torch.where(top, s**-0.5, chi)
+    threshold = s[top].min()
+    ramp = ((s / threshold).sqrt() - (1.0 - SELECTION_BAND)).div(SELECTION_BAND).clamp(0.0, 1.0)
+    return m * torch.where(s >= threshold, s**-0.5, chi + ramp * (s**-0.5 - chi))
 
 
 def bench_selection(shape: tuple[int, int], repeats: int) -> dict[str, Any]:
     """Time kron_precondition (U = None) against :func:`naive_precondition` on one block
-    with log-normal eigenvalues, and check that the two outputs agree (rtol 1e-5)."""
+    with log-normal eigenvalues, and check that the two outputs agree (rtol 1e-4: inside the
+    selection band the blend turns float32 rounding of the spectrum into up to about
+    c / SELECTION_BAND = 300 ulps)."""
     m, n = shape
     gen = torch.Generator().manual_seed(SEED)
     mat = torch.randn(m, n, generator=gen)
@@ -289,7 +296,7 @@ def bench_selection(shape: tuple[int, int], repeats: int) -> dict[str, Any]:
     fast_s = median_seconds(fast_fn, mat.device, repeats)
     naive_s = median_seconds(naive_fn, mat.device, repeats)
     fast, naive = fast_fn(), naive_fn()
-    close = torch.isclose(fast, naive, rtol=1e-5)
+    close = torch.isclose(fast, naive, rtol=1e-4)
     return {
         "shape": [m, n],
         "rho": RHO,
@@ -395,7 +402,7 @@ def format_report(result: dict[str, Any]) -> str:
             f"selection on {sel['shape'][0]}x{sel['shape'][1]} (rho={sel['rho']}, q={sel['q']}, c={sel['c']}, "
             f"K={sel['top_count']:,}): kron_precondition {sel['kron_precondition_s'] * 1e3:.2f} ms, "
             f"naive {sel['naive_s'] * 1e3:.2f} ms, speedup {sel['speedup']:.1f}x; outputs agree: "
-            f"{'yes' if sel['outputs_agree'] else 'NO'} ({sel['mismatched_entries']} entries differ at rtol 1e-5)",
+            f"{'yes' if sel['outputs_agree'] else 'NO'} ({sel['mismatched_entries']} entries differ at rtol 1e-4)",
             "",
             "targets:",
             f"  selection {spd['target']} faster than naive: {spd['value']:.1f}x -> {_verdict(spd['holds'])}",
