@@ -130,20 +130,28 @@ def latest(root: Path) -> tuple[Path, dict[str, Any]]:
 
 
 # ------------------------------------------------------------------ DCP's pickled metadata
-_DCP_MODULES = ("torch.distributed.checkpoint.metadata",)
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
 _ALLOWED = {
+    (_DCP_METADATA, name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING",
+    )
+} | {
     ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
 }
+"""The exact (module, name) pairs DCP's ``.metadata`` pickle uses (and torch's dtypes). A name
+is looked up in its module only: a dotted name (pickle protocol 4 would follow it through
+attributes, ``torch.distributed.checkpoint.metadata`` ``os.system``) is refused."""
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         import torch
 
-        allowed = (
-            (module, name) in _ALLOWED or module in _DCP_MODULES
+        allowed = "." not in name and (
+            (module, name) in _ALLOWED
             or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
         )
         if not allowed:

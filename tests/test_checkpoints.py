@@ -79,6 +79,36 @@ class _Exploit:
         return (os.system, ("touch pwned",))
 
 
+def _stack_global_call(module: str, name: str, arg: str) -> bytes:
+    """A protocol-4 pickle that calls ``module``'s ``name`` (a dotted name is followed through
+    attributes by pickle's own find_class) with one string argument."""
+    def text(s: str) -> bytes:
+        raw = s.encode()
+        return pickle.SHORT_BINUNICODE + bytes([len(raw)]) + raw
+
+    return (pickle.PROTO + b"\x04" + text(module) + pickle.MEMOIZE + text(name) + pickle.MEMOIZE
+            + pickle.STACK_GLOBAL + text(arg) + pickle.TUPLE1 + pickle.REDUCE + pickle.STOP)
+
+
+@pytest.mark.parametrize("module,name", [
+    ("torch.distributed.checkpoint.metadata", "os.system"),  # reaches os through the allowed module
+    ("torch", "os.system"),
+    ("torch.distributed.checkpoint.metadata", "__builtins__.get"),
+    ("torch.distributed.checkpoint.metadata", "dataclasses.sys.modules.get"),
+    ("builtins", "getattr"),
+    ("functools", "partial"),
+    ("torch._utils", "_rebuild_tensor"),
+    ("copyreg", "_reconstructor"),
+    ("operator", "attrgetter"),
+])
+def test_dotted_names_and_gadgets_in_dcp_metadata_run_nothing(tmp_path, module, name):
+    marker = tmp_path / "pwned"
+    (tmp_path / ".metadata").write_bytes(_stack_global_call(module, name, f"touch {marker}"))
+    with pytest.raises(CheckpointError, match=r"\.metadata' is refused: .* is not allowed"):
+        checkpoints.check_dcp_metadata(tmp_path)
+    assert not marker.exists()
+
+
 def test_crafted_dcp_metadata_is_refused_before_anything_runs(tmp_path):
     (tmp_path / ".metadata").write_bytes(pickle.dumps(_Exploit()))
     with pytest.raises(CheckpointError, match=r"\.metadata' is refused: posix\.system is not allowed"):
