@@ -310,9 +310,8 @@ def _random_run(engine: str, seed: int, world: int, single: dist.ProcessGroup | 
         from bregtop_dist.integrations.deepspeed import initialize
 
         stage = int(engine[-1])
-        config = {"train_micro_batch_size_per_gpu": RandomNet.BATCH, "gradient_accumulation_steps": 1,
-                  "gradient_clipping": 0.0,  # DeepSpeed's default clips at norm 1: not the one-process run
-                  "zero_optimization": {"stage": stage}, "optimizer": {"type": "BregTop", "params": settings}}
+        # DeepSpeed's default clips at norm 1: not the one-process run
+        config = _ds_config(stage, settings, RandomNet.BATCH, gradient_clipping=0.0)
         ds_engine, _, _, _ = initialize(model=model, config=config)
 
         def step(i: int) -> None:
@@ -377,13 +376,12 @@ SCENARIOS: dict[str, Callable[[int, int, dist.ProcessGroup, Path], None]] = {
 
 
 # ---------------------------------------------------------------------------- DeepSpeed
-def _ds_config(stage: int, **extra: Any) -> dict[str, Any]:
-    params = {k: v for k, v in SETTINGS.items()}
+def _ds_config(stage: int, params: dict[str, Any] | None = None, micro_batch: int = 4, **extra: Any) -> dict[str, Any]:
     return {
-        "train_micro_batch_size_per_gpu": 4,
+        "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": stage},
-        "optimizer": {"type": "BregTop", "params": params},
+        "optimizer": {"type": "BregTop", "params": dict(SETTINGS if params is None else params)},
         **extra,
     }
 

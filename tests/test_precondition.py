@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from reference import boundary_gap, chi_ref, kron_precondition_ref, top_mask_ref, weights_ref
@@ -16,6 +14,7 @@ from bregtop_dist.core.precondition import (
     spectrum_root,
     top_mask,
 )
+from launch.sensitivity import one_ulp
 
 SHAPES = [(1, 1), (1, 12), (12, 1), (7, 3), (16, 16), (33, 65)]
 TOL = {torch.float32: 2e-5, torch.float64: 1e-11}
@@ -206,11 +205,6 @@ def test_top_mask_is_the_papers_top_set_with_the_thresholds_ties(gen, ties):
                 assert torch.equal(got[b], paper), (m, n, rho, b)
 
 
-def _one_ulp(t, gen):
-    up = torch.randint(0, 2, t.shape, generator=gen).bool()
-    return torch.where(up, torch.nextafter(t, torch.full_like(t, math.inf)), torch.nextafter(t, torch.full_like(t, -math.inf)))
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_weights_move_by_a_bounded_multiple_of_a_one_ulp_change(gen, dtype):
     """W is a continuous function of the estimates: moving every estimate by one ulp moves
@@ -227,7 +221,7 @@ def test_weights_move_by_a_bounded_multiple_of_a_one_ulp_change(gen, dtype):
         lam_r = torch.randint(1, 4, (n,), generator=gen).to(dtype)
         rho = float(torch.rand((), generator=gen)) * 0.9 + 0.05
         W = precondition_weights(lam_l[None], lam_r[None], rho, 0.01, c)[0]
-        W2 = precondition_weights(_one_ulp(lam_l, gen)[None], _one_ulp(lam_r, gen)[None], rho, 0.01, c)[0]
+        W2 = precondition_weights(one_ulp(lam_l, gen)[None], one_ulp(lam_r, gen)[None], rho, 0.01, c)[0]
         rel = float(((W2 - W).abs() / W).max())
         assert rel <= bound, (m, n, rho, rel)
 

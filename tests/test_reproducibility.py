@@ -10,15 +10,13 @@ refreshes, every method. Sizes and data are drawn from the run's seed.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch import nn
 
 from bregtop_dist import BregTop
 from bregtop_dist.config import METHODS
-from launch.sensitivity import amplification
+from launch.sensitivity import amplification, one_ulp
 
 STEPS = 10  # refresh period 3: more than three periods
 LR = 0.005
@@ -45,12 +43,6 @@ class ThinNet(nn.Module):
         return self.c(torch.tanh(self.b(torch.tanh(self.a(x))))).square().mean()
 
 
-def _one_ulp(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    up = torch.randint(0, 2, t.shape, generator=gen).bool()
-    return torch.where(up, torch.nextafter(t, torch.full_like(t, math.inf)),
-                       torch.nextafter(t, torch.full_like(t, -math.inf)))
-
-
 def _run(seed: int, method: str, max_dim: int, moved: bool) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -63,7 +55,7 @@ def _run(seed: int, method: str, max_dim: int, moved: bool) -> dict[str, torch.T
         model(torch.randn(5, model.d0, generator=torch.Generator().manual_seed(seed + 100 + step))).backward()
         if moved:
             for p in model.parameters():
-                p.grad = _one_ulp(p.grad, nudge)
+                p.grad = one_ulp(p.grad, nudge)
         opt.step()
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 

@@ -100,8 +100,8 @@ class TopSet:
 @functools.lru_cache(maxsize=256)
 def _selection_constants(
     m: int, n: int, rho: float, q: float, dtype: torch.dtype, device: torch.device
-) -> tuple[int, Tensor, Tensor]:
-    """K, the descending ranks (3,) of the threshold and of the two order statistics the
+) -> tuple[Tensor, Tensor]:
+    """The descending ranks (3,) of the threshold (K - 1) and of the two order statistics the
     q-quantile interpolates, and the interpolation weight (a 0-d tensor of ``dtype``): the
     same for every step of a stack, so built once (no host read or upload per step)."""
     k = top_count(rho, m, n)
@@ -114,7 +114,7 @@ def _selection_constants(
     above = int(pos.ceil().item())
     weight = (pos - below).to(device=device, dtype=dtype)
     ranks = torch.tensor([k - 1, k + below, k + above], dtype=torch.int64, device=device)
-    return k, ranks, weight
+    return ranks, weight
 
 
 def _everything(bsz: int, m: int, n: int, dtype: torch.dtype, device: torch.device) -> TopSet:
@@ -142,7 +142,7 @@ def select_top_set(
     n = lam_r.shape[-1]
     if top_count(rho, m, n) == m * n:
         return _everything(bsz, m, n, lam_l.dtype, lam_l.device)
-    _, ranks, weight = _selection_constants(m, n, rho, q, lam_l.dtype, lam_l.device)
+    ranks, weight = _selection_constants(m, n, rho, q, lam_l.dtype, lam_l.device)
     b_asc = torch.sort(lam_r, dim=-1).values
     if kernel:
         from triton_kernels.top_set import top_set_statistics
