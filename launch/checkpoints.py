@@ -9,9 +9,9 @@ newest complete checkpoints are kept. Resuming takes the newest complete one and
 file against its recorded hash before anything reads it.
 
 Model and optimizer go through torch.distributed.checkpoint, so a run resumes at another
-process count; its ``.metadata`` file is a pickle, which is read only after a restricted
-unpickler has found nothing in it but DCP's own metadata classes. (DeepSpeed runs use the
-engine's own checkpoint inside the folder, loadable at the same process count only.)
+process count; :mod:`launch.dcp_reading` reads it without running anything from the files.
+(DeepSpeed runs use the engine's own checkpoint inside the folder, loadable at the same
+process count only.)
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +26,12 @@ from typing import Any
 
 MARKER = "complete.json"
 KEEP = 2
+FORMAT = 2
+"""The manifest's format: 2 carries ``format`` and its own hash (``SEAL``); 1 (no ``format``
+key, written before) carries neither and is read with the same type checks."""
+SEAL = "manifest_sha256"
+RESERVED = ("format", "step", "files", SEAL)
+_HEX = frozenset("0123456789abcdef")
 
 
 class CheckpointError(RuntimeError):
@@ -55,7 +60,16 @@ def _sha256(path: Path) -> str:
 
 
 def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MARKER)
+    """Every file under ``folder`` but its own manifest (a manifest further down is listed:
+    nothing writes one there). Refuses symbolic links: a checkpoint holds plain files only."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in (*dirnames, *filenames):
+            path = Path(dirpath, name)
+            if path.is_symlink():
+                raise CheckpointError(f"{str(path)!r} is a symbolic link; a checkpoint holds plain files only")
+        out += [Path(dirpath, name) for name in filenames]
+    return sorted(p for p in out if p != folder / MARKER)
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -66,6 +80,9 @@ def save(root: Path, step: int, write: Callable[[Path], None], info: dict[str, A
          barrier: Callable[[], None]) -> Path:
     """Write checkpoint ``step`` under ``root``: ``write(folder)`` runs on every rank (each
     writes its part), then rank 0 seals it. Collective: call on every rank."""
+    clash = set(RESERVED) & set(info)
+    if clash:
+        raise ValueError(f"info may not set the manifest's own keys {sorted(clash)}")
     tmp = root / f".tmp-step-{step:08d}"
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -78,7 +95,8 @@ def save(root: Path, step: int, write: Callable[[Path], None], info: dict[str, A
         files = _files(tmp)
         for f in files:
             _fsync_file(f)
-        marker = {"step": step, "files": {str(f.relative_to(tmp)): _sha256(f) for f in files}, **info}
+        marker = seal({"format": FORMAT, "step": step,
+                       "files": {f.relative_to(tmp).as_posix(): _sha256(f) for f in files}, **info})
         part = tmp / (MARKER + ".part")
         part.write_text(json.dumps(marker, indent=1) + "\n")
         _fsync_file(part)
@@ -104,18 +122,77 @@ def complete_steps(root: Path) -> list[int]:
     return sorted(steps)
 
 
+def _canonical(content: dict[str, Any]) -> bytes:
+    return json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def seal(content: dict[str, Any]) -> dict[str, Any]:
+    """``content`` with its own SHA-256 (of its canonical JSON) added under ``SEAL``."""
+    return {**content, SEAL: hashlib.sha256(_canonical(content)).hexdigest()}
+
+
+def _is_digest(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number a manifest holds")
+
+
+def _manifest_problem(marker: Any, step: int) -> str | None:
+    """What is wrong with a parsed manifest of checkpoint ``step``, or None."""
+    if not isinstance(marker, dict):
+        return f"it holds a {type(marker).__name__}, not an object"
+    sealed = "format" in marker or SEAL in marker
+    if sealed:
+        if marker.get("format") != FORMAT or type(marker.get("format")) is not int:
+            return f"format {marker.get('format')!r} is not {FORMAT}"
+        content = {k: v for k, v in marker.items() if k != SEAL}
+        if not _is_digest(marker.get(SEAL)) or hashlib.sha256(_canonical(content)).hexdigest() != marker[SEAL]:
+            return "its content does not match its own hash"
+    if type(marker.get("step")) is not int or marker["step"] != step:
+        return f"step {marker.get('step')!r} is not the folder's {step}"
+    files = marker.get("files")
+    if not isinstance(files, dict):
+        return "'files' is not an object"
+    for rel, digest in files.items():
+        parts = rel.split("/")
+        if (not rel or rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts)
+                or MARKER in parts):
+            return f"it names {rel!r}, which is not a file inside its folder"
+        if not _is_digest(digest):
+            return f"the hash of {rel!r} is not a SHA-256 digest"
+    return None
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of checkpoint ``folder``, refused in one line if its bytes, its own hash,
+    its types or the files it names are wrong (nothing else is read first)."""
+    path = folder / MARKER
+    step = int(folder.name[5:])
+    try:
+        marker = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_refuse_constant)
+        why = _manifest_problem(marker, step)
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        why = f"it is not valid JSON ({type(err).__name__})"
+    if why is not None:
+        raise CheckpointError(f"{str(path)!r} is damaged or was changed: {why}; delete {str(folder)!r} to resume "
+                              "from the checkpoint before it")
+    return marker
+
+
 def latest(root: Path) -> tuple[Path, dict[str, Any]]:
-    """The newest complete checkpoint under ``root`` and its marker, every file checked."""
+    """The newest complete checkpoint under ``root`` and its manifest (checked by
+    :func:`read_manifest`), every file checked against it and no file more."""
     steps = complete_steps(root)
     if not steps:
         raise CheckpointError(f"no complete checkpoint under {str(root)!r} (run without --resume first)")
     folder = step_dir(root, steps[-1])
-    try:
-        marker = json.loads((folder / MARKER).read_text())
-        recorded = dict(marker["files"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{str(folder / MARKER)!r} is damaged ({type(err).__name__}); delete {str(folder)!r} "
-                              "to resume from the checkpoint before it") from None
+    if folder.is_symlink():
+        raise CheckpointError(f"{str(folder)!r} is a symbolic link; a checkpoint holds plain files only")
+    marker = read_manifest(folder)
+    recorded = marker["files"]
+    present = _files(folder)
     for rel, digest in recorded.items():
         path = folder / rel
         if not path.is_file():
@@ -123,50 +200,7 @@ def latest(root: Path) -> tuple[Path, dict[str, Any]]:
         if _sha256(path) != digest:
             raise CheckpointError(f"{str(path)!r} does not match the hash recorded when it was written (damaged or "
                                   f"changed); delete {str(folder)!r} to resume from the checkpoint before it")
-    extra = [str(p) for p in _files(folder) if str(p.relative_to(folder)) not in recorded]
+    extra = [str(p) for p in present if p.relative_to(folder).as_posix() not in recorded]
     if extra:
         raise CheckpointError(f"{extra[0]!r} is in the checkpoint but was not written with it")
     return folder, marker
-
-
-# ------------------------------------------------------------------ DCP's pickled metadata
-_DCP_METADATA = "torch.distributed.checkpoint.metadata"
-_ALLOWED = {
-    (_DCP_METADATA, name) for name in (
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING",
-    )
-} | {
-    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
-}
-"""The exact (module, name) pairs DCP's ``.metadata`` pickle uses (and torch's dtypes). A name
-is looked up in its module only: a dotted name (pickle protocol 4 would follow it through
-attributes, ``torch.distributed.checkpoint.metadata`` ``os.system``) is refused."""
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        import torch
-
-        allowed = "." not in name and (
-            (module, name) in _ALLOWED
-            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
-        )
-        if not allowed:
-            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint's metadata")
-        return super().find_class(module, name)
-
-
-def check_dcp_metadata(folder: Path) -> None:
-    """Refuse a DCP checkpoint whose ``.metadata`` pickle names anything but DCP's metadata
-    classes (DCP itself unpickles it without restriction)."""
-    path = folder / ".metadata"
-    try:
-        with path.open("rb") as f:
-            _MetadataUnpickler(f).load()
-    except FileNotFoundError:
-        raise CheckpointError(f"{str(path)!r} is missing: not a torch.distributed.checkpoint folder") from None
-    except Exception as err:  # noqa: BLE001 - any failure to read it is a refusal
-        raise CheckpointError(f"{str(path)!r} is refused: {err}") from None

@@ -37,7 +37,7 @@ from torch import nn
 
 from bregtop_dist import METHODS, BregTop, BregTopConfig, param_groups
 from launch import checkpoints
-from launch.checkpoints import CheckpointError, check_dcp_metadata
+from launch.checkpoints import CheckpointError
 from launch.engines import build
 from launch.jobconfig import ConfigError, from_sources, job_parser
 from launch.lm_data import DEFAULT_TEXT, GPT2_DIR, DataError, batch_at, gpt2_tokenizer, load_text, token_ids
@@ -196,12 +196,12 @@ def save_state(folder: Path, model: nn.Module, opt: torch.optim.Optimizer) -> No
 
 def load_state(folder: Path, model: nn.Module, opt: torch.optim.Optimizer) -> None:
     """Model and optimizer from a folder :func:`save_state` wrote, at any process count."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    check_dcp_metadata(folder)
+    from launch import dcp_reading
+
     msd, osd = get_state_dict(model, opt)
-    dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(folder))
+    dcp_reading.load({"model": msd, "optim": osd}, folder)
     set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
 
 
@@ -223,22 +223,102 @@ def typed_config(cfg: LMConfig) -> dict[str, Any]:
     return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
-SCHEDULE_SETTINGS = ("lr", "schedule", "warmup_steps", "min_lr_ratio")
+SCHEDULE_SETTINGS = ("optimizer.lr", "schedule", "warmup_steps", "min_lr_ratio")
+CHANGEABLE_ON_RESUME = (
+    "max_steps", "eval_every", "eval_batches", "ckpt_every", "grad_clip",
+    "out", "cache_dir", "data", "tokenizer_dir", "resume", "cpu",
+    "optimizer.backend", "optimizer.rotation_precision",
+)
+"""Settings ``--resume`` may change, each from the first resumed step: how long the run goes
+(``max_steps``, unless the cosine schedule's horizon depends on it), how often it logs,
+evaluates and saves, gradient clipping, where its files are, and how BregTop computes the same
+step (``backend``, ``rotation_precision``). Every other setting must be the checkpoint's:
+the optimizer's would otherwise be overwritten by the saved ``param_groups`` or meet a state
+built for others, the model's and data's would make another run."""
 
 
-def check_schedule(cfg: LMConfig, marker: dict[str, Any]) -> None:
-    """``--resume`` continues the lr schedule exactly only with the settings it was saved with
-    (for cosine also max_steps, its horizon): refuse others in one line. Checkpoints written
-    before the schedule settings existed ran the defaults."""
-    saved = dict(marker.get("config", {}))
-    if isinstance(saved.get("optimizer"), dict):  # markers since the nesting hold lr in optimizer
-        saved["lr"] = saved["optimizer"].get("lr", BregTopConfig.lr)
-    defaults = {f.name: f.default for f in dataclasses.fields(LMConfig)} | {"lr": BregTopConfig.lr}
-    for key in (*SCHEDULE_SETTINGS, *(("max_steps",) if cfg.schedule == "cosine" else ())):
-        then = saved.get(key, defaults[key])
-        if str(then) != str(getattr(cfg, key)):  # str: older markers hold every setting as a string
-            raise ConfigError(f"--resume: {key}={getattr(cfg, key)} differs from the checkpoint's {then}; the lr "
-                              f"schedule continues exactly only as saved (pass --{key.replace('_', '-')} {then})")
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"optimizer": {"lr": x}}`` as ``{"optimizer.lr": x}``."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _same_setting(then: Any, now: Any) -> bool:
+    if then == now:
+        return True
+    if isinstance(then, str) and not isinstance(now, str):  # older markers hold every setting as a string
+        return then in (str(now), str(tuple(now)) if isinstance(now, list) else str(now))
+    return False
+
+
+def check_resume(cfg: LMConfig, marker: dict[str, Any]) -> None:
+    """Refuse, in one line naming the setting and both values, a ``--resume`` whose settings
+    differ from the checkpoint's in anything but :data:`CHANGEABLE_ON_RESUME`. The lr schedule
+    continues exactly only as saved (for cosine also ``max_steps``, its horizon). A marker that
+    lacks a setting (written before it existed) ran its default."""
+    saved = marker.get("config")
+    if not isinstance(saved, dict):
+        raise CheckpointError("--resume: the checkpoint's manifest holds no settings ('config')")
+    if "optimizer" not in saved and "lr" in saved:  # markers before the nesting held lr at the top
+        saved = {**saved, "optimizer": {"lr": saved["lr"]}}
+    then_flat = _flat(saved)
+    now_flat = _flat(json.loads(json.dumps(typed_config(cfg))))
+    defaults = _flat(json.loads(json.dumps(typed_config(LMConfig()))))
+    fixed_horizon = ("max_steps",) if cfg.schedule == "cosine" else ()
+    for key, now in now_flat.items():
+        if key in CHANGEABLE_ON_RESUME and key not in fixed_horizon:
+            continue
+        then = then_flat.get(key, defaults[key])
+        if _same_setting(then, now):
+            continue
+        name = key.rsplit(".", 1)[-1]
+        flag = f"--{name.replace('_', '-')}"
+        shown = " ".join(map(str, then)) if isinstance(then, list) else then
+        if key in SCHEDULE_SETTINGS or key in fixed_horizon:
+            why = f"the lr schedule continues exactly only as saved (pass {flag} {shown})"
+        else:
+            why = (f"a resumed run continues with the checkpoint's settings (pass {flag} {shown}, or start a new "
+                   f"run in another --out); only {', '.join(c.rsplit('.', 1)[-1] for c in CHANGEABLE_ON_RESUME)} "
+                   "may change on resume")
+        raise ConfigError(f"--resume: {name}={'null' if now is None else now} differs from the checkpoint's "
+                          f"{'null' if then is None else then}; {why}")
+
+
+def advance_scheduler(scheduler: Any, start: int, marker: dict[str, Any], where: Path) -> None:
+    """Advance the fresh ``scheduler`` to step ``start`` (before the optimizer state loads: torch's
+    schedulers step from the lr the groups hold) and refuse a checkpoint whose recorded
+    scheduler state differs: the schedule is a function of the settings (equal, see
+    :func:`check_resume`) and the step, so the manifest's copy is a check, not an input."""
+    import warnings
+
+    with warnings.catch_warnings():  # stepping the schedule before the optimizer is the point here
+        warnings.filterwarnings("ignore", message="Detected call of", category=UserWarning)
+        for _ in range(start):
+            scheduler.step()
+    saved = marker.get("scheduler")
+    if saved is not None:
+        ours = json.loads(json.dumps(scheduler.state_dict()))
+        if saved != ours:
+            raise CheckpointError(f"{str(where)!r}: the scheduler state it records is not the schedule's at step "
+                                  f"{start} (recorded last lr {saved.get('_last_lr') if isinstance(saved, dict) else saved!r}, "
+                                  f"the schedule's {ours.get('_last_lr')}); delete the folder to resume from the "
+                                  "checkpoint before it")
+
+
+def apply_changeable(cfg: LMConfig, opt: torch.optim.Optimizer) -> None:
+    """The optimizer settings among :data:`CHANGEABLE_ON_RESUME`, written over the param
+    groups a checkpoint loaded (which hold the saved values)."""
+    for key in CHANGEABLE_ON_RESUME:
+        if key.startswith("optimizer."):
+            name = key.split(".", 1)[1]
+            for group in opt.param_groups:
+                if name in group:
+                    group[name] = getattr(cfg.optimizer, name)
 
 
 @dataclass
@@ -345,8 +425,12 @@ def run(cfg: LMConfig) -> int:
             resume_from, marker = checkpoints.latest(ckpt_root)
         except CheckpointError as err:
             raise DataError(f"--resume: {err}") from None
-        start = int(marker["step"])
-        check_schedule(cfg, marker)
+        start = marker["step"]
+        processes = marker.get("processes")
+        if type(processes) is not int or processes < 1:
+            raise CheckpointError(f"--resume: {str(resume_from / checkpoints.MARKER)!r} records processes="
+                                  f"{processes!r}, not a count of processes")
+        check_resume(cfg, marker)
     if cfg.method == "adamw" and cfg.deepspeed is not None:
         raise ConfigError("--deepspeed configs select BregTop; run adamw without --deepspeed")
     overrides = {**cfg.optimizer.as_defaults(), "method": cfg.method}
@@ -362,16 +446,16 @@ def run(cfg: LMConfig) -> int:
     direct_ds = cfg.deepspeed is not None and hasattr(model, "save_checkpoint")
     scheduler = make_scheduler(opt, cfg.schedule, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
     if resume_from is not None:
+        advance_scheduler(scheduler, start, marker, resume_from / checkpoints.MARKER)
         if direct_ds:
             from bregtop_dist.integrations.deepspeed import load_checkpoint
 
             load_checkpoint(model, resume_from / "deepspeed", tag="resume")
         else:
             load_state(resume_from, *_plain(model, opt, accelerator))
-        if "scheduler" in marker:  # else a checkpoint from before schedules: constant, nothing to restore
-            scheduler.load_state_dict(marker["scheduler"])
-            for group, lr in zip(opt.param_groups, scheduler.get_last_lr()):
-                group["lr"] = lr  # the next step's lr, whatever the optimizer's state held
+        apply_changeable(cfg, opt)
+        for group, lr in zip(opt.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr  # the next step's lr, whatever the loaded optimizer state held
 
     main_proc = accelerator.is_main_process
     metrics = None

@@ -45,10 +45,16 @@ def load_text(path: Path | None, hub_name: str | None) -> str:
 
 
 def token_ids(text: str, tokenizer, cache_dir: Path) -> Tensor:  # type: ignore[no-untyped-def]
-    """int64 token ids of ``text``, cached by content."""
+    """int64 token ids of ``text``, cached by content. The cache is read with torch's
+    ``weights_only`` loader and used only if it holds a 1-D int64 tensor (else rebuilt)."""
     path = Path(cache_dir) / f"gpt2-ids-{hashlib.sha256(text.encode()).hexdigest()[:16]}.pt"
     if path.is_file():
-        return torch.load(path)
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - a damaged cache is rebuilt
+            cached = None
+        if isinstance(cached, Tensor) and type(cached) is Tensor and cached.dtype == torch.int64 and cached.ndim == 1:
+            return cached
     ids = torch.tensor(tokenizer.encode(text).ids, dtype=torch.int64)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(ids, path)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_launch_jobs import ROOT, TINY_LM, _rows, _torchrun
 
-from launch import checkpoints, lm
+from launch import checkpoints, dcp_reading, lm
 from launch.checkpoints import CheckpointError
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -105,14 +105,14 @@ def test_dotted_names_and_gadgets_in_dcp_metadata_run_nothing(tmp_path, module, 
     marker = tmp_path / "pwned"
     (tmp_path / ".metadata").write_bytes(_stack_global_call(module, name, f"touch {marker}"))
     with pytest.raises(CheckpointError, match=r"\.metadata' is refused: .* is not allowed"):
-        checkpoints.check_dcp_metadata(tmp_path)
+        dcp_reading.check_dcp_metadata(tmp_path)
     assert not marker.exists()
 
 
 def test_crafted_dcp_metadata_is_refused_before_anything_runs(tmp_path):
     (tmp_path / ".metadata").write_bytes(pickle.dumps(_Exploit()))
     with pytest.raises(CheckpointError, match=r"\.metadata' is refused: posix\.system is not allowed"):
-        checkpoints.check_dcp_metadata(tmp_path)
+        dcp_reading.check_dcp_metadata(tmp_path)
     assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
 
 

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from bregtop_dist.config import BregTopConfig
 from bregtop_dist.distributed.layout import GroupShards, ParamShard, Range
 from bregtop_dist.grouping import param_groups
+from bregtop_dist.integrations.deepspeed_files import using_safe_load
 from bregtop_dist.optimizer import BregTop, wire_dtype
 
 OPTIMIZER_TYPE = "BregTop"
@@ -298,13 +299,17 @@ def load_checkpoint(engine: Any, load_dir: str | os.PathLike[str], tag: str | No
     """``engine.load_checkpoint`` after checking, on every rank, that the checkpoint was saved
     at this data-parallel world size: DeepSpeed's ZeRO partitions (and BregTop's state inside
     them) load only there, and at another size some ranks find no file and fail without saying
-    why. Returns what ``engine.load_checkpoint`` returns."""
+    why. Every file is read with torch's weights-only loader
+    (:func:`~bregtop_dist.integrations.deepspeed_files.safe_load`), not DeepSpeed's unrestricted
+    one. Returns what ``engine.load_checkpoint`` returns."""
     root = Path(load_dir)
     if tag is None:
         latest = root / "latest"
         if not latest.is_file():
             raise FileNotFoundError(f"{str(root)!r} has no 'latest' file; pass the checkpoint's tag")
         tag = latest.read_text().strip()
+    if not tag or tag in (".", "..") or os.path.basename(str(tag)) != str(tag):
+        raise ValueError(f"tag {str(tag)!r} is not a folder name inside {str(root)!r}")
     saved = len(list((root / str(tag)).glob("*zero_pp_rank_*_optim_states.pt")))
     world = engine.dp_world_size if hasattr(engine, "dp_world_size") else dist.get_world_size()
     if saved and saved != world:
@@ -314,4 +319,5 @@ def load_checkpoint(engine: Any, load_dir: str | os.PathLike[str], tag: str | No
             f"saved with. Resume on {saved} ranks, or save BregTop's state in the world-size independent "
             "format (torch.distributed.checkpoint, see the README's checkpoint section) and load that"
         )
-    return engine.load_checkpoint(str(root), tag=tag, **kwargs)
+    with using_safe_load(engine):  # DeepSpeed's own loader would unpickle anything
+        return engine.load_checkpoint(str(root), tag=tag, **kwargs)
