@@ -23,10 +23,11 @@ from torch import Tensor
 from bregtop_dist.adamw import adamw_group_step, init_adamw_state
 from bregtop_dist.block_plan import BlockStack, KronPlan, build_plan, is_kron_shape
 from bregtop_dist.config import BregTopConfig
-from bregtop_dist.core.block_state import KronBlockState
+from bregtop_dist.core.block_state import KronBlockState, describe_value
 from bregtop_dist.core.block_step import BlockHyper, BlockStepResult, Schedule, kron_block_step
 from bregtop_dist.core.dispatch import resolve_backend
 from bregtop_dist.core.finite import finite_rows, largest_magnitudes
+from bregtop_dist.core.validate import ArgumentTypeError
 from bregtop_dist.distributed.checks import agree_present, check_same_on_all_ranks, grad_maxima, step_verdict
 from bregtop_dist.distributed.layout import (
     GroupShards,
@@ -36,11 +37,12 @@ from bregtop_dist.distributed.layout import (
     replicated_shard,
 )
 from bregtop_dist.grouping import embedding_or_head_like
+from bregtop_dist.load_checks import LoadProblem, first_on_every_rank, unforeseen
 from bregtop_dist.state_format import (
     KRON,
     IncompleteStateDictWarning,
     KronTiles,
-    adamw_for_loading,
+    adamw_entry_for_loading,
     adamw_for_saving,
     describe_tile,
     incomplete_message,
@@ -484,12 +486,6 @@ class BregTop(torch.optim.Optimizer):
                 )
         raise NonFiniteStepError(f"the step went non-finite on rank {rank}; {unchanged}")
 
-    def _any_device(self) -> torch.device:
-        for group in self.param_groups:
-            for p in group["params"]:
-                return p.device
-        return torch.device("cpu")
-
     def _kron_commit(self, pending: _PendingKron, cfg: BregTopConfig, group: dist.ProcessGroup | None) -> None:
         """Store the computed states, then decay and update the parameters."""
         for s in pending.steps:
@@ -678,120 +674,147 @@ class BregTop(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict` saved at any world size (or torch.distributed.checkpoint's
         form of it, keyed by parameter name); this rank takes the Kronecker blocks it owns.
-        Everything is validated, and agreed on by every rank, before anything changes: under a
-        process group every rank must call it (one all_reduce)."""
+
+        Everything is read, checked and built (on its devices) before anything changes, and the
+        ranks agree on it: when any rank finds a problem (the dict's layout, a group's settings,
+        a missing block, a field of the wrong dtype or device, a NaN or inf in a factor or a
+        moment, a negative count or second moment) or fails while reading, every rank raises the
+        same ValueError naming the first one (an ArgumentTypeError for a setting of the wrong
+        type) and no rank changes. Under a process group every rank must call it (one
+        all_gather_object)."""
         rank, world = self._world()
-        saved_groups = state_dict["param_groups"]
-        logical = self._logical()
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"the state dict has {len(saved_groups)} param groups, this optimizer has "
-                f"{len(self.param_groups)}"
-            )
+        cause: Exception | None = None
+        try:
+            loaded, problem = self._read_for_loading(state_dict, rank, world)
+        except Exception as err:  # noqa: BLE001 - raised on every rank below, once every rank knows
+            loaded, problem, cause = None, unforeseen(err, rank, world), err
+        first = first_on_every_rank(problem, self._group(), world)
+        if first is not None:
+            raise first.error() from (cause if first == problem else None)
+        assert loaded is not None
+        self._commit_load(loaded)
+
+    def _read_for_loading(
+        self, state_dict: Any, rank: int, world: int
+    ) -> tuple[_Loaded | None, LoadProblem | None]:
+        """What loading ``state_dict`` puts in place, read, checked and built without changing
+        the optimizer's state or settings, or the first problem this rank finds. Plans are
+        made for every group on the way (as :meth:`state_dict` makes them)."""
+        parts = _saved_parts(state_dict)
+        if isinstance(parts, LoadProblem):
+            return None, parts
+        saved_groups, saved_by_key = parts
+        settings = self._saved_settings(saved_groups)
+        if isinstance(settings, LoadProblem):
+            return None, settings
         key_to_param: dict[Any, Tensor] = {}
-        for gi, (saved, group, params) in enumerate(zip(saved_groups, self.param_groups, logical)):
-            if len(saved["params"]) != len(params):
-                raise ValueError(
-                    f"param group {gi} has {len(saved['params'])} params in the state dict and "
-                    f"{len(params)} in this optimizer"
-                )
-            merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
-            BregTopConfig.from_group(merged)
+        for saved, params in zip(saved_groups, self._logical()):
             key_to_param.update(zip(saved["params"], params))
         views = self._all_plans()
-        saved_state = {id(key_to_param[k]): v for k, v in state_dict["state"].items() if k in key_to_param}
+        saved_state = {id(key_to_param[k]): v for k, v in saved_by_key.items() if k in key_to_param}
         if "kron_blocks" in state_dict:  # the format before tiles: per-rank stacks, same world size only
-            saved_state = self._from_stacked(state_dict, saved_state, world)
-
-        # Take this rank's part, checking it; agree with the other ranks on the first problem
-        # (a rank that fails unexpectedly still takes part, so that no rank waits forever).
+            try:
+                saved_state = self._from_stacked(state_dict, saved_state, world)
+            except ValueError as err:
+                return None, LoadProblem((0, 1 + len(saved_groups)), "", str(err))
         shards = {id(s.param): s for view in views for s in view.shards}
-        try:
-            blocks, adamw, problem = self._take_saved(saved_state, list(key_to_param.values()), shards, rank)
-        except Exception as err:  # noqa: BLE001 - re-raised below, after the other ranks know
-            self._agree_on_load((-1, f"{type(err).__name__}: {err}"), rank, world)
-            raise
-        self._agree_on_load(problem, rank, world)
+        stacks, problem = self._take_blocks(saved_state)
+        if problem is not None:
+            return None, problem
+        adamw, problem = self._take_adamw(saved_state, list(key_to_param.values()), shards, rank)
+        if problem is not None:
+            return None, problem
+        return _Loaded(settings, adamw, stacks), None
 
-        # Validated: now change state.
-        for saved, group in zip(saved_groups, self.param_groups):
-            group.update({k: v for k, v in saved.items() if k != "params"})
-        self.state.clear()
-        self._gathered, self._gathered_adamw = False, {}
-        by_id = {id(p): p for p in key_to_param.values()}
-        for pid, entry in adamw.items():
-            device = shards[pid].value.device
-            self.state[by_id[pid]] = {  # the step counter stays on the CPU, where the host reads it
-                k: v.detach().to("cpu" if k == "step" else device, copy=True) if torch.is_tensor(v) else v
-                for k, v in entry.items()
-            }
-        for plan in self._plans.values():
-            for stack in plan.stacks.values():
-                stack.state = KronBlockState.from_blocks(blocks[(plan.key, stack.shape)], plan.device)
-            self._register_tiles(plan)
+    def _saved_settings(self, saved_groups: list[Any]) -> list[dict[str, Any]] | LoadProblem:
+        """Each saved group's settings (everything but ``params``), checked against this
+        optimizer's groups as the constructor checks settings, or the first problem: the
+        number of groups, a group that is not a dict with a list of params, a different number
+        of params, a refused setting."""
+        if len(saved_groups) != len(self.param_groups):
+            return LoadProblem(
+                (0, 0), "", f"the state dict has {len(saved_groups)} param groups, this optimizer has "
+                f"{len(self.param_groups)}")
+        out = []
+        for gi, (saved, group, params) in enumerate(zip(saved_groups, self.param_groups, self._logical())):
+            position = (0, 1 + gi)
+            if not isinstance(saved, Mapping) or not isinstance(saved.get("params"), (list, tuple)):
+                return LoadProblem(position, f"param group {gi}",
+                                   f"expected a dict with a list 'params', got {describe_value(saved)}")
+            if len(saved["params"]) != len(params):
+                return LoadProblem(position, "", f"param group {gi} has {len(saved['params'])} params in the "
+                                   f"state dict and {len(params)} in this optimizer")
+            settings = {k: v for k, v in saved.items() if k != "params"}
+            try:
+                BregTopConfig.from_group({**group, **settings})
+            except (TypeError, ValueError) as err:
+                return LoadProblem(position, f"the settings of param group {gi}", str(err),
+                                   wrong_type=isinstance(err, ArgumentTypeError))
+            out.append(settings)
+        return out
 
-    def _take_saved(
-        self, saved_state: dict[int, Any], params: list[Tensor], shards: dict[int, ParamShard], rank: int,
-    ) -> tuple[dict[tuple[str, tuple[int, int]], list[Mapping[str, Tensor]]], dict[int, dict[str, Any]],
-               tuple[int, str] | None]:
-        """This rank's part of a saved state (keyed by id of parameter): its blocks per stack in
-        row order, its AdamW-side entries, and the first problem (position, what is wrong)."""
-        problems: list[tuple[int, str]] = []
-        blocks: dict[tuple[str, tuple[int, int]], list[Mapping[str, Tensor]]] = {}
+    def _take_blocks(
+        self, saved_state: dict[int, Any]
+    ) -> tuple[list[tuple[BlockStack, KronBlockState]], LoadProblem | None]:
+        """A new state for every stack of this rank, built on its plan's device from the saved
+        blocks (keyed by id of parameter, then tile), or the first block that is missing or
+        cannot be a block's state (see :meth:`KronBlockState.check_block`)."""
+        problems: list[LoadProblem] = []
+        rows: list[tuple[BlockStack, KronPlan, list[Mapping[str, Tensor]]]] = []
         for pi, plan in enumerate(self._plans.values()):
             for stack in plan.stacks.values():
-                rows = blocks.setdefault((plan.key, stack.shape), [])
+                taken: list[Mapping[str, Tensor]] = []
                 for bid in stack.block_ids:
                     blk = plan.blocks[bid]
                     block = saved_block(saved_state.get(id(plan.params[blk.shard])), blk.tile)
                     why = "it is missing" if block is None else KronBlockState.check_block(block, *blk.shape)
-                    if why is not None:
-                        problems.append((_position(pi, bid), why))
+                    if why is None:
+                        taken.append(block)  # type: ignore[arg-type]
                     else:
-                        rows.append(block)  # type: ignore[arg-type]
-        adamw: dict[int, dict[str, Any]] = {}
+                        where = describe_tile(plan.names[blk.shard], blk.tile, blk.shape)
+                        problems.append(LoadProblem((1 + pi, bid), where, why, missing_block=block is None))
+                rows.append((stack, plan, taken))
+        if problems:
+            return [], min(problems, key=lambda p: p.position)
+        return [(stack, KronBlockState.from_blocks(taken, plan.device)) for stack, plan, taken in rows], None
+
+    def _take_adamw(
+        self, saved_state: dict[int, Any], params: list[Tensor], shards: dict[int, ParamShard], rank: int,
+    ) -> tuple[dict[Tensor, dict[str, Tensor]], LoadProblem | None]:
+        """This rank's AdamW-side entries, checked (see :func:`adamw_entry_for_loading`) and
+        copied to their devices in float32 (the step counter on the CPU, where the host reads
+        it), or the first problem. ``params`` are the parameters in the state dict's order."""
         kron_params = {id(p) for plan in self._plans.values() for p in plan.params}
+        adamw: dict[Tensor, dict[str, Tensor]] = {}
         for i, p in enumerate(params):
             entry = saved_state.get(id(p))
-            if id(p) in kron_params or not entry or id(p) not in shards:
+            if id(p) in kron_params or entry is None or id(p) not in shards:
                 continue
+            shard = shards[id(p)]
             try:
-                adamw[id(p)] = {k: adamw_for_loading(shards[id(p)], rank, k, v) for k, v in entry.items() if k != KRON}
-            except ValueError as e:
-                problems.append((_position(len(self._plans), i), str(e)))
-        return blocks, adamw, min(problems, default=None)
+                taken = adamw_entry_for_loading(shard, rank, entry)
+            except ValueError as err:
+                return {}, LoadProblem((1 + len(self._plans), i), f"the AdamW-side state of {shard.name}", str(err))
+            if taken:
+                adamw[p] = {
+                    k: v.detach().to("cpu" if k == "step" else shard.value.device, torch.float32, copy=True)
+                    for k, v in taken.items()
+                }
+        return adamw, None
 
-    def _agree_on_load(self, problem: tuple[int, str] | None, rank: int, world: int) -> None:
-        """Raise on every rank if any rank found a problem, naming the first one."""
-        first = _NO_PROBLEM if problem is None else problem[0]
-        if world > 1:
-            code = torch.tensor([first], dtype=torch.int64, device=next(iter(self._plans.values())).device
-                                if self._plans else self._any_device())
-            dist.all_reduce(code, op=dist.ReduceOp.MIN, group=self._group())
-            first = int(code)
-        if first == _NO_PROBLEM:
-            return
-        what = "a rank failed while reading it" if first == -1 else self._describe_position(first)
-        if problem is not None and problem[0] == first:
-            detail = problem[1]
-        else:
-            detail = "another rank found it (see that rank's error)"
-        unchanged = "nothing was loaded"
-        raise ValueError(
-            f"cannot load the optimizer state: {what}: {detail}; {unchanged}. A state dict holds the "
-            "Kronecker blocks of the ranks that wrote it: a file written by rank 0 alone (Accelerate's "
-            "save_state, the Trainer) holds every block only if consolidate_state_dict() ran on every "
-            "rank first (see the README's checkpoint section)"
-        )
-
-    def _describe_position(self, position: int) -> str:
-        pi, bid = divmod(position, _PER_PLAN)
-        plans = list(self._plans.values())
-        if pi < len(plans):
-            plan = plans[pi]
-            blk = plan.blocks[bid]
-            return describe_tile(plan.names[blk.shard], blk.tile, blk.shape)
-        return f"the AdamW-side state of parameter {bid} of the state dict"
+    def _commit_load(self, loaded: _Loaded) -> None:
+        """Put a load every rank agreed on in place: plain assignments of what
+        :meth:`_read_for_loading` built, nothing that can fail half-way."""
+        for group, settings in zip(self.param_groups, loaded.settings):
+            group.update(settings)
+        self.state.clear()
+        self._gathered, self._gathered_adamw = False, {}
+        for p, entry in loaded.adamw.items():
+            self.state[p] = entry
+        for stack, state in loaded.stacks:
+            stack.state = state
+        for plan in self._plans.values():
+            self._register_tiles(plan)
 
     def _from_stacked(self, state_dict: dict[str, Any], saved_state: dict[int, Any], world: int) -> dict[int, Any]:
         """A state dict of the earlier format (``kron_blocks`` per stack of this rank) in tiles,
@@ -855,13 +878,32 @@ def _step_extremes(pending: list[_PendingKron], device: torch.device) -> tuple[T
     return step_max, failed
 
 
-_PER_PLAN = 1 << 40
-_NO_PROBLEM = (1 << 62) - 1
+@dataclass
+class _Loaded:
+    """What a load puts in place, all of it built before the ranks agree: each group's saved
+    settings, the AdamW-side entries (on their devices), a new state for each owned stack."""
+
+    settings: list[dict[str, Any]]
+    adamw: dict[Tensor, dict[str, Tensor]]
+    stacks: list[tuple[BlockStack, KronBlockState]]
 
 
-def _position(plan_index: int, item: int) -> int:
-    """One int for (plan, block) or (after the plans, a parameter): what load agrees on."""
-    return plan_index * _PER_PLAN + item
+def _saved_parts(state_dict: Any) -> tuple[list[Any], Mapping[Any, Any]] | LoadProblem:
+    """A state dict's param groups and per-parameter state, or what is wrong with its layout."""
+    if not isinstance(state_dict, Mapping):
+        return LoadProblem((0, 0), "", "a state dict is a dict with 'state' and 'param_groups', got "
+                           f"{describe_value(state_dict)}")
+    for key in ("state", "param_groups"):
+        if key not in state_dict:
+            return LoadProblem((0, 0), "", f"the state dict has no {key!r} key (its keys: {list(state_dict)[:8]})")
+    groups, state = state_dict["param_groups"], state_dict["state"]
+    if not isinstance(groups, (list, tuple)):
+        return LoadProblem((0, 0), "", f"the state dict's 'param_groups' is {describe_value(groups)}, expected a "
+                           "list of dicts, one per param group")
+    if not isinstance(state, Mapping):
+        return LoadProblem((0, 0), "", f"the state dict's 'state' is {describe_value(state)}, expected a dict "
+                           "of per-parameter entries")
+    return list(groups), state
 
 
 def _with_zero_grad(shard: ParamShard) -> ParamShard:

@@ -24,12 +24,15 @@ own part (:func:`taken_per_rank`: torch.distributed.checkpoint, Accelerate's dev
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from bregtop_dist.block_plan import BlockStack
+from bregtop_dist.core.block_state import describe_value, non_finite
 from bregtop_dist.distributed.layout import ParamShard, is_dtensor
 
 KRON = "kron"
@@ -134,13 +137,76 @@ def adamw_for_saving(param: Tensor, value: Any) -> Any:
     )
 
 
-def adamw_for_loading(shard: ParamShard, rank: int, key: str, value: Any) -> Tensor | Any:
-    """Rank ``rank``'s part of a saved AdamW-side value: a DTensor's local tensor, the shard's
-    range of a full tensor, or a tensor already of the local shape. Raises ValueError otherwise."""
-    if not isinstance(value, Tensor) or value.ndim == 0:
-        return value
+ADAMW_KEYS = ("step", "exp_avg", "exp_avg_sq")
+"""The keys of a stepped AdamW-side entry (torch's AdamW's); an entry is these or empty."""
+
+
+def adamw_entry_for_loading(shard: ParamShard, rank: int, entry: Any) -> dict[str, Tensor]:
+    """Rank ``rank``'s part of a saved AdamW-side entry, checked: empty (the parameter has
+    not stepped) or exactly :data:`ADAMW_KEYS`, each value as :func:`adamw_for_loading` takes
+    it (a ``kron`` key, which an AdamW-side parameter never uses, is passed over). The values
+    are the saved tensors or views of them: the caller copies them. Raises ValueError saying
+    what is wrong (the key, the value found, what is allowed)."""
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"expected a dict of {list(ADAMW_KEYS)} (or an empty one), got {describe_value(entry)}")
+    keys = [k for k in entry if k != KRON]
+    if not keys:
+        return {}
+    holds = f"an AdamW-side entry holds exactly {list(ADAMW_KEYS)}, or nothing before the first step"
+    unknown = [k for k in keys if k not in ADAMW_KEYS]
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r}; {holds}")
+    missing = [k for k in ADAMW_KEYS if k not in entry]
+    if missing:
+        raise ValueError(f"key {missing[0]!r} is missing (found {keys}); {holds}")
+    return {k: adamw_for_loading(shard, rank, k, entry[k]) for k in ADAMW_KEYS}
+
+
+def adamw_for_loading(shard: ParamShard, rank: int, key: str, value: Any) -> Tensor:
+    """Rank ``rank``'s part of saved AdamW-side value ``key``, checked: a floating-point tensor
+    holding values (not on the meta device); for ``step`` a scalar, a whole number >= 0; for
+    the moments a DTensor's local tensor, the shard's range of a full tensor, or a tensor
+    already of the local shape, finite once read as float32 (the state's dtype), and
+    ``exp_avg_sq`` >= 0. Raises ValueError naming the key, the value and what is allowed."""
+    if not isinstance(value, Tensor):
+        raise ValueError(f"{key!r} is {describe_value(value)}; expected a floating-point tensor")
     if is_dtensor(value):
         value = value.to_local()  # type: ignore[attr-defined]
+    if value.device.type == "meta":
+        raise ValueError(f"{key!r} is on the meta device, which holds no values; expected a tensor on the CPU "
+                         "or an accelerator")
+    if not value.is_floating_point():
+        raise ValueError(f"{key!r} has dtype {value.dtype}; expected a floating-point tensor (it is kept in float32)")
+    if key == "step":
+        return _step_for_loading(value)
+    part = _local_part(shard, rank, key, value)
+    bad = non_finite(part.to(torch.float32))
+    if bad is not None:
+        read = "" if part.dtype == torch.float32 else " once read as float32, the dtype of the state"
+        raise ValueError(f"{key!r} {bad}{read}; the AdamW moments must be finite")
+    if key == "exp_avg_sq" and part.numel() and bool((part < 0).any()):
+        negative = part[part < 0]
+        count = f"{negative.numel()} negative {'entry' if negative.numel() == 1 else 'entries'}"
+        raise ValueError(
+            f"'exp_avg_sq' holds {count} (the smallest {float(negative.min()):.6g}); it is a running mean of "
+            "squared gradients and must be >= 0"
+        )
+    return part
+
+
+def _step_for_loading(value: Tensor) -> Tensor:
+    """A saved AdamW ``step``, checked: a scalar that counts steps (a whole number >= 0)."""
+    if value.ndim != 0:
+        raise ValueError(f"'step' has shape {tuple(value.shape)}; expected a scalar (a 0-d tensor)")
+    count = float(value)
+    if not (math.isfinite(count) and count >= 0 and count == math.floor(count)):
+        raise ValueError(f"'step' is {count!r}; it counts the steps taken and must be a whole number >= 0")
+    return value
+
+
+def _local_part(shard: ParamShard, rank: int, key: str, value: Tensor) -> Tensor:
+    """This rank's part of a saved moment: ``value`` itself when it has the local shape, this
+    rank's range when it has the parameter's shape; ValueError otherwise."""
     local = tuple(shard.value.shape)
     if tuple(value.shape) == local:
         return value
@@ -148,8 +214,8 @@ def adamw_for_loading(shard: ParamShard, rank: int, key: str, value: Any) -> Ten
         start, stop = shard.ranges[rank]
         return value.reshape(-1)[start:stop].reshape(local)
     raise ValueError(
-        f"{shard.name}: saved {key!r} has shape {tuple(value.shape)}; expected the parameter's shape "
-        f"{shard.shape} or this rank's part of it {local}"
+        f"{key!r} has shape {tuple(value.shape)}; expected the parameter's shape {shard.shape} or this "
+        f"rank's part of it {local}"
     )
 
 

@@ -48,15 +48,18 @@ def _entry(rank: int, world: int, workdir: str, names: list[str], module: str) -
     dist.destroy_process_group()
 
 
-def run_scenarios(world: int, names: list[str], workdir: Path, module: str = "dist_scenarios") -> dict[str, list[str]]:
-    """Per scenario of ``module``'s SCENARIOS, the verdict of every rank ("ok" or a traceback)."""
+def run_scenarios(
+    world: int, names: list[str], workdir: Path, module: str = "dist_scenarios", timeout_s: float = TIMEOUT_S
+) -> dict[str, list[str]]:
+    """Per scenario of ``module``'s SCENARIOS, the verdict of every rank ("ok" or a traceback);
+    a TimeoutError (the processes killed) when they have not all finished within ``timeout_s``."""
     workdir.mkdir(parents=True, exist_ok=True)
     ctx = mp.start_processes(_entry, args=(world, str(workdir), names, module), nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:
             for proc in ctx.processes:
                 proc.kill()
-            raise TimeoutError(f"{names} did not finish on {world} ranks within {TIMEOUT_S} s")
+            raise TimeoutError(f"{names} did not finish on {world} ranks within {timeout_s} s")
     per_rank = [json.loads(Path(workdir, f"rank{r}.json").read_text()) for r in range(world)]
     return {name: [res[name] for res in per_rank] for name in names}

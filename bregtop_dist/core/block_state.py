@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from bregtop_dist.core.finite import finite_rows
+from bregtop_dist.core.validate import describe_type
 
 
 @dataclass(frozen=True)
@@ -83,24 +84,26 @@ class KronBlockState:
     @staticmethod
     def check_block(block: Mapping[str, Tensor], m: int, n: int) -> str | None:
         """Why ``block`` (one block's fields, as :meth:`block` writes them) cannot be an m x n
-        block's state, or None when it can."""
+        block's state, or None when it can: every field a plain tensor of the schema's dtype and
+        shape, holding values (not on the meta device; any other device is fine, the fields are
+        copied to the plan's), the float fields finite and ``step`` >= 0. A block saved before
+        ``ready`` existed may lack it (see :meth:`from_blocks`)."""
         if not isinstance(block, Mapping):
-            return f"expected a dict of the fields {[f.name for f in SCHEMA]}, got {type(block).__name__}"
+            return f"expected a dict of the fields {[f.name for f in SCHEMA]}, got {describe_type(block)}"
         for f in SCHEMA:
             got = block.get(f.name)
             if f.name == "ready" and got is None and "step" in block:
                 continue  # saved before the field existed: see from_blocks
-            if not isinstance(got, Tensor):
-                return f"field {f.name!r} is missing" if got is None else f"field {f.name!r} is not a tensor"
-            if tuple(got.shape) != f.shape(m, n):
-                return f"field {f.name!r} has shape {tuple(got.shape)}, expected {f.shape(m, n)} for a {m}x{n} block"
+            why = _field_problem(f, got, m, n)
+            if why is not None:
+                return f"field {f.name!r} {why}"
         return None
 
     @classmethod
     def from_blocks(cls, blocks: list[Mapping[str, Tensor]], device: torch.device | str) -> KronBlockState:
         """Stack blocks written by :meth:`block` (checked with :meth:`check_block`) into a new
-        state on ``device`` (host fields on the CPU). A block saved before ``ready`` existed
-        was ready once it had stepped."""
+        state on ``device`` (host fields on the CPU), sharing no memory with ``blocks``. A
+        block saved before ``ready`` existed was ready once it had stepped."""
         out = {}
         for f in SCHEMA:
             rows = [b["step"] > 0 if f.name == "ready" and "ready" not in b else b[f.name] for b in blocks]
@@ -162,3 +165,50 @@ class KronBlockState:
         for t in (self.L, self.R, self.lam_L, self.lam_R):
             ok &= finite_rows(t)
         return ok
+
+
+def non_finite(t: Tensor) -> str | None:
+    """What a floating-point tensor holds that is not finite (``"holds 2 NaN and 1 inf of its
+    144 entries"``), or None when every entry is finite (or the tensor is not floating)."""
+    if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+        return None
+    counts = [(int(torch.isnan(t).sum()), "NaN"), (int(torch.isinf(t).sum()), "inf")]
+    found = " and ".join(f"{count} {what}" for count, what in counts if count)
+    return f"holds {found} of its {t.numel()} entries"
+
+
+def _is_dtensor(value: Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(value, DTensor)
+
+
+def _field_problem(spec: FieldSpec, value: object, m: int, n: int) -> str | None:
+    """What is wrong with ``value`` as field ``spec`` of an m x n block (the message goes on
+    after the field's name), or None."""
+    if value is None:
+        return "is missing"
+    if not isinstance(value, Tensor):
+        return f"is {describe_value(value)}, expected a {spec.dtype} tensor"
+    if _is_dtensor(value):
+        return "is a DTensor; a block's fields are plain tensors, as state_dict() writes them"
+    if value.device.type == "meta":
+        return "is on the meta device, which holds no values; expected a tensor on the CPU or an accelerator"
+    if value.dtype != spec.dtype:
+        return f"has dtype {value.dtype}, expected {spec.dtype}"
+    if tuple(value.shape) != spec.shape(m, n):
+        return f"has shape {tuple(value.shape)}, expected {spec.shape(m, n)} for a {m}x{n} block"
+    bad = non_finite(value)
+    if bad is not None:
+        return f"{bad}; a block's float fields must be finite"
+    if spec.name == "step" and int(value) < 0:
+        return f"is {int(value)}; it counts the steps the block has taken and must be >= 0"
+    return None
+
+
+def describe_value(value: object, limit: int = 40) -> str:
+    """``a str ('abc')``: a value that should have been a tensor, as a message names it."""
+    text = repr(value)
+    return f"{describe_type(value)} ({text if len(text) <= limit else text[: limit - 3] + '...'})"

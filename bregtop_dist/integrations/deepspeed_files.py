@@ -19,9 +19,10 @@ DEEPSPEED_GLOBALS = (
     "deepspeed.runtime.zero.config.ZeroStageEnum",
     "deepspeed.runtime.fp16.loss_scaler.LossScaler",
     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
 )
 """The classes DeepSpeed pickles into ZeRO checkpoints besides tensors and containers: the
-stage (an Enum) and the loss scaler (attributes only)."""
+stage (an Enum), the loss scaler and ZeRO-1/2's fragment addresses (attributes only)."""
 
 
 class UnsafeCheckpointError(ValueError):
