@@ -200,3 +200,25 @@ def load(state: dict[str, Any], folder: Path) -> None:
         lines = str(first).strip().splitlines()
         raise CheckpointError(f"{str(folder)!r} could not be loaded ({type(first).__name__}: "
                               f"{lines[0] if lines else 'no detail'})") from None
+
+
+def refuse_non_finite(state: dict[str, Any], folder: Path, what: str) -> None:
+    """Refuse, on every rank alike, a loaded state whose tensors hold NaN or inf (each rank
+    checks its own part of DTensors), naming the first such entry. Collective under a
+    process group."""
+    import torch.distributed as dist
+
+    bad = None
+    for name, value in state.items():
+        local = value.to_local() if hasattr(value, "to_local") else value
+        if isinstance(local, torch.Tensor) and local.is_floating_point() and not bool(torch.isfinite(local).all()):
+            bad = name
+            break
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        found: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(found, bad)
+        bad = next((b for b in found if b is not None), None)
+    if bad is not None:
+        raise CheckpointError(f"{str(folder)!r}: {what} {bad!r} holds NaN or inf; nothing was loaded into the "
+                              "optimizer (delete the folder to resume from the checkpoint before it)")
+

@@ -202,7 +202,11 @@ def load_state(folder: Path, model: nn.Module, opt: torch.optim.Optimizer) -> No
 
     msd, osd = get_state_dict(model, opt)
     dcp_reading.load({"model": msd, "optim": osd}, folder)
-    set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
+    dcp_reading.refuse_non_finite(msd, folder, "model weight")
+    try:  # the optimizer checks its state itself and raises alike on every rank
+        set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
+    except ValueError as err:
+        raise CheckpointError(f"{str(folder)!r}: {err}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -450,7 +454,10 @@ def run(cfg: LMConfig) -> int:
         if direct_ds:
             from bregtop_dist.integrations.deepspeed import load_checkpoint
 
-            load_checkpoint(model, resume_from / "deepspeed", tag="resume")
+            try:
+                load_checkpoint(model, resume_from / "deepspeed", tag="resume")
+            except ValueError as err:  # a refused file, or BregTop's state refused alike on every rank
+                raise CheckpointError(str(err)) from None
         else:
             load_state(resume_from, *_plain(model, opt, accelerator))
         apply_changeable(cfg, opt)

@@ -17,6 +17,7 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -289,3 +290,45 @@ def test_resume_applies_the_settings_that_may_change(run):
             f.seek(info.offset)
             assert dcp_reading.load_plain(io.BytesIO(f.read(info.length)), "rp") == "bf16"
     assert checkpoints.read_manifest(folder)["config"]["optimizer"]["rotation_precision"] == "bf16"
+
+
+# ------------------------------------------------------------------ two processes: every rank alike, no hang
+def _torchrun_rc(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "launch.lm",
+         "--cpu", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,  # fails, never hangs
+    )
+
+
+def _item_tensor(folder: Path, fqn: str) -> torch.Tensor:
+    info = next(v for k, v in _metadata(folder).storage_data.items() if k.fqn == fqn)
+    with (folder / info.relative_path).open("rb") as f:
+        f.seek(info.offset)
+        return torch.load(io.BytesIO(f.read(info.length)), weights_only=True)
+
+
+@pytest.mark.parametrize("fqn,expected", [
+    ("optim.state.blocks.0.attn.qkv.weight.kron.0.L", "of blocks.0.attn.qkv.weight"),  # read by its owner only
+    ("model.blocks.0.mlp.0.weight", "model weight 'blocks.0.mlp.0.weight' holds NaN or inf"),
+])
+def test_a_poisoned_tensor_is_refused_alike_on_both_ranks_under_torchrun(saved, tmp_path, fqn, expected):
+    _, common = saved
+    out = tmp_path / "run"
+    done = _torchrun_rc([*common, "--max-steps", "2", "--out", str(out)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    folder = checkpoints.step_dir(out / "ckpt", 2)
+    poisoned = _item_tensor(folder, fqn).clone()
+    poisoned.view(-1)[poisoned.numel() // 2] = float("nan")
+    data = io.BytesIO()
+    torch.save(poisoned, data)
+    _point_item_at(folder, fqn, data.getvalue())
+    done = _torchrun_rc([*common, "--max-steps", "4", "--out", str(out), "--resume"])
+    assert done.returncode != 0
+    # the two ranks write to one stderr, and their lines may run together: split on the prefix
+    errors = [chunk.splitlines()[0].strip() for chunk in done.stderr.split("python -m launch.lm: error:")[1:]]
+    assert len(errors) == 2 and errors[0] == errors[1], done.stderr[-3000:]
+    assert expected in errors[0] and str(folder) in errors[0], errors[0]
+    if ".kron." in fqn:
+        assert "field 'L'" in errors[0] and "must be finite" in errors[0], errors[0]
+    assert checkpoints.complete_steps(out / "ckpt") == [2]  # nothing trained or written
