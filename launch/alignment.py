@@ -49,13 +49,6 @@ PAPER_TABLE3 = {  # step -> block -> (Overlap@5, BandOverlap@180-200)
 }
 
 
-def int_list(text: str, name: str) -> tuple[int, ...]:
-    values = parse_list(text, name, int)
-    if min(values) < 1:
-        raise ValueError(f"{name}={text!r} must list integers >= 1")
-    return values
-
-
 @dataclass(frozen=True)
 class AlignmentConfig(ProbeSettings):
     """Every setting of the job; ``--config FILE`` (YAML) may set any of them."""
@@ -72,7 +65,7 @@ class AlignmentConfig(ProbeSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        int_list(self.checkpoints, "checkpoints")
+        parse_list(self.checkpoints, "checkpoints", minimum=1)
         lo, hi = self.band_range
         if lo > hi:
             raise ValueError(f"band={self.band!r} must be 'lo,hi' with lo <= hi")
@@ -96,7 +89,7 @@ class AlignmentConfig(ProbeSettings):
 
     @property
     def band_range(self) -> tuple[int, int]:
-        values = int_list(self.band, "band")
+        values = parse_list(self.band, "band", minimum=1)
         if len(values) != 2:
             raise ValueError(f"band={self.band!r} must be two integers 'lo,hi'")
         return values[0], values[1]
@@ -122,7 +115,7 @@ def measure(cfg: AlignmentConfig) -> dict[str, Any]:
     losses: list[float] = []
     results: dict[str, Any] = {}
     started = time.perf_counter()
-    for step in sgd_checkpoints(model, data, cfg, tuple(int_list(cfg.checkpoints, "checkpoints")), losses):
+    for step in sgd_checkpoints(model, data, cfg, parse_list(cfg.checkpoints, "checkpoints", minimum=1), losses):
         grads = minibatch_gradients(model, data, list(names.values()), cfg.gradients, cfg.batch_size, cfg.seed + step)
         row: dict[str, Any] = {"train_loss_last50": sum(losses[-50:]) / len(losses[-50:])}
         for block, name in names.items():

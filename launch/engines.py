@@ -2,8 +2,8 @@
 through ``accelerate launch``), or DeepSpeed directly from a JSON file (``--deepspeed``; works
 under ``torchrun`` on a CPU machine too).
 
-Either way the optimizer is BregTop (or AdamW) built by the job from its own settings (its
-``BregTopConfig``, into which :mod:`launch.jobconfig` already parsed a ``--deepspeed`` JSON's
+Either way the optimizer is BregTop (or AdamW) built from the job's settings record, its
+``BregTopConfig`` (into which :mod:`launch.jobconfig` already parsed a ``--deepspeed`` JSON's
 optimizer block); the block's ``comm_dtype``, an optimizer-wide setting, is taken from it.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bregtop_dist import BregTop
+from bregtop_dist import BregTop, BregTopConfig, param_groups
 
 
 @dataclass
@@ -32,14 +32,26 @@ class Engine:
     prepare_loader: Callable[[Any], Any]
 
 
-def build(
-    accelerator: Any, model: nn.Module, make_optimizer: Callable[[nn.Module, dict[str, Any]], torch.optim.Optimizer],
-    overrides: dict[str, Any], deepspeed_config: Path | None, micro_batch: int, grad_clip: float | None = None,
-) -> Engine:
-    """Wrap ``model`` and the optimizer ``make_optimizer(model, settings)`` builds.
+def make_optimizer(model: nn.Module, settings: BregTopConfig, adamw: bool = False,
+                   groups: Callable[[nn.Module], Any] = param_groups, comm_dtype: str = "fp32") -> torch.optim.Optimizer:
+    """BregTop with ``settings`` on ``groups(model)`` (the job's grouping: the matrices in blocks,
+    the rest on BregTop's AdamW side), or with ``adamw`` torch's AdamW on every parameter with
+    BregTop's AdamW-side settings (lr, adam betas and eps, weight decay)."""
+    if adamw:
+        return torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=settings.resolved_adam_betas,
+                                 eps=settings.adam_eps, weight_decay=settings.weight_decay)
+    return BregTop.from_config(groups(model), settings, comm_dtype=comm_dtype)
 
-    ``overrides`` are the job's BregTop settings; a DeepSpeed config's optimizer block fills
-    in what they leave out (``comm_dtype``). ``micro_batch`` is the per-process batch (for DeepSpeed's "auto" sizes).
+
+def build(
+    accelerator: Any, model: nn.Module, settings: BregTopConfig, deepspeed_config: Path | None, micro_batch: int, *,
+    adamw: bool = False, groups: Callable[[nn.Module], Any] = param_groups, grad_clip: float | None = None,
+) -> Engine:
+    """Wrap ``model`` and its optimizer, :func:`make_optimizer` of ``settings`` (the row's
+    BregTop settings, method included), ``adamw`` and ``groups``.
+
+    A DeepSpeed config's optimizer block gives the optimizer-wide ``comm_dtype``; the rest is
+    ``settings``. ``micro_batch`` is the per-process batch (for DeepSpeed's "auto" sizes).
     ``grad_clip`` (when given) becomes a DeepSpeed engine's ``gradient_clipping``: the engine
     clips, so the job does not (0 turns the config's clipping off).
     """
@@ -55,21 +67,21 @@ def build(
 
     if accelerator.distributed_type == DistributedType.DEEPSPEED:  # accelerate launch with a DeepSpeed plugin
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
-        settings = {**(optimizer_block(ds).as_kwargs() if "optimizer" in ds else {}), **overrides}
+        comm_dtype = optimizer_block(ds).comm_dtype if "optimizer" in ds else "fp32"
         ds.pop("optimizer", None)
         ds["zero_allow_untested_optimizer"] = True
         ds.update(fill_auto_batch(ds, micro_batch, None, accelerator.num_processes))
         if grad_clip is not None:
             ds["gradient_clipping"] = grad_clip
-        opt = make_optimizer(model, settings)
+        opt = make_optimizer(model, settings, adamw, groups, comm_dtype)
         model, opt = accelerator.prepare(model, opt)
         attach_prepared(opt)
         return _accelerate_engine(accelerator, model, opt)
 
     if deepspeed_config is not None:
         cfg = load_config(deepspeed_config)
-        settings = {**optimizer_block(cfg).as_kwargs(), **overrides}
-        cfg["optimizer"]["params"] = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
+        params = {**settings.as_defaults(), "comm_dtype": optimizer_block(cfg).comm_dtype}
+        cfg["optimizer"]["params"] = {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}
         if grad_clip is not None:
             cfg["gradient_clipping"] = grad_clip
         engine, _, _, _ = initialize(model=model, config=cfg, micro_batch_size=micro_batch)
@@ -78,7 +90,7 @@ def build(
             bregtop = bregtop.optimizer
         return Engine(engine, bregtop, engine.backward, engine.step, accelerator.prepare)
 
-    opt = make_optimizer(model, overrides)
+    opt = make_optimizer(model, settings, adamw, groups)
     model, opt = accelerator.prepare(model, opt)
     return _accelerate_engine(accelerator, model, opt)
 

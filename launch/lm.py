@@ -35,11 +35,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from bregtop_dist import METHODS, BregTop, BregTopConfig, param_groups
 from launch import checkpoints
 from launch.checkpoints import CheckpointError
 from launch.engines import build
-from launch.jobconfig import ConfigError, from_sources, job_parser
+from launch.jobconfig import ConfigError, JobConfig, from_sources, job_parser
 from launch.lm_data import DEFAULT_TEXT, GPT2_DIR, DataError, batch_at, gpt2_tokenizer, load_text, token_ids
 from launch.models import GPT
 from launch.schedule import SCHEDULES, make_scheduler
@@ -48,52 +47,46 @@ PRESETS = {"tiny": (2, 2, 64, 64), "small": (4, 4, 128, 128), "gpt2": (12, 12, 7
 """name -> (layers, heads, dim, block_size)."""
 
 
-LM_HELP = {
-    "method": "adamw or one of the ten BregTop methods",
-    "preset": "model size: tiny, small or gpt2 (124M parameters)",
-    "layers": "transformer layers (overrides the preset)",
-    "heads": "attention heads (overrides the preset)",
-    "dim": "model width (overrides the preset)",
-    "block_size": "context length in tokens (overrides the preset)",
-    "batch_size": "sequences per step and process",
-    "max_steps": "training steps",
-    "schedule": "learning-rate schedule: constant, or cosine (decays to min_lr_ratio times lr at max_steps)",
-    "warmup_steps": "steps of linear warm-up from lr/(warmup_steps+1) up to lr (0: none)",
-    "min_lr_ratio": "cosine only: the lr at max_steps as a fraction of lr",
-    "grad_clip": "clip the gradients' global L2 norm to this (0: off); with --deepspeed it sets gradient_clipping",
-    "eval_every": "evaluate the validation loss every this many steps",
-    "eval_batches": "validation batches per evaluation",
-    "ckpt_every": "write a checkpoint every this many steps",
-    "val_fraction": "share of the text held out for validation",
-    "seed": "seed of the model's initialisation and of the batches",
-    "data": "the training text (the shipped Tiny Shakespeare by default)",
-    "dataset": "a Hub dataset name instead of the text file (needs a network)",
-    "tokenizer_dir": "folder with the GPT-2 BPE files (shipped in data/)",
-    "cache_dir": "where the tokenised text is cached",
-    "out": "output folder: metrics.jsonl, summary.json, loss.png and checkpoints",
-    "resume": "continue from the newest complete checkpoint in OUT",
-    "cpu": "run on the CPU even where a GPU is present (for torchrun on a CPU machine)",
-    "deepspeed": "a DeepSpeed JSON (configs/deepspeed/) whose optimizer block selects BregTop",
-}
-"""What each ``launch.lm`` option does, as ``--help`` says it."""
-
-
-@dataclass(frozen=True)
-class LMConfig:
+@dataclass(frozen=True, kw_only=True)
+class LMConfig(JobConfig):
     """Every setting of the job; ``--config FILE`` (YAML) may set any of them."""
 
-    HELP: ClassVar[dict[str, str]] = LM_HELP
-    OPTIMIZER_OWN: ClassVar[tuple[str, ...]] = ("method", "bregtop")
+    HELP: ClassVar[dict[str, str]] = {
+        **JobConfig.HELP,
+        "method": "adamw or one of the ten BregTop methods; the default is BregTop's own",
+        "preset": "model size: tiny, small or gpt2 (124M parameters)",
+        "layers": "transformer layers (overrides the preset)",
+        "heads": "attention heads (overrides the preset)",
+        "dim": "model width (overrides the preset)",
+        "block_size": "context length in tokens (overrides the preset)",
+        "batch_size": "sequences per step and process",
+        "max_steps": "training steps",
+        "schedule": "learning-rate schedule: constant, or cosine (decays to min_lr_ratio times lr at max_steps)",
+        "warmup_steps": "steps of linear warm-up from lr/(warmup_steps+1) up to lr (0: none)",
+        "min_lr_ratio": "cosine only: the lr at max_steps as a fraction of lr",
+        "grad_clip": "clip the gradients' global L2 norm to this (0: off); with --deepspeed it sets gradient_clipping",
+        "eval_every": "evaluate the validation loss every this many steps",
+        "eval_batches": "validation batches per evaluation",
+        "ckpt_every": "write a checkpoint every this many steps",
+        "val_fraction": "share of the text held out for validation",
+        "data": "the training text (the shipped Tiny Shakespeare by default)",
+        "tokenizer_dir": "folder with the GPT-2 BPE files (shipped in data/)",
+        "cache_dir": "where the tokenised text is cached",
+        "out": "output folder: metrics.jsonl, summary.json, loss.png and checkpoints",
+        "resume": "continue from the newest complete checkpoint in OUT",
+    }
+    """What each ``launch.lm`` option does, as ``--help`` says it."""
+    POSITIVE: ClassVar[tuple[str, ...]] = ("batch_size", "max_steps", "eval_every", "eval_batches", "ckpt_every",
+                                           "layers", "heads", "dim", "block_size")
 
-    method: str = "bregtop-vn-v2"  # "adamw" or one of the ten BregTop rows
+    max_steps: int = 200
+    batch_size: int = 16  # per process
+    out: Path = Path("runs/lm")
     preset: str = "small"  # tiny | small | gpt2 (124M)
     layers: int | None = None  # override the preset
     heads: int | None = None
     dim: int | None = None
     block_size: int | None = None
-    batch_size: int = 16  # per process
-    max_steps: int = 200
-    optimizer: BregTopConfig = BregTopConfig()  # BregTop's settings (and adamw's lr, betas, eps, decay)
     schedule: str = "constant"  # constant | cosine (to min_lr_ratio * lr at max_steps)
     warmup_steps: int = 0  # linear warm-up to lr first
     min_lr_ratio: float = 0.0
@@ -102,26 +95,13 @@ class LMConfig:
     eval_batches: int = 8
     ckpt_every: int = 100
     val_fraction: float = 0.1
-    seed: int = 0
     data: Path = DEFAULT_TEXT
-    dataset: str | None = None
     tokenizer_dir: Path = GPT2_DIR
-    cache_dir: Path = Path("runs/cache")
-    out: Path = Path("runs/lm")
-    resume: bool = False
-    cpu: bool = False
-    deepspeed: Path | None = None  # a DeepSpeed JSON (configs/deepspeed/) whose optimizer block selects BregTop
 
     def __post_init__(self) -> None:
-        if self.method not in (*METHODS, "adamw"):
-            raise ValueError(f"method={self.method!r} is not allowed; use adamw or one of {', '.join(METHODS)}")
+        super().__post_init__()
         if self.preset not in PRESETS:
             raise ValueError(f"preset={self.preset!r} is not allowed; use one of {', '.join(PRESETS)}")
-        for name in ("batch_size", "max_steps", "eval_every", "eval_batches", "ckpt_every",
-                     "layers", "heads", "dim", "block_size"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name}={value!r} must be an integer >= 1")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r} is not allowed; use one of {', '.join(SCHEDULES)}")
         if self.warmup_steps < 0 or (self.schedule == "cosine" and self.warmup_steps >= self.max_steps):
@@ -129,12 +109,6 @@ class LMConfig:
                              + (f" and below max_steps={self.max_steps}" if self.schedule == "cosine" else ""))
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
-        if not self.lr > 0.0:
-            raise ValueError(f"lr={self.lr!r} must be > 0")
-        if self.optimizer.method != BregTopConfig.method:
-            raise ValueError("optimizer.method is the job's: set method at the top level")
-        if self.method != "adamw":
-            self.row_config()  # BregTop's own checks of the combination
         if not self.grad_clip >= 0.0:
             raise ValueError(f"grad_clip={self.grad_clip!r} must be >= 0 (0: off)")
         if not 0.0 < self.val_fraction < 1.0:
@@ -143,28 +117,9 @@ class LMConfig:
             raise ValueError(f"dim={self.dims[2]} must be a multiple of heads={self.dims[1]}")
 
     @property
-    def lr(self) -> float:
-        """The peak learning rate (BregTop's ``lr``, also adamw's)."""
-        return self.optimizer.lr
-
-    def row_config(self) -> BregTopConfig:
-        """BregTop's settings with the job's method."""
-        return dataclasses.replace(self.optimizer, method=self.method)
-
-    @property
     def dims(self) -> tuple[int, int, int, int]:
         layers, heads, dim, block = PRESETS[self.preset]
         return (self.layers or layers, self.heads or heads, self.dim or dim, self.block_size or block)
-
-
-def make_optimizer(model: nn.Module, settings: dict[str, Any]) -> torch.optim.Optimizer:
-    """AdamW with BregTop's AdamW-side settings, or BregTop with the tied embedding/head, norms
-    and biases on its AdamW side."""
-    if settings["method"] == "adamw":
-        cfg = BregTopConfig.from_mapping({k: v for k, v in settings.items() if k not in ("method", "comm_dtype")})
-        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.resolved_adam_betas, eps=cfg.adam_eps,
-                                 weight_decay=cfg.weight_decay)
-    return BregTop(param_groups(model), **settings)
 
 
 @torch.no_grad()
@@ -355,33 +310,6 @@ class Interval:
         self.started = None
 
 
-class Progress:
-    """A tqdm bar over the steps when stdout is a terminal, with the log lines printed above
-    it; the plain log lines otherwise (a log file gets no bar redraws)."""
-
-    def __init__(self, start: int, total: int, enabled: bool) -> None:
-        self.enabled, self.bar = enabled, None
-        if enabled and sys.stdout.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, file=sys.stdout, unit="step", dynamic_ncols=True)
-
-    def step(self) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def line(self, text: str, **postfix: str) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(postfix, refresh=False)
-            self.bar.write(text)
-        elif self.enabled:
-            print(text, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def plot_losses(metrics: Path, path: Path, title: str = "") -> None:
     """Train loss (mean of each interval) and validation loss against the step, from the log
     (the newest line of a step wins: a resumed run logs again what came after its checkpoint)."""
@@ -406,8 +334,7 @@ def plot_losses(metrics: Path, path: Path, title: str = "") -> None:
 
 def run(cfg: LMConfig) -> int:
     from accelerate import Accelerator
-
-    from bregtop_dist.integrations.deepspeed import load_config, optimizer_block
+    from tqdm import tqdm
 
     accelerator = Accelerator(cpu=cfg.cpu)
     tokenizer = gpt2_tokenizer(cfg.tokenizer_dir)
@@ -435,15 +362,7 @@ def run(cfg: LMConfig) -> int:
             raise CheckpointError(f"--resume: {str(resume_from / checkpoints.MARKER)!r} records processes="
                                   f"{processes!r}, not a count of processes")
         check_resume(cfg, marker)
-    if cfg.method == "adamw" and cfg.deepspeed is not None:
-        raise ConfigError("--deepspeed configs select BregTop; run adamw without --deepspeed")
-    overrides = {**cfg.optimizer.as_defaults(), "method": cfg.method}
-    if cfg.deepspeed is not None:
-        try:
-            optimizer_block(load_config(cfg.deepspeed))
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"--deepspeed: {err}") from None
-    engine = build(accelerator, model, make_optimizer, overrides, cfg.deepspeed, cfg.batch_size,
+    engine = build(accelerator, model, cfg.row_config(), cfg.deepspeed, cfg.batch_size, adamw=cfg.method == "adamw",
                    grad_clip=cfg.grad_clip)  # a DeepSpeed engine clips itself
     model, opt = engine.model, engine.optimizer
     ds_engine = hasattr(model, "get_global_grad_norm")  # directly or through Accelerate
@@ -466,15 +385,23 @@ def run(cfg: LMConfig) -> int:
 
     main_proc = accelerator.is_main_process
     metrics = None
-    progress = Progress(start, cfg.max_steps, main_proc)
+    # a bar on a terminal (tqdm's disable=None), the log lines above it or alone
+    bar = tqdm(total=cfg.max_steps, initial=start, file=sys.stdout, unit="step", dynamic_ncols=True,
+               disable=None if main_proc else True)
+
+    def show(text: str, **postfix: str) -> None:
+        bar.set_postfix(postfix, refresh=False)
+        bar.write(text, file=sys.stdout)
+        sys.stdout.flush()
+
     n_params = sum(p.numel() for p in (model.module if direct_ds else accelerator.unwrap_model(model)).parameters())
     if main_proc:
         out.mkdir(parents=True, exist_ok=True)
         metrics = (out / "metrics.jsonl").open("a" if cfg.resume else "w")
-        progress.line(f"{cfg.method}: {layers} layers, {heads} heads, dim {dim}, block {block}, {n_params:,} "
+        show(f"{cfg.method}: {layers} layers, {heads} heads, dim {dim}, block {block}, {n_params:,} "
                       f"parameters; {train_ids.numel():,} train / {val_ids.numel():,} val tokens; "
                       f"{accelerator.num_processes} process(es) on {accelerator.device}; steps {start}..{cfg.max_steps}")
-        progress.line(f"{'step':>6}{'train loss':>12}{'val loss':>10}{'val ppl':>10}{'lr':>10}{'grad norm':>11}"
+        show(f"{'step':>6}{'train loss':>12}{'val loss':>10}{'val ppl':>10}{'lr':>10}{'grad norm':>11}"
                       f"{'ms/step':>9}")
 
     def save(step: int) -> None:
@@ -505,7 +432,7 @@ def run(cfg: LMConfig) -> int:
         lr = opt.param_groups[0]["lr"]  # the lr this step used
         scheduler.step()
         interval.add(loss, norm)
-        progress.step()
+        bar.update(1)
         done = step + 1
         log = done % cfg.eval_every == 0 or done == cfg.max_steps
         ckpt = done % cfg.ckpt_every == 0 or done == cfg.max_steps
@@ -520,7 +447,7 @@ def run(cfg: LMConfig) -> int:
             last = {"step": done, "train_loss": train, "val_loss": val, "val_ppl": math.exp(val), "lr": float(lr),
                     "grad_norm": grad, "ms_per_step": ms}
             if main_proc and metrics is not None:
-                progress.line(f"{done:>6}{train:>12.4f}{val:>10.4f}{math.exp(val):>10.1f}{lr:>10.2e}"
+                show(f"{done:>6}{train:>12.4f}{val:>10.4f}{math.exp(val):>10.1f}{lr:>10.2e}"
                               f"{'-' if grad is None else f'{grad:.3g}':>11}{ms:>9.0f}",
                               loss=f"{train:.4f}", val=f"{val:.4f}")
                 metrics.write(json.dumps(last) + "\n")
@@ -530,7 +457,7 @@ def run(cfg: LMConfig) -> int:
             save(done)
         if log or ckpt:
             interval.start()
-    progress.close()
+    bar.close()
     if main_proc and metrics is not None:
         metrics.close()
         plot_losses(out / "metrics.jsonl", out / "loss.png", f"{cfg.method}: {layers} layers, dim {dim}, block {block}")

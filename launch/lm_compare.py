@@ -39,16 +39,18 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from bregtop_dist import METHODS, BregTop, param_groups
-from launch.bench import code_version, machine_info
+from launch.bench import code_version, device_clock, machine_info
+from launch.jobconfig import ConfigError, check_positive, from_sources, job_parser, parse_list
 from launch.lm import PRESETS as LM_PRESETS
 from launch.lm_data import DEFAULT_TEXT, GPT2_DIR, DataError, batch_at, gpt2_tokenizer, load_text, token_ids
 from launch.models import GPT
+from launch.schedule import make_scheduler
 
 PRESETS = {name: LM_PRESETS[name] for name in ("tiny", "small")}
 """name -> (layers, heads, dim, block_size): launch.lm's presets that fit a CPU."""
@@ -210,15 +212,6 @@ def optimizer_settings(method: str) -> dict[str, Any]:
             if method not in (BASELINE, PEER) else "model.parameters() (all)"}
 
 
-def make_schedule(opt: torch.optim.Optimizer, steps: int, warmup: int, lr: float) -> torch.optim.lr_scheduler.LRScheduler:
-    """Linear warmup over ``warmup`` steps (from lr / warmup), then cosine down to
-    ``MIN_LR_RATIO * lr`` at ``steps``: torch's LinearLR and CosineAnnealingLR in a SequentialLR."""
-    sched = torch.optim.lr_scheduler
-    warm = sched.LinearLR(opt, start_factor=1.0 / warmup, end_factor=1.0, total_iters=warmup)
-    cosine = sched.CosineAnnealingLR(opt, T_max=max(1, steps - warmup), eta_min=MIN_LR_RATIO * lr)
-    return sched.SequentialLR(opt, [warm, cosine], milestones=[warmup])
-
-
 @dataclass(frozen=True)
 class Setup:
     """What every run shares."""
@@ -246,11 +239,6 @@ def evaluate(model: GPT, data: Data, setup: Setup) -> float:
     return sum(losses) / len(losses)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 class Trainer:
     """One (method, lr) being trained: a fresh GPT (seeded, so every run starts from the same
     weights), its optimizer and schedule, and its curve so far (step 0 evaluated on creation)."""
@@ -261,7 +249,8 @@ class Trainer:
         torch.manual_seed(setup.seed)
         self.model = GPT(data.vocab, layers, heads, dim, block).to(setup.device)
         self.opt = make_optimizer(method, self.model, lr)
-        self.schedule = make_schedule(self.opt, steps, max(1, round(setup.warmup_fraction * steps)), lr)
+        warmup = max(1, round(setup.warmup_fraction * steps))  # ramps from lr / warmup (launch.lm: lr / (warmup + 1))
+        self.schedule = make_scheduler(self.opt, "cosine", warmup, steps, MIN_LR_RATIO, start_factor=1.0 / warmup)
         self.curve = Curve([0], [0.0], [evaluate(self.model, data, setup)], [None])
         self.elapsed, self.done, self.diverged = 0.0, 0, False
 
@@ -269,8 +258,8 @@ class Trainer:
         """One training step on batch number ``self.done``, timed (evaluation never is);
         returns the training loss."""
         setup = self.setup
-        _sync(setup.device)
-        start = time.perf_counter()
+        clock = device_clock(setup.device)
+        start = clock()
         x, y = batch_at(self.data.train, self.done, setup.batch_size, setup.dims[3], setup.seed)
         _, loss = self.model(x.to(setup.device), y.to(setup.device))
         self.opt.zero_grad(set_to_none=True)
@@ -279,8 +268,7 @@ class Trainer:
         self.opt.step()
         self.schedule.step()
         train_loss = loss.item()
-        _sync(setup.device)
-        self.elapsed += time.perf_counter() - start
+        self.elapsed += clock() - start
         self.done += 1
         return train_loss
 
@@ -429,83 +417,99 @@ def plot(runs: list[Run], path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ command line
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed; use an integer >= 1")
-    return value
+@dataclass(frozen=True, kw_only=True)
+class CompareConfig:
+    """Every setting of the comparison; ``--config FILE`` (YAML) may set any of them."""
 
+    HELP: ClassVar[dict[str, str]] = {
+        "methods": "optimizers to compare: adamw (torch.optim.AdamW; its final loss is the target), soap "
+                   "(pytorch_optimizer.SOAP) or any BregTop method: " + ", ".join(METHODS),
+        "lrs": "comma-separated learning rates swept for every method without its own --method-lrs",
+        "method_lrs": "a method's own sweep list, METHOD=LR[,LR...] (one or more), e.g. soap=1e-3,3e-3",
+        "preset": "model size: tiny (2 layers, 2 heads, dim 64, block 64) or small (4, 4, 128, 128)",
+        "steps": "training steps of the final runs",
+        "sweep_steps": "training steps of each sweep run (its own warmup + cosine); equal to --steps reuses "
+                       "the best sweep run as the final run",
+        "eval_every": "evaluate the validation loss every this many steps (and at the end)",
+        "eval_batches": "validation batches per evaluation",
+        "batch_size": "sequences per training step",
+        "warmup_fraction": "share of each run's steps spent in linear warmup (at least one step)",
+        "seed": "seed of the initialisation and of the batches (one for all)",
+        "device": "where to train: auto, cpu or cuda (auto takes cuda when present)",
+        "data": "the training text file (the last tenth is validation)",
+        "cache_dir": "where the tokenised text is cached",
+        "out": "output folder for results.json and curves.png",
+    }
 
-def _lr_list(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
-    if not values or any(not v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: give one or more learning rates > 0, comma-separated")
-    return values
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    lrs: tuple[float, ...] = DEFAULT_LRS
+    method_lrs: tuple[str, ...] = ()
+    preset: str = "small"
+    steps: int = 300
+    sweep_steps: int = 50
+    eval_every: int = 25
+    eval_batches: int = 8
+    batch_size: int = 16
+    warmup_fraction: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    data: Path = DEFAULT_TEXT
+    cache_dir: Path = Path("runs/cache")
+    out: Path = Path("runs/lm-compare")
 
+    def __post_init__(self) -> None:
+        check_positive(self, ("steps", "sweep_steps", "eval_every", "eval_batches", "batch_size"))
+        unknown = [m for m in self.methods if m not in ALL_METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"methods={list(self.methods)}: use one or more of {', '.join(ALL_METHODS)}")
+        if not self.lrs or not all(lr > 0 for lr in self.lrs):
+            raise ValueError(f"lrs={list(self.lrs)}: give one or more learning rates > 0, comma-separated")
+        self.grids  # noqa: B018 - checks method_lrs
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset={self.preset!r} is not allowed; use one of {', '.join(PRESETS)}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction={self.warmup_fraction!r} must be in [0, 1)")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device={self.device!r} is not allowed; use auto, cpu or cuda")
 
-def _method_lrs(text: str) -> tuple[str, list[float]]:
-    method, sep, lrs = text.partition("=")
-    if not sep or method not in ALL_METHODS:
-        raise argparse.ArgumentTypeError(f"{text!r}: use METHOD=LR[,LR...] with METHOD one of {', '.join(ALL_METHODS)}")
-    return method, _lr_list(lrs)
+    @property
+    def grids(self) -> dict[str, list[float]]:
+        """Each method's sweep: its ``method_lrs`` entry (the last one wins), else ``lrs``."""
+        grids = {m: list(self.lrs) for m in dict.fromkeys(self.methods)}
+        for item in self.method_lrs:
+            method, sep, text = item.partition("=")
+            lrs = parse_list(text, f"method_lrs {method}", float) if sep else ()
+            if method not in ALL_METHODS or not lrs or not all(lr > 0 for lr in lrs):
+                raise ValueError(f"method_lrs: {item!r}: use METHOD=LR[,LR...] with METHOD one of "
+                                 f"{', '.join(ALL_METHODS)} and each LR > 0")
+            if method in grids:
+                grids[method] = list(lrs)
+        return grids
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m launch.lm_compare", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=ALL_METHODS, metavar="METHOD",
-                   help="optimizers to compare: adamw (torch.optim.AdamW; its final loss is the target), soap "
-                        "(pytorch_optimizer.SOAP) or any BregTop method: " + ", ".join(METHODS))
-    p.add_argument("--lrs", type=_lr_list, default=list(DEFAULT_LRS),
-                   help="comma-separated learning rates swept for every method without its own --method-lrs")
-    p.add_argument("--method-lrs", type=_method_lrs, action="append", default=[], metavar="METHOD=LR[,LR...]",
-                   help="one method's own sweep list (repeatable), e.g. soap=1e-3,3e-3")
-    p.add_argument("--preset", choices=tuple(PRESETS), default="small",
-                   help="model size: tiny (2 layers, 2 heads, dim 64, block 64) or small (4, 4, 128, 128)")
-    p.add_argument("--steps", type=_positive_int, default=300, help="training steps of the final runs")
-    p.add_argument("--sweep-steps", type=_positive_int, default=50,
-                   help="training steps of each sweep run (its own warmup + cosine); equal to --steps reuses "
-                        "the best sweep run as the final run")
-    p.add_argument("--eval-every", type=_positive_int, default=25,
-                   help="evaluate the validation loss every this many steps (and at the end)")
-    p.add_argument("--eval-batches", type=_positive_int, default=8, help="validation batches per evaluation")
-    p.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per training step")
-    p.add_argument("--warmup-fraction", type=float, default=0.1,
-                   help="share of each run's steps spent in linear warmup (at least one step)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of the batches (one for all)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where to train: auto takes cuda when present")
-    p.add_argument("--data", type=Path, default=DEFAULT_TEXT, help="the training text file (the last tenth is "
-                   "validation)")
-    p.add_argument("--cache-dir", type=Path, default=Path("runs/cache"), help="where the tokenised text is cached")
-    p.add_argument("--out", type=Path, default=Path("runs/lm-compare"),
-                   help="output folder for results.json and curves.png")
-    return p
+    return job_parser(CompareConfig, "python -m launch.lm_compare", __doc__.split("\n\n")[0])
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not 0.0 <= args.warmup_fraction < 1.0:
-        print("python -m launch.lm_compare: error: --warmup-fraction must be in [0, 1)", file=sys.stderr)
-        return 2
-    methods = list(dict.fromkeys(args.methods))
-    grids = {m: list(args.lrs) for m in methods}
-    grids.update({m: lrs for m, lrs in args.method_lrs if m in grids})
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
-    setup = Setup(PRESETS[args.preset], args.batch_size, args.eval_every, args.eval_batches, args.warmup_fraction,
-                  args.seed, device)
-    begin, version = time.perf_counter(), code_version()  # the code as the run starts
     try:
-        data = load_data(args.data, args.cache_dir)
-    except DataError as err:
+        return run(from_sources(CompareConfig, args.config, args))
+    except (ConfigError, DataError) as err:
         print(f"python -m launch.lm_compare: error: {err}", file=sys.stderr)
         return 2
+
+
+def run(cfg: CompareConfig) -> int:
+    methods, grids = list(dict.fromkeys(cfg.methods)), cfg.grids
+    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    setup = Setup(PRESETS[cfg.preset], cfg.batch_size, cfg.eval_every, cfg.eval_batches, cfg.warmup_fraction,
+                  cfg.seed, device)
+    begin, version = time.perf_counter(), code_version()  # the code as the run starts
+    data = load_data(cfg.data, cfg.cache_dir)
     layers, heads, dim, block = setup.dims
-    print(f"GPT {layers} layers, {heads} heads, dim {dim}, block {block}; batch {args.batch_size}; "
+    print(f"GPT {layers} layers, {heads} heads, dim {dim}, block {block}; batch {cfg.batch_size}; "
           f"{data.train.numel():,} train / {data.val.numel():,} val tokens; {device}, "
           f"{torch.get_num_threads()} thread(s)", flush=True)
 
@@ -516,8 +520,8 @@ def main(argv: list[str] | None = None) -> int:
         if len(grids[m]) == 1:
             best[m] = grids[m][0]
             continue
-        print(f"sweep {m}: lrs {grids[m]}, {args.sweep_steps} steps", flush=True)
-        trials = train_together([(m, lr) for lr in grids[m]], args.sweep_steps, data, setup, log=False)
+        print(f"sweep {m}: lrs {grids[m]}, {cfg.sweep_steps} steps", flush=True)
+        trials = train_together([(m, lr) for lr in grids[m]], cfg.sweep_steps, data, setup, log=False)
         for t in trials:
             print(f"  {m:>14} lr {t.lr:.0e}: " + ("diverged" if t.diverged else f"val {t.final_val_loss:.4f}"),
                   flush=True)
@@ -525,20 +529,20 @@ def main(argv: list[str] | None = None) -> int:
         finite = [t for t in trials if t.final_val_loss is not None]
         pick = min(finite, key=lambda t: t.final_val_loss or math.inf) if finite else trials[0]
         best[m] = pick.lr
-        if args.sweep_steps == args.steps:
+        if cfg.sweep_steps == cfg.steps:
             reused[m] = pick
 
     fresh = [m for m in methods if m not in reused]
     if fresh:
-        print(f"final runs, {args.steps} steps, in lockstep: " + ", ".join(f"{m} lr {best[m]:g}" for m in fresh),
+        print(f"final runs, {cfg.steps} steps, in lockstep: " + ", ".join(f"{m} lr {best[m]:g}" for m in fresh),
               flush=True)
-    trained = dict(zip(fresh, train_together([(m, best[m]) for m in fresh], args.steps, data, setup), strict=True))
+    trained = dict(zip(fresh, train_together([(m, best[m]) for m in fresh], cfg.steps, data, setup), strict=True))
     runs = [reused.get(m) or trained[m] for m in methods]
 
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items() if k != "method_lrs"}
     res = Results(
-        settings={**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "method_lrs"},
-                  "grids": grids, "dims": list(setup.dims), "device": str(device), "clip_grad_norm": CLIP,
-                  "schedule": f"LinearLR warmup from lr/warmup over round({args.warmup_fraction} * steps) steps, "
+        settings={**settings, "grids": grids, "dims": list(setup.dims), "device": str(device), "clip_grad_norm": CLIP,
+                  "schedule": f"LinearLR warmup from lr/warmup over round({cfg.warmup_fraction} * steps) steps, "
                               f"then CosineAnnealingLR to {MIN_LR_RATIO} * lr (SequentialLR)",
                   "val_fraction": VAL_FRACTION},
         optimizers={m: optimizer_settings(m) for m in methods},
@@ -547,15 +551,15 @@ def main(argv: list[str] | None = None) -> int:
         sweep=sweep,
         best_lr=best,
         runs=runs,
-        **summarise(runs, args.steps, args.eval_every),
+        **summarise(runs, cfg.steps, cfg.eval_every),
     )
     res.total_wall_s = time.perf_counter() - begin
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(dataclasses.asdict(res), indent=2) + "\n")
-    plot(runs, args.out / "curves.png")
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    (cfg.out / "results.json").write_text(json.dumps(dataclasses.asdict(res), indent=2) + "\n")
+    plot(runs, cfg.out / "curves.png")
     print()
     print(markdown(res))
-    print(f"\nwrote {args.out / 'results.json'} and {args.out / 'curves.png'} ({res.total_wall_s:.0f} s in all)")
+    print(f"\nwrote {cfg.out / 'results.json'} and {cfg.out / 'curves.png'} ({res.total_wall_s:.0f} s in all)")
     return 0
 
 

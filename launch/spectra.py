@@ -24,7 +24,7 @@ from torch import Tensor
 
 from bregtop_dist.analysis import KINDS, SpectralReport, spectral_error_report
 from bregtop_dist.analysis.spectral import band_label, check_bands
-from launch.jobconfig import ConfigError, from_sources, job_parser, parse_list
+from launch.jobconfig import ConfigError, check_positive, from_sources, job_parser, parse_list
 from launch.sst2_data import DataError
 from launch.sst2_subset import (
     BLOCKS,
@@ -74,9 +74,7 @@ class SpectraConfig(ProbeSettings):
             raise ValueError(f"layer={self.layer} must be in 1..{self.layers} (layers={self.layers})")
         if not 0 <= self.head < self.heads:
             raise ValueError(f"head={self.head} must be in 0..{self.heads - 1}")
-        for name in ("seeds", "checkpoint", "gradients"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be an integer >= 1")
+        check_positive(self, ("seeds", "checkpoint", "gradients"))
         if not self.damping >= 0:
             raise ValueError(f"damping={self.damping!r} must be >= 0")
 

@@ -31,14 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
-from bregtop_dist import METHODS, BregTop, BregTopConfig, NonFiniteGradientError, param_groups
+from bregtop_dist import METHODS, BregTopConfig, NonFiniteGradientError, param_groups
 from launch.engines import build
-from launch.jobconfig import ConfigError, from_sources, job_parser, parse_list
+from launch.jobconfig import ConfigError, JobConfig, from_sources, job_parser, parse_list
 from launch.models import EncoderClassifier
 from launch.sst2_data import DEFAULT_DEV, DEFAULT_TRAIN, DataError, Encoded, collate, load_sst2, wordpiece
 
-CHOICES = (*METHODS, "adamw")
 PAPER_TABLE4 = {
     "shampoo": 1119, "kl": 1092, "vn-v1": 1141, "vn-v2": 1127, "f-v1": 1598, "f-v2": 1602,
     "bregtop-vn-v1": 1018, "bregtop-vn-v2": 1003, "bregtop-f-v1": 1084, "bregtop-f-v2": 1059,
@@ -46,56 +46,53 @@ PAPER_TABLE4 = {
 PROTOCOL_STEPS = 2000  # a row with max_steps below this is not comparable with PAPER_TABLE4
 
 
-SST2_HELP = {
-    "method": "optimizer row(s): one of the ten Table 4 methods, adamw, a comma-separated list, or all",
-    "max_steps": "steps per row at most",
-    "target_loss": "a row has reached the target once the EMA of its training loss is below this",
-    "ema": "decay of the training-loss EMA that is judged (the paper's 0.98)",
-    "stop_at_target": "stop a row once it reaches the target",
-    "seed": "seed of the model's initialisation and of the data order",
-    "seeds": "comma-separated seeds (\"0,1,2\"), one row per method and seed; replaces --seed",
-    "out": "output folder: metrics.jsonl, summary.json, table and plot",
-    "batch_size": "sentences per step, over all processes",
-    "exponent": "the shampoo row's p of S^-p: 0.25 or 0.5 (unset: 0.25); the other rows' is fixed at 1/2",
-    "loss_reduction": "mean (F.mse_loss over batch and classes) or sum (summed over classes)",
-    "vocab_size": "WordPiece vocabulary size (the shipped vocabulary is used when it matches)",
-    "max_len": "tokens per sentence at most",
-    "dim": "model width",
-    "layers": "transformer encoder layers",
-    "heads": "attention heads",
-    "ff": "feed-forward width",
-    "dropout": "dropout probability",
-    "train_file": "SST-2 training sentences (TSV)",
-    "dev_file": "SST-2 dev sentences (TSV)",
-    "dataset": "a Hub dataset name instead of the files (needs a network)",
-    "cache_dir": "where a WordPiece vocabulary trained here is kept",
-    "log_every": "print a line every this many steps",
-    "resume": "skip rows already in OUT/summary.json with the same settings",
-    "cpu": "run on the CPU even where a GPU is present (for torchrun on a CPU machine)",
-    "deepspeed": "a DeepSpeed JSON (configs/deepspeed/) whose optimizer block selects BregTop",
-}
-"""What each ``launch.sst2`` option does, as ``--help`` says it."""
-
-
-@dataclass(frozen=True)
-class SST2Config:
+@dataclass(frozen=True, kw_only=True)
+class SST2Config(JobConfig):
     """Every setting of the job; ``--config FILE`` (YAML) may set any of them."""
 
-    HELP: ClassVar[dict[str, str]] = SST2_HELP
+    HELP: ClassVar[dict[str, str]] = {
+        **JobConfig.HELP,
+        "method": "optimizer row(s): one of the ten Table 4 methods, adamw, a comma-separated list, or all; "
+                  "the default is the paper's BregTop-VN-v2 (BregTop's own default is kl)",
+        "max_steps": "steps per row at most",
+        "target_loss": "a row has reached the target once the EMA of its training loss is below this",
+        "ema": "decay of the training-loss EMA that is judged (the paper's 0.98)",
+        "stop_at_target": "stop a row once it reaches the target",
+        "seeds": "comma-separated seeds (\"0,1,2\"), one row per method and seed; replaces --seed",
+        "out": "output folder: metrics.jsonl, summary.json, table and plot",
+        "batch_size": "sentences per step, over all processes",
+        "exponent": "the shampoo row's p of S^-p: 0.25 or 0.5 (unset: 0.25); the other rows' is fixed at 1/2",
+        "loss_reduction": "mean (F.mse_loss over batch and classes) or sum (summed over classes)",
+        "vocab_size": "WordPiece vocabulary size (the shipped vocabulary is used when it matches)",
+        "max_len": "tokens per sentence at most",
+        "dim": "model width",
+        "layers": "transformer encoder layers",
+        "heads": "attention heads",
+        "ff": "feed-forward width",
+        "dropout": "dropout probability",
+        "train_file": "SST-2 training sentences (TSV)",
+        "dev_file": "SST-2 dev sentences (TSV)",
+        "cache_dir": "where a WordPiece vocabulary trained here is kept",
+        "log_every": "print a line every this many steps",
+        "resume": "skip rows already in OUT/summary.json with the same settings",
+    }
+    """What each ``launch.sst2`` option does, as ``--help`` says it."""
     OPTIMIZER_OWN: ClassVar[tuple[str, ...]] = ("method", "exponent", "bregtop")
+    POSITIVE: ClassVar[tuple[str, ...]] = ("max_steps", "batch_size", "vocab_size", "max_len", "dim", "layers",
+                                           "heads", "ff", "log_every")
 
-    method: str = "bregtop-vn-v2"  # a Table 4 row, "adamw", a comma-separated list of them, or "all"
+    # The job is the paper's experiment, which it ran with BregTop-VN-v2: that is its default
+    # (README: "the paper's SST-2 experiment with BregTop-VN-v2"), not BregTop's own (kl).
+    method: str = "bregtop-vn-v2"
     max_steps: int = 3000
+    batch_size: int = 128  # global, over all processes
+    out: Path = Path("runs/sst2")
     target_loss: float = 0.05
     ema: float = 0.98
-    stop_at_target: bool = True  # stop a method once its EMA is below the target
-    seed: int = 0  # the seed of the model's initialisation and of the data order
-    seeds: str | None = None  # comma-separated seeds ("0,1,2"), one row per (method, seed); replaces seed
-    out: Path = Path("runs/sst2")
-    batch_size: int = 128  # global, over all processes
-    optimizer: BregTopConfig = BregTopConfig()  # every row's settings; the row sets method (and exponent)
-    exponent: float | None = None  # the shampoo row's p of S^-p (0.25 or 0.5; None: BregTop's default, 0.25)
-    loss_reduction: str = "mean"  # "mean": F.mse_loss over batch and classes; "sum": summed over classes
+    stop_at_target: bool = True
+    seeds: str | None = None  # one row per (method, seed); replaces seed
+    exponent: float | None = None  # the shampoo row's p of S^-p (None: BregTop's default, 0.25)
+    loss_reduction: str = "mean"
     vocab_size: int = 30000
     max_len: int = 128
     dim: int = 128
@@ -105,32 +102,14 @@ class SST2Config:
     dropout: float = 0.0
     train_file: Path = DEFAULT_TRAIN
     dev_file: Path = DEFAULT_DEV
-    dataset: str | None = None  # a Hub dataset name instead of the files (needs a network)
-    cache_dir: Path = Path("runs/cache")
     log_every: int = 50
-    resume: bool = False  # skip (method, seed) rows already in OUT/summary.json with the same settings
-    cpu: bool = False  # force the CPU (for torchrun on a CPU machine)
-    deepspeed: Path | None = None  # a DeepSpeed JSON (configs/deepspeed/) whose optimizer block selects BregTop
 
     def __post_init__(self) -> None:
-        for name in self.methods:
-            if name not in CHOICES:
-                raise ValueError(
-                    f"method={name!r} is not allowed; use one of {', '.join(CHOICES)}, a comma-separated list, or all"
-                )
-        for name in ("max_steps", "batch_size", "vocab_size", "max_len", "dim",
-                     "layers", "heads", "ff", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be an integer >= 1")
+        super().__post_init__()
         if not 0.0 < self.ema < 1.0:
             raise ValueError(f"ema={self.ema!r} must be in (0, 1)")
         if not self.target_loss > 0.0:
             raise ValueError(f"target_loss={self.target_loss!r} must be > 0")
-        if not self.optimizer.lr > 0.0:
-            raise ValueError(f"lr={self.optimizer.lr!r} must be > 0")
-        if self.optimizer.method != BregTopConfig.method or self.optimizer.exponent is not None:
-            raise ValueError("optimizer.method and optimizer.exponent are the job's: set method (the rows) and "
-                             "exponent (the shampoo row's) at the top level")
         if self.loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction={self.loss_reduction!r} is not allowed; use mean or sum")
         if self.dim % self.heads:
@@ -144,9 +123,6 @@ class SST2Config:
         if self.exponent is not None and "shampoo" not in self.methods:
             raise ValueError(f"exponent={self.exponent!r} applies to the shampoo row only, which "
                              f"method={self.method!r} does not run")
-        for method in self.methods:  # BregTop's own checks, before any row has run
-            if method != "adamw":
-                self.row_config(method)
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -161,11 +137,12 @@ class SST2Config:
             return (self.seed,)
         return tuple(dict.fromkeys(parse_list(self.seeds, "seeds")))
 
-    def row_config(self, method: str) -> BregTopConfig:
-        """The settings of a BregTop row: ``optimizer`` with the row's method, and ``exponent``
-        on the shampoo row only."""
-        exponent = self.exponent if method == "shampoo" else None
-        return dataclasses.replace(self.optimizer, method=method, exponent=exponent)
+    def row_config(self, method: str | None = None) -> BregTopConfig:
+        """The settings of a row: ``optimizer`` with the row's method, and ``exponent`` on the
+        shampoo row only (adamw: the record as it is)."""
+        if method != "shampoo" or self.exponent is None:
+            return super().row_config(method)
+        return dataclasses.replace(self.optimizer, method=method, exponent=self.exponent)
 
     def fingerprint(self, method: str | None = None, seed: int | None = None) -> dict[str, Any]:
         """The settings a row's result depends on (what ``--resume`` compares), as strings: the
@@ -192,46 +169,11 @@ def row_key(method: str, seed: int) -> str:
 
 
 # ----------------------------------------------------------------------------- training
-def make_optimizer(model: nn.Module, settings: dict[str, Any]) -> torch.optim.Optimizer:
-    """The paper's grouping: the method on the matrices, Adam (same lr) on the rest; the
-    ``adamw`` row is torch's AdamW with BregTop's AdamW-side settings on every parameter."""
-    if settings["method"] == "adamw":
-        cfg = BregTopConfig.from_mapping({k: v for k, v in settings.items() if k not in ("method", "comm_dtype")})
-        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.resolved_adam_betas, eps=cfg.adam_eps,
-                                 weight_decay=cfg.weight_decay)
-    return BregTop(param_groups(model, head_names=["head"]), **settings)
-
-
 def mse(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
     target = F.one_hot(labels, logits.shape[-1]).to(logits.dtype)
     if reduction == "mean":
         return F.mse_loss(logits, target)
     return (logits - target).square().sum(-1).mean()
-
-
-class Progress:
-    """A tqdm bar on an interactive terminal, plain log lines every ``every`` steps otherwise."""
-
-    def __init__(self, method: str, total: int, every: int, enabled: bool) -> None:
-        self.method, self.every, self.enabled = method, every, enabled
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=method, leave=False)
-
-    def update(self, step: int, loss: float, ema: float) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}", ema=f"{ema:.4f}")
-        elif step == 1 or step % self.every == 0:
-            print(f"[{self.method}] step {step} loss {loss:.4f} ema {ema:.4f}", flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def run_method(method: str, seed: int, cfg: SST2Config, accelerator: Any, train: Encoded, dev: Encoded,
@@ -243,24 +185,21 @@ def run_method(method: str, seed: int, cfg: SST2Config, accelerator: Any, train:
     if cfg.batch_size % accelerator.num_processes:
         raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of the {accelerator.num_processes} processes")
     per_process = cfg.batch_size // accelerator.num_processes
-    if method == "adamw" and cfg.deepspeed is not None:
-        raise ConfigError("--deepspeed configs select BregTop; run adamw without --deepspeed")
-    if method == "adamw":
-        overrides: dict[str, Any] = {**cfg.optimizer.as_defaults(), "method": method}
-        applied: dict[str, Any] = {"init": None, "init_factor": None, "exponent": None, "eig_floor": None}
-    else:
-        resolved = cfg.row_config(method)
-        overrides = resolved.as_defaults()
-        applied = {"init": resolved.init, "init_factor": resolved.init_factor,
-                   "exponent": resolved.resolved_exponent, "eig_floor": resolved.eig_floor}
-    engine = build(accelerator, model, make_optimizer, overrides, cfg.deepspeed, per_process)
+    row = cfg.row_config(method)
+    applied: dict[str, Any] = dict.fromkeys(("init", "init_factor", "exponent", "eig_floor"))
+    if method != "adamw":
+        applied = {"init": row.init, "init_factor": row.init_factor, "exponent": row.resolved_exponent,
+                   "eig_floor": row.eig_floor}
+    engine = build(accelerator, model, row, cfg.deepspeed, per_process, adamw=method == "adamw",
+                   groups=lambda m: param_groups(m, head_names=["head"]))  # the paper's grouping: Adam on the head
     opt = engine.optimizer
     loader = engine.prepare_loader(DataLoader(train, batch_size=per_process, shuffle=True, drop_last=True,
                                               collate_fn=collate, generator=torch.Generator().manual_seed(seed)))
     dev_loader = engine.prepare_loader(DataLoader(dev, batch_size=256, collate_fn=collate))
     model = engine.model
 
-    progress = Progress(row_key(method, seed), cfg.max_steps, cfg.log_every, accelerator.is_main_process)
+    quiet = not accelerator.is_main_process  # a bar on a terminal (tqdm's disable=None), else log lines
+    bar = tqdm(total=cfg.max_steps, desc=row_key(method, seed), leave=False, disable=True if quiet else None)
     ema = math.nan
     reached: int | None = None
     diverged: int | None = None  # the step whose loss or gradient was NaN/inf; the row ends there
@@ -289,10 +228,13 @@ def run_method(method: str, seed: int, cfg: SST2Config, accelerator: Any, train:
                 metrics.write(json.dumps({"method": method, "seed": seed, "step": step, "loss": value, "ema": ema,
                                           "lr": opt.param_groups[0]["lr"],
                                           "step_time_s": time.perf_counter() - t0}) + "\n")
-            progress.update(step, value, ema)
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4f}", ema=f"{ema:.4f}")
+            if bar.disable and not quiet and (step == 1 or step % cfg.log_every == 0):
+                print(f"[{row_key(method, seed)}] step {step} loss {value:.4f} ema {ema:.4f}", flush=True)
             if step >= cfg.max_steps or (reached and cfg.stop_at_target):
                 break
-    progress.close()
+    bar.close()
     if diverged is not None and accelerator.is_main_process:
         print(f"[{row_key(method, seed)}] diverged: the loss or a gradient was NaN/inf at step {diverged}", flush=True)
     wall = time.perf_counter() - started

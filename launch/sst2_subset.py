@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from launch.jobconfig import check_positive
 from launch.models import ProbeClassifier
 from launch.sst2_data import DEFAULT_TRAIN, DataError, Encoded, Split, collate, load_sst2, wordpiece
 
@@ -37,9 +38,7 @@ class ProbeSettings:
     cache_dir: Path = Path("runs/cache")
 
     def __post_init__(self) -> None:
-        for name in ("samples", "vocab_size", "max_len", "dim", "layers", "heads", "ff", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be an integer >= 1")
+        check_positive(self, ("samples", "vocab_size", "max_len", "dim", "layers", "heads", "ff", "batch_size"))
         if self.dim % self.heads:
             raise ValueError(f"dim={self.dim} must be a multiple of heads={self.heads}")
         if self.batch_size > self.samples:

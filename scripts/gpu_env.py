@@ -1,9 +1,9 @@
 """Facts of the machine a GPU check ran on, one ``key: value`` line each (for scripts/gpu_check.sh).
 
 What the figures of a check depend on, and what the Triton kernels need to run compiled: the
-device, the torch/CUDA/Triton builds, a C compiler and ``Python.h`` (Triton builds a small C
-launcher on first use), and the packages the check's steps import. Never fails: a missing
-piece is printed as such.
+device, the torch/CUDA/Triton builds and the rest of ``torch.utils.collect_env``'s report (OS,
+driver, cuDNN, GCC), a C compiler and ``Python.h`` (Triton builds a small C launcher on first
+use), and the packages the check's steps import. Never fails: a missing piece is printed as such.
 """
 
 from __future__ import annotations
@@ -27,13 +27,19 @@ def package_version(name: str) -> str:
 
 
 def torch_facts() -> list[tuple[str, str]]:
-    """torch's build, CUDA, and each visible device."""
+    """torch's build, CUDA, OS, driver and libraries as ``torch.utils.collect_env`` reports
+    them, and each visible device's capability, memory and SM count."""
     try:
         import torch
-    except ImportError as err:
-        return [("torch", f"not importable: {err}")]
-    facts = [("torch", torch.__version__), ("torch cuda build", str(torch.version.cuda)),
-             ("cuda available", str(torch.cuda.is_available()))]
+        from torch.utils.collect_env import get_env_info
+
+        env = get_env_info()
+    except Exception as err:  # noqa: BLE001 - a torch that fails to import or report is a fact too
+        return [("torch", f"not importable or no environment report: {type(err).__name__}: {err}")]
+    facts = [("torch", env.torch_version), ("torch cuda build", str(env.cuda_compiled_version)),
+             ("cuda available", str(env.is_cuda_available)), ("os", str(env.os)),
+             ("nvidia driver", str(env.nvidia_driver_version)), ("cudnn", str(env.cudnn_version)),
+             ("gcc", str(env.gcc_version))]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)

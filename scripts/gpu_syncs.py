@@ -24,77 +24,21 @@ import argparse
 import json
 import statistics
 import sys
-import time
-import traceback
-import warnings
-from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the project's packages first
 
 from bregtop_dist import BregTop, param_groups  # noqa: E402
 from bregtop_dist.core.dispatch import accelerator_paths  # noqa: E402
+from launch.bench import Timing, device_clock, samples  # noqa: E402
+from launch.bench.counters import OpCounter, cuda_syncs  # noqa: E402
 from launch.bench.kernels import model_stacks  # noqa: E402
 from launch.models import GPT  # noqa: E402
-
-PROJECT_DIRS = tuple(str(ROOT / d) + "/" for d in ("bregtop_dist", "triton_kernels", "launch"))
-SYNC_MESSAGE = "synchronizing CUDA operation"
-
-
-def project_line(stack: list[traceback.FrameSummary]) -> str:
-    """``path:line`` (relative to the project) of the innermost frame in the project's
-    packages, else of the innermost frame outside torch, else ``?``."""
-    for frame in reversed(stack):
-        if frame.filename.startswith(PROJECT_DIRS):
-            return f"{Path(frame.filename).relative_to(ROOT)}:{frame.lineno}"
-    for frame in reversed(stack):
-        if "/torch/" not in frame.filename and frame.filename != __file__:
-            return f"{frame.filename}:{frame.lineno}"
-    return "?"
-
-
-class ScalarReads(TorchDispatchMode):
-    """Counts ``aten._local_scalar_dense`` (a tensor's value read by the host) by project line."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.by_line: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.by_line[project_line(traceback.extract_stack()[:-1])] += 1
-        return func(*args, **(kwargs or {}))
-
-
-@contextmanager
-def cuda_syncs(enabled: bool) -> Iterator[Counter[str]]:
-    """Counts the synchronising CUDA calls torch warns about, by project line (the warning is
-    caught where it is raised, so the Python stack that led to it is still there)."""
-    counts: Counter[str] = Counter()
-    if not enabled:
-        yield counts
-        return
-
-    def record(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-        if SYNC_MESSAGE in str(message):
-            counts[project_line(traceback.extract_stack()[:-1])] += 1
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = record
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            yield counts
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
 
 
 def build(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, BregTop, list[list[torch.Tensor]]]:
@@ -122,23 +66,18 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         opt.step()
 
     period = int(opt.param_groups[0]["precondition_frequency"])
-    start = time.perf_counter()
+    clock = device_clock(device)
+    start = clock()
     for k in range(1 + period):
         step(k)
-    sync()
-    warmup_s = time.perf_counter() - start
-    reads = ScalarReads()
+    warmup_s = clock() - start
+    reads = OpCounter(by_line=True)
     with cuda_syncs(device.type == "cuda") as syncs, reads:
         for k in range(args.steps):
             step(k)
         sync()
-    times = []
-    for k in range(args.steps):
-        sync()
-        t0 = time.perf_counter()
-        step(k)
-        sync()
-        times.append(time.perf_counter() - t0)
+    counted = iter(range(args.steps))
+    times = samples(lambda: step(next(counted)), device, Timing(args.steps, warmup=0))[0]
     kron = [p for g in opt.param_groups if g.get("bregtop") for p in g["params"]]
     return {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",

@@ -145,14 +145,14 @@ def test_dist_bench_bad_options(argv, message, capsys):
 def test_launches_bench_counts_ops_launches_and_scalar_reads(tmp_path, capsys):
     """``launch.bench launches`` on a 1-layer layout: a row per method and code path, each step
     issuing ATen ops and reading scalars; the counter sees a tensor's bool() as a read."""
-    from launch.bench import launches
+    from launch.bench.counters import OpCounter, count_tolist
 
-    counter = launches._OpCounter()
+    counter = OpCounter()
     with counter:
         t = torch.ones(3)
         assert bool(t.sum() > 0)
     assert counter.ops >= 3 and counter.scalar_reads == 1
-    with launches._count_tolist(counter):
+    with count_tolist(counter):
         t.tolist()
     assert counter.scalar_reads == 2
 

@@ -6,7 +6,6 @@ Each suite module exposes ``HELP`` (one line), ``add_arguments(parser)`` and
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -14,22 +13,14 @@ import platform
 import statistics
 import subprocess
 import time
+import timeit
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (the message names the bad value and what is allowed)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; allowed: an integer >= 1") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed; allowed: an integer >= 1")
-    return value
+from torch.utils import benchmark
 
 
 def machine_info() -> dict[str, Any]:
@@ -63,24 +54,42 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
-    """Seconds of one call of a function, synchronising the device around it."""
+@dataclass(frozen=True)
+class Timing:
+    """How a figure is timed: ``warmup`` untimed calls, then ``repeats`` samples, each the time of
+    ``inner`` back-to-back calls divided by ``inner``; the figure is the median sample. On a GPU
+    ``inner > 1`` keeps the synchronisation around a sample from counting as part of a call of a
+    few tens of microseconds."""
 
-    def run(fn: Callable[[], Any]) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    return run
+    repeats: int
+    inner: int = 1
+    warmup: int = 2
 
 
-def median_seconds(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
-    """Median seconds of ``fn`` over ``repeats`` calls after two untimed ones."""
-    fn()
-    fn()
-    run = timer(device)
-    return statistics.median(run(fn) for _ in range(repeats))
+def device_clock(device: torch.device) -> Callable[[], float]:
+    """Seconds, read once ``device`` has done its queued work: torch.utils.benchmark's timer
+    (which synchronises the accelerator first) off the CPU, ``time.perf_counter`` on it."""
+    return time.perf_counter if device.type == "cpu" else benchmark.timer
+
+
+def samples(fn: Callable[[], Any], device: torch.device, timing: Timing,
+            setup: Callable[[], Any] | None = None) -> tuple[list[float], Any]:
+    """Seconds per call of each sample of ``fn`` (see :class:`Timing`; ``timeit.Timer.repeat`` on
+    :func:`device_clock`, garbage collection off within a sample, ``setup`` run untimed before
+    each sample), and the result of the last call."""
+    last = None
+    for _ in range(timing.warmup):
+        last = fn()
+
+    def call() -> None:
+        nonlocal last
+        last = fn()
+
+    raw = timeit.Timer(call, setup or "pass", timer=device_clock(device)).repeat(timing.repeats, timing.inner)
+    return [t / timing.inner for t in raw], last
+
+
+def timed(fn: Callable[[], Any], device: torch.device, timing: Timing) -> tuple[float, Any]:
+    """The median seconds per call of ``fn`` (see :class:`Timing`), and its last result."""
+    times, last = samples(fn, device, timing)
+    return statistics.median(times), last

@@ -38,8 +38,9 @@ from torch import nn
 
 from bregtop_dist import BregTop
 from bregtop_dist.distributed.layout import chunk_rows
-from launch.bench import code_version, machine_info, positive_int, write_json
+from launch.bench import code_version, machine_info, write_json
 from launch.bench.optimizer import make_grad_pool, make_params, transformer_shapes
+from launch.cli import positive_int
 
 HELP = "bytes per rank, per-rank optimizer time and step jitter of sharded BregTop vs world size"
 DEFAULT_OUT = Path("runs/bench/dist.json")

@@ -30,9 +30,7 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +49,8 @@ from bregtop_dist.core.precondition import (
     spectrum_root,
 )
 from bregtop_dist.core.stats import weighted_square_sums
-from launch.bench import code_version, machine_info, positive_int, timer, write_json
+from launch.bench import Timing, code_version, machine_info, samples, timed, write_json
+from launch.cli import positive_int
 from launch.models import GPT
 
 HELP = "Triton kernels vs the torch path on GPT-2's stacks, and BregTop's share of a bf16 training step"
@@ -108,40 +107,6 @@ def model_stacks(model: nn.Module, max_dim: int) -> list[tuple[int, int, int]]:
     return sorted(((count, m, n) for (m, n), count in shapes.items()), key=lambda s: (-s[0], s[1], s[2]))
 
 
-@dataclass(frozen=True)
-class Timing:
-    """How one figure is timed: ``warmup`` untimed calls, then ``repeats`` samples, each the
-    time of ``inner`` back-to-back calls divided by ``inner``; the figure is the median
-    sample. On a GPU ``inner > 1`` keeps the synchronisation around a sample from counting as
-    part of a call of a few tens of microseconds."""
-
-    repeats: int
-    inner: int = 1
-    warmup: int = 2
-
-
-def timed(fn: Callable[[], Any], device: torch.device, timing: Timing) -> tuple[float, Any]:
-    """The median seconds per call of ``fn`` (see :class:`Timing`), and its last result."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    result = None
-    for _ in range(timing.warmup):
-        result = fn()
-    samples = []
-    for _ in range(timing.repeats):
-        sync()
-        start = time.perf_counter()
-        for _ in range(timing.inner):
-            result = fn()
-        sync()
-        samples.append((time.perf_counter() - start) / timing.inner)
-    return statistics.median(samples), result
-
-
-def median_per_call(fn: Callable[[], Any], device: torch.device, timing: Timing) -> float:
-    """The median seconds per call of ``fn`` (see :class:`Timing`)."""
-    return timed(fn, device, timing)[0]
-
-
 def triton_skip_reason(device: torch.device) -> str | None:
     """Why the Triton rows cannot run on ``device``, or None when they can (compiled on CUDA,
     interpreted with ``TRITON_INTERPRET=1``)."""
@@ -184,9 +149,9 @@ def bench_precondition(shape: tuple[int, int, int], device: torch.device, timing
     torch_s, want = timed(lambda: whole("torch"), device, timing)
     row: dict[str, Any] = {
         "shape": list(shape),
-        "copy_s": median_per_call(lambda: out.copy_(mt), device, timing),
-        "torch_selection_s": median_per_call(lambda: select_top_set(*selection), device, timing),
-        "torch_apply_s": median_per_call(lambda: apply_top_set(mt, root_l, root_r, top, EPS, 1.0), device, timing),
+        "copy_s": timed(lambda: out.copy_(mt), device, timing)[0],
+        "torch_selection_s": timed(lambda: select_top_set(*selection), device, timing)[0],
+        "torch_apply_s": timed(lambda: apply_top_set(mt, root_l, root_r, top, EPS, 1.0), device, timing)[0],
         "torch_precondition_s": torch_s,
     }
     if skip is not None or triton_timing is None:
@@ -196,8 +161,8 @@ def bench_precondition(shape: tuple[int, int, int], device: torch.device, timing
     def kernel() -> Tensor:
         return masked_scale(mt, root_l, root_r, top.threshold, top.chi, EPS, SELECTION_BAND, out=out, power=1.0)
 
-    kernel_s = median_per_call(kernel, device, triton_timing)
-    selection_s = median_per_call(lambda: select_top_set(*selection, kernel=True), device, triton_timing)
+    kernel_s = timed(kernel, device, triton_timing)[0]
+    selection_s = timed(lambda: select_top_set(*selection, kernel=True), device, triton_timing)[0]
     triton_s, got = timed(lambda: whole("triton"), device, triton_timing)
     moved = 2 * mt.numel() * mt.element_size()  # read Mt, write the result; the vectors are negligible
     return {
@@ -227,7 +192,7 @@ def bench_rotated_stats(shape: tuple[int, int, int], device: torch.device, timin
         diag_l, diag_r = weighted_square_sums(gt, w_l, w_r)
         return diag_l, diag_r, torch.lerp(momentum, gt, 1.0 - BETA1)
 
-    row: dict[str, Any] = {"shape": list(shape), "torch_s": median_per_call(reference, device, timing)}
+    row: dict[str, Any] = {"shape": list(shape), "torch_s": timed(reference, device, timing)[0]}
     if skip is not None or triton_timing is None:
         return {**row, "triton_skipped": skip}
     from triton_kernels.rotated_stats import rotated_stats
@@ -235,7 +200,7 @@ def bench_rotated_stats(shape: tuple[int, int, int], device: torch.device, timin
     def fused() -> tuple[Tensor, Tensor]:
         return rotated_stats(gt, w_l, w_r, momentum.clone(), BETA1)
 
-    kernel_s = median_per_call(fused, device, triton_timing)
+    kernel_s = timed(fused, device, triton_timing)[0]
     return {**row, "kernel_s": kernel_s, "speedup_vs_torch": row["torch_s"] / kernel_s}
 
 
@@ -255,15 +220,14 @@ def bench_training_step(sizes: KernelSizes, device: torch.device) -> dict[str, A
         assert loss is not None
         loss.backward()
 
-    fwd_bwd_s = median_per_call(forward_backward, device, Timing(sizes.repeats))
+    fwd_bwd_s = timed(forward_backward, device, Timing(sizes.repeats))[0]
     forward_backward()  # leave gradients in place for the optimizer steps
     adamw = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    adamw_s = median_per_call(adamw.step, device, Timing(sizes.repeats))
+    adamw_s = timed(adamw.step, device, Timing(sizes.repeats))[0]
     bregtop = BregTop(param_groups(model), lr=1e-4, method=METHOD, max_precond_dim=sizes.max_precond_dim)
     period = int(bregtop.param_groups[0]["precondition_frequency"])
-    bregtop_s = median_per_call(bregtop.step, device, Timing(max(sizes.repeats, 2 * period)))
-    run = timer(device)
-    mean_s = statistics.fmean(run(bregtop.step) for _ in range(period))  # one step of each refresh phase
+    bregtop_s = timed(bregtop.step, device, Timing(max(sizes.repeats, 2 * period)))[0]
+    mean_s = statistics.fmean(samples(bregtop.step, device, Timing(period, warmup=0))[0])  # each refresh phase once
     return {
         "model": {"layers": sizes.layers, "heads": sizes.heads, "dim": sizes.dim, "vocab": sizes.vocab,
                   "seq": sizes.seq, "batch": sizes.batch, "params": sum(p.numel() for p in model.parameters()),

@@ -9,11 +9,10 @@ arithmetic. This counts both on the CPU, on GPT-2-small's block structure at 1/1
 (``BREGTOP_ACCELERATOR_PATHS=1``: batched linear algebra, fixed-pass selection).
 
 Counted over one refresh period after a warm-up period, per step: every ATen op the
-dispatcher sees (a ``TorchDispatchMode``), every Triton kernel launch (the two kernels'
-wrappers), and every scalar read of a tensor (``aten._local_scalar_dense``: ``item()``,
-``bool()``, ``float()`` of a tensor). On a GPU those reads of device tensors are the host
-syncs; on this CPU the count also includes reads of the CPU-resident step counters, so it is
-an upper bound on the syncs.
+dispatcher sees and every host read of a tensor (:mod:`launch.bench.counters`), and every
+Triton kernel launch (the kernels' wrappers). On a GPU the reads of device tensors are the
+host syncs; on this CPU the count also includes reads of the CPU-resident step counters, so it
+is an upper bound on the syncs.
 """
 
 from __future__ import annotations
@@ -28,11 +27,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from bregtop_dist import METHODS, BregTop
 from bregtop_dist.core.dispatch import PATHS_ENV_VAR
-from launch.bench import code_version, machine_info, positive_int, write_json
+from launch.bench import code_version, machine_info, write_json
+from launch.bench.counters import OpCounter, count_tolist
+from launch.cli import positive_int
 
 HELP = "ATen ops, Triton launches and scalar reads per optimizer step (GPT-2-small structure at 1/16)"
 DEFAULT_OUT = Path("runs/bench/launches.json")
@@ -48,41 +48,6 @@ def layout(layers: int = LAYERS, dim: int = DIM) -> list[tuple[int, ...]]:
     return shapes
 
 
-class _OpCounter(TorchDispatchMode):
-    """Counts ATen ops and scalar reads (``item()``, ``bool()``...) while not paused."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops = 0
-        self.scalar_reads = 0
-        self.paused = False
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if not self.paused:
-            self.ops += 1
-            if func is torch.ops.aten._local_scalar_dense.default:
-                self.scalar_reads += 1
-        return func(*args, **(kwargs or {}))
-
-
-@contextmanager
-def _count_tolist(counter: _OpCounter) -> Iterator[None]:
-    """``Tensor.tolist()`` reads a tensor without an op the dispatcher sees on the CPU (on a
-    GPU it copies to the host): one read per call."""
-    original = torch.Tensor.tolist
-
-    def tolist(self: torch.Tensor) -> Any:
-        if not counter.paused:
-            counter.scalar_reads += 1
-        return original(self)
-
-    torch.Tensor.tolist = tolist  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        torch.Tensor.tolist = original  # type: ignore[method-assign]
-
-
 class _CountedKernel:
     """A Triton kernel whose every ``kernel[grid](...)`` launch goes through ``on_launch(run)``."""
 
@@ -95,7 +60,7 @@ class _CountedKernel:
 
 
 @contextmanager
-def _count_launches(counter: _OpCounter, stand_ins: bool) -> Iterator[list[int]]:
+def _count_launches(counter: OpCounter, stand_ins: bool) -> Iterator[list[int]]:
     """Counts launches of the Triton kernels; with ``stand_ins`` the kernels are replaced by
     their torch references, run with counting paused (see ``kernel_stand_ins``)."""
     count = [0]
@@ -191,12 +156,12 @@ def count_step(method: str, accelerator_paths: bool, backend: str = "auto", laye
                 p.grad = gr
             opt.step()
 
-        counter = _OpCounter()
+        counter = OpCounter()
         with _count_launches(counter, stand_ins) as launches:
             for k in range(FREQUENCY + 1):
                 step(k)
             launches[0] = 0
-            with _count_tolist(counter), counter:
+            with count_tolist(counter), counter:
                 for k in range(FREQUENCY):
                     step(k)
     return Counts(method, accelerator_paths, backend, kernels, FREQUENCY, counter.ops / FREQUENCY,

@@ -19,7 +19,6 @@ import math
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -30,7 +29,8 @@ from torch import Tensor, nn
 
 from bregtop_dist import METHODS, BregTop, kron_precondition
 from bregtop_dist.core.precondition import SELECTION_BAND
-from launch.bench import code_version, machine_info, median_seconds, positive_int, write_json
+from launch.bench import Timing, code_version, machine_info, samples, timed, write_json
+from launch.cli import positive_int
 
 HELP = "step time, state bytes/param and selection time of BregTop vs AdamW, SOAP and Shampoo"
 
@@ -138,14 +138,13 @@ def timed_steps(
     Before each step every ``.grad`` gets a fresh copy of the pool's next gradient set (a copy
     because some optimizers modify the gradient in place); that is not timed.
     """
-    times = []
-    for i in range(first, first + count):
-        for p, g in zip(params, pool[i % len(pool)], strict=True):
+    steps = iter(range(first, first + count))
+
+    def load() -> None:
+        for p, g in zip(params, pool[next(steps) % len(pool)], strict=True):
             p.grad = g.clone()
-        start = time.perf_counter()
-        opt.step()
-        times.append(time.perf_counter() - start)
-    return times
+
+    return samples(opt.step, torch.device("cpu"), Timing(count, warmup=0), setup=load)[0]
 
 
 def tensor_bytes(obj: Any, seen: set[int]) -> int:
@@ -293,9 +292,8 @@ def bench_selection(shape: tuple[int, int], repeats: int) -> dict[str, Any]:
     def naive_fn() -> Tensor:
         return naive_precondition(mat, lam_l, lam_r, RHO, Q, C)
 
-    fast_s = median_seconds(fast_fn, mat.device, repeats)
-    naive_s = median_seconds(naive_fn, mat.device, repeats)
-    fast, naive = fast_fn(), naive_fn()
+    fast_s, fast = timed(fast_fn, mat.device, Timing(repeats))
+    naive_s, naive = timed(naive_fn, mat.device, Timing(repeats))
     close = torch.isclose(fast, naive, rtol=1e-4)
     return {
         "shape": [m, n],

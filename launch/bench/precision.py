@@ -32,7 +32,8 @@ from torch import Tensor, nn
 import bregtop_dist.core.block_step as block_step
 from bregtop_dist import BregTop
 from bregtop_dist.core.rotation import ROTATION_PRECISIONS
-from launch.bench import code_version, machine_info, positive_int, write_json
+from launch.bench import code_version, machine_info, write_json
+from launch.cli import positive_int
 
 HELP = "relative error of rotation_precision tf32/bf16 against fp32 (one step, a 300-step run)"
 DEFAULT_OUT = Path("runs/bench/precision.json")
