@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bregtop_dist.core.descend import descend_
+from bregtop_dist.core.descend import apply_update
 
 
 def init_adamw_state(state: dict[str, Any], param: Tensor) -> None:
@@ -40,20 +40,19 @@ def _counted_steps(counters: list[Tensor]) -> list[float]:
     return [float(c) + 1.0 for c in counters]  # a counter a caller put on a device
 
 
-def adamw_group_step(
+def adamw_updates(
     params: list[Tensor],
     grads: list[Tensor],
     states: list[dict[str, Any]],
     *,
-    lr: float,
     betas: tuple[float, float],
     eps: float,
-    weight_decay: float,
-) -> None:
-    """One bias-corrected AdamW step, with decoupled weight decay, of every tensor of a group
-    (in place), as torch.optim.AdamW computes it."""
+) -> list[Tensor]:
+    """The bias-corrected AdamW update of every tensor of a group, as torch.optim.AdamW forms
+    it, advancing the moments and step counters in ``states`` (the parameters are read only
+    to make a missing state)."""
     if not params:
-        return
+        return []
     for state, param in zip(states, params):
         if not state:
             init_adamw_state(state, param)
@@ -74,6 +73,19 @@ def adamw_group_step(
     torch._foreach_add_(denom, eps)
     update = torch._foreach_div(exp_avg, denom)
     torch._foreach_div_(update, [1.0 - b1**k for k in steps])
-    if weight_decay:
-        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-    descend_(params, update, lr)
+    return list(update)
+
+
+def adamw_group_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """One AdamW step, with decoupled weight decay, of every tensor of a group (in place):
+    :func:`adamw_updates` applied by :func:`~bregtop_dist.core.descend.apply_update`."""
+    apply_update(params, params, adamw_updates(params, grads, states, betas=betas, eps=eps), lr, weight_decay)

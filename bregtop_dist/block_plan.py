@@ -1,6 +1,6 @@
 """A param group's Kronecker work as this rank runs it: every block of the group (with its
-owner and refresh offset), the communication that feeds the owners, and this rank's owned
-blocks stacked by shape so that one step runs a few batched kernels per shape.
+owner and refresh phase), the communication that feeds the owners, and this rank's owned
+blocks stacked by shape, each stack stepping its blocks with a few batched kernels.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import torch
 from torch import Tensor
 
 from bregtop_dist.core.block_state import KronBlockState
-from bregtop_dist.core.block_step import refresh_due
+from bregtop_dist.core.block_step import BlockHyper, BlockStepResult, Schedule, kron_block_step, refresh_due
 from bregtop_dist.distributed.assignment import Block, plan_blocks
 from bregtop_dist.distributed.exchange import Exchange
-from bregtop_dist.distributed.layout import ParamShard
+from bregtop_dist.distributed.layout import Piece
 from bregtop_dist.distributed.stack_views import StackViews
 
 
@@ -26,7 +26,7 @@ class BlockStack:
     plan: str
     shape: tuple[int, int]
     block_ids: list[int]  # indices into the plan's blocks
-    offsets: Tensor  # (B,) int64 refresh offsets, on the CPU
+    phases: Tensor  # (B,) int64 refresh phases, on the CPU
     state: KronBlockState | None = field(default=None)
     _refresh_rows: dict[tuple[int, int, torch.device], Tensor | None] = field(default_factory=dict, repr=False)
     _grad: Tensor | None = field(default=None, repr=False)
@@ -41,12 +41,12 @@ class BlockStack:
         return KronBlockState.shapes(*self.shape, len(self.block_ids))
 
     def refresh_rows(self, step: int, frequency: int, device: torch.device) -> Tensor | None:
-        """The rows whose bases refresh when they have taken ``step`` steps (offset = step mod
+        """The rows whose bases refresh when they have taken ``step`` steps (phase = step mod
         T), on ``device``, or None: built once per phase and kept, so that a step neither
         reads the host counts nor uploads an index."""
         key = (step % frequency, frequency, device)
         if key not in self._refresh_rows:
-            due = refresh_due(torch.tensor(step), self.offsets, frequency)
+            due = refresh_due(torch.tensor(step), self.phases, frequency)
             self._refresh_rows[key] = due.nonzero().flatten().to(device) if bool(due.any()) else None
         return self._refresh_rows[key]
 
@@ -61,6 +61,44 @@ class BlockStack:
         """State for every block of the stack, none of them ready (see :meth:`KronBlockState.empty`)."""
         return KronBlockState.empty(*self.shape, len(self.block_ids), device)
 
+    def step(self, rows: list[int], grad: Tensor, hyper: BlockHyper) -> StackStep:
+        """Algorithm 1 on the blocks ``rows`` of the stack (gradients ``grad``), nothing
+        committed. The stack decides the refreshes: a whole stack whose blocks are all ready at
+        one step count refreshes the rows of its phase (:meth:`refresh_rows`, no host read);
+        otherwise the block step reads them from the counts by the same rule (``refresh_due``)."""
+        base = self.state if self.state is not None else self.empty_state(grad.device)
+        whole = len(rows) == len(self.block_ids)
+        taken = base.uniform_step() if whole else None
+        if taken is not None:
+            schedule = Schedule(self.refresh_rows(taken + 1, hyper.frequency, grad.device))
+            result = kron_block_step(base, grad, hyper, self.phases, schedule)
+            result.state.remember_uniform_step(taken + 1)
+            return StackStep(self, base, rows, whole, grad, result, schedule.refresh is not None)
+        idx = torch.tensor(rows, dtype=torch.int64)  # CPU, like the step counts
+        result = kron_block_step(base if whole else base.select(idx), grad, hyper, self.phases.index_select(0, idx))
+        return StackStep(self, base, rows, whole, grad, result, result.failed is not None)
+
+    def commit(self, done: StackStep) -> None:
+        """Keep the state ``done`` computed (for its rows)."""
+        if done.whole:
+            self.state = done.result.state
+        else:
+            done.base.assign(torch.tensor(done.rows, dtype=torch.int64), done.result.state)
+            self.state = done.base
+
+
+@dataclass
+class StackStep:
+    """One stack's computed step: the state it started from, the rows it ran, the result."""
+
+    stack: BlockStack
+    base: KronBlockState
+    rows: list[int]  # rows of the stack
+    whole: bool
+    grad: Tensor
+    result: BlockStepResult
+    refreshed: bool  # some basis was recomputed (or initialised): the bases changed
+
 
 @dataclass
 class KronPlan:
@@ -71,7 +109,7 @@ class KronPlan:
     exchange: Exchange
     stacks: dict[tuple[int, int], BlockStack]
     device: torch.device  # where the state and the exchanged gradients live
-    params: list[Tensor]  # the Kronecker parameters, indexed by Block.shard: their state's keys
+    params: list[Tensor]  # the Kronecker parameters, indexed by Block.param: their state's keys
     names: list[str]
     views: StackViews | None = None  # the owned stacks in this rank's own parameters (replicated layouts)
 
@@ -82,25 +120,25 @@ def is_kron_shape(shape: tuple[int, ...], bregtop_group: bool) -> bool:
 
 
 def build_plan(
-    key: str, shards: list[ParamShard], max_dim: int, frequency: int, stagger: bool,
+    key: str, pieces: list[Piece], max_dim: int, frequency: int, stagger: bool,
     rank: int, world: int,
 ) -> KronPlan:
-    """Cut ``shards`` into blocks, pick owners, and stack this rank's owned blocks by shape
-    (their state starts empty: no block is ready before its first non-zero gradient)."""
-    blocks = plan_blocks([s.shape for s in shards], max_dim, frequency, stagger, world)
-    replicated = all(r == (0, math.prod(s.shape)) for s in shards for r in s.ranges)
-    exchange = Exchange.build(blocks, [s.ranges for s in shards], rank, world, replicated)
+    """Cut ``pieces``' parameters into blocks, pick owners, and stack this rank's owned blocks
+    by shape (their state starts empty: no block is ready before its first non-zero gradient)."""
+    blocks = plan_blocks([s.shape for s in pieces], max_dim, frequency, stagger, world)
+    replicated = all(r == (0, math.prod(s.shape)) for s in pieces for r in s.ranges)
+    exchange = Exchange.build(blocks, [s.ranges for s in pieces], rank, world, replicated)
     by_shape: dict[tuple[int, int], list[int]] = {}
     for i, blk in enumerate(blocks):
         if blk.owner == rank:
             by_shape.setdefault(blk.shape, []).append(i)
-    device = shards[0].value.device
+    device = pieces[0].value.device
     stacks = {
         shape: BlockStack(
-            key, shape, ids, torch.tensor([blocks[i].offset for i in ids], dtype=torch.int64),
+            key, shape, ids, torch.tensor([blocks[i].phase for i in ids], dtype=torch.int64),
             KronBlockState.empty(*shape, len(ids), device),
         )
         for shape, ids in by_shape.items()
     }
     views = StackViews({shape: st.block_ids for shape, st in stacks.items()}, blocks) if replicated else None
-    return KronPlan(key, blocks, exchange, stacks, device, [s.param for s in shards], [s.name for s in shards], views)
+    return KronPlan(key, blocks, exchange, stacks, device, [s.param for s in pieces], [s.name for s in pieces], views)

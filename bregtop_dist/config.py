@@ -7,6 +7,7 @@ family) and, where the paper defers to Lin et al., KL-Shampoo's public defaults
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -297,6 +298,18 @@ class BregTopConfig:
             backend=self.backend, eig_floor=self.eig_floor, exponent=self.resolved_exponent, init=self.init,
             init_factor=self.init_factor, rotation_precision=self.rotation_precision,
         )
+
+    def with_lr(self, lr: Any) -> BregTopConfig:
+        """This config with another ``lr``, of which only ``lr`` is checked (a scheduler's
+        write): the rest was validated when this config was made."""
+        lr = lr_value(lr)
+        if not is_real(lr):
+            raise wrong_type("lr", lr, _REALS["lr"])
+        if not (lr >= 0.0 and math.isfinite(lr)):
+            raise ValueError(f"lr={lr!r} is not allowed: {_REALS['lr']}")
+        out = copy.copy(self)
+        object.__setattr__(out, "lr", lr)
+        return out
 
     def as_defaults(self) -> dict[str, Any]:
         return asdict(self)

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from bregtop_dist.block_plan import BlockStack
 from bregtop_dist.core.block_state import describe_value, non_finite
-from bregtop_dist.distributed.layout import ParamShard, is_dtensor
+from bregtop_dist.distributed.layout import Piece, is_dtensor
 
 KRON = "kron"
 """The key of a Kronecker parameter's blocks in its state entry."""
@@ -141,7 +141,7 @@ ADAMW_KEYS = ("step", "exp_avg", "exp_avg_sq")
 """The keys of a stepped AdamW-side entry (torch's AdamW's); an entry is these or empty."""
 
 
-def adamw_entry_for_loading(shard: ParamShard, rank: int, entry: Any) -> dict[str, Tensor]:
+def adamw_entry_for_loading(piece: Piece, rank: int, entry: Any) -> dict[str, Tensor]:
     """Rank ``rank``'s part of a saved AdamW-side entry, checked: empty (the parameter has
     not stepped) or exactly :data:`ADAMW_KEYS`, each value as :func:`adamw_for_loading` takes
     it (a ``kron`` key, which an AdamW-side parameter never uses, is passed over). The values
@@ -159,13 +159,13 @@ def adamw_entry_for_loading(shard: ParamShard, rank: int, entry: Any) -> dict[st
     missing = [k for k in ADAMW_KEYS if k not in entry]
     if missing:
         raise ValueError(f"key {missing[0]!r} is missing (found {keys}); {holds}")
-    return {k: adamw_for_loading(shard, rank, k, entry[k]) for k in ADAMW_KEYS}
+    return {k: adamw_for_loading(piece, rank, k, entry[k]) for k in ADAMW_KEYS}
 
 
-def adamw_for_loading(shard: ParamShard, rank: int, key: str, value: Any) -> Tensor:
+def adamw_for_loading(piece: Piece, rank: int, key: str, value: Any) -> Tensor:
     """Rank ``rank``'s part of saved AdamW-side value ``key``, checked: a floating-point tensor
     holding values (not on the meta device); for ``step`` a scalar, a whole number >= 0; for
-    the moments a DTensor's local tensor, the shard's range of a full tensor, or a tensor
+    the moments a DTensor's local tensor, the piece's range of a full tensor, or a tensor
     already of the local shape, finite once read as float32 (the state's dtype), and
     ``exp_avg_sq`` >= 0. Raises ValueError naming the key, the value and what is allowed."""
     if not isinstance(value, Tensor):
@@ -179,7 +179,7 @@ def adamw_for_loading(shard: ParamShard, rank: int, key: str, value: Any) -> Ten
         raise ValueError(f"{key!r} has dtype {value.dtype}; expected a floating-point tensor (it is kept in float32)")
     if key == "step":
         return _step_for_loading(value)
-    part = _local_part(shard, rank, key, value)
+    part = _local_part(piece, rank, key, value)
     bad = non_finite(part.to(torch.float32))
     if bad is not None:
         read = "" if part.dtype == torch.float32 else " once read as float32, the dtype of the state"
@@ -204,17 +204,17 @@ def _step_for_loading(value: Tensor) -> Tensor:
     return value
 
 
-def _local_part(shard: ParamShard, rank: int, key: str, value: Tensor) -> Tensor:
+def _local_part(piece: Piece, rank: int, key: str, value: Tensor) -> Tensor:
     """This rank's part of a saved moment: ``value`` itself when it has the local shape, this
     rank's range when it has the parameter's shape; ValueError otherwise."""
-    local = tuple(shard.value.shape)
+    local = tuple(piece.value.shape)
     if tuple(value.shape) == local:
         return value
-    if tuple(value.shape) == shard.shape:  # the full tensor: take this rank's elements
-        start, stop = shard.ranges[rank]
+    if tuple(value.shape) == piece.shape:  # the full tensor: take this rank's elements
+        start, stop = piece.ranges[rank]
         return value.reshape(-1)[start:stop].reshape(local)
     raise ValueError(
-        f"{key!r} has shape {tuple(value.shape)}; expected the parameter's shape {shard.shape} or this "
+        f"{key!r} has shape {tuple(value.shape)}; expected the parameter's shape {piece.shape} or this "
         f"rank's part of it {local}"
     )
 

@@ -201,12 +201,17 @@ def nonfinite_on_one_rank(rank: int, world: int, single: dist.ProcessGroup, work
 
 def settings_differ(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
     model = Net()
+    opt = BregTop(param_groups(model), **{**SETTINGS, "lr": 0.02 if rank == 0 else 0.03})  # no collective here
+    before = [p.detach().clone() for p in model.parameters()]
+    model(batch(0)).backward()
     try:
-        BregTop(param_groups(model), **{**SETTINGS, "lr": 0.02 if rank == 0 else 0.03})
+        opt.step()  # the first collective call compares the ranks' settings
     except ValueError as err:
         assert "differ across ranks" in str(err) and "'lr'" in str(err), str(err)
     else:
         raise AssertionError("different lr on different ranks was not detected")
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters())), "a parameter changed"
+    assert not opt.state or all(not v.get("step") for v in opt.state.values()), "the optimizer state changed"
 
 
 def state_dict_round_trip(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:

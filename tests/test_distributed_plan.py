@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
-from state_tensors import state_tensors
+from state_tensors import kron_blocks
 
 from bregtop_dist import BregTop
+from bregtop_dist.core.block_step import refresh_due
 from bregtop_dist.core.blocking import block_slices
 from bregtop_dist.distributed.assignment import assign_owners, plan_blocks, refresh_cost, step_cost
 from bregtop_dist.distributed.exchange import Exchange, intersect
@@ -76,7 +78,7 @@ def test_exchange_lists_agree_between_sender_and_owner(gen):
 
 def test_refresh_offsets_do_not_depend_on_the_world_size():
     shapes = [(64, 32), (13, 20), (300, 40), (5, 5)]
-    offsets = {w: [b.offset for b in plan_blocks(shapes, 16, 5, True, w)] for w in (1, 2, 3, 8)}
+    offsets = {w: [b.phase for b in plan_blocks(shapes, 16, 5, True, w)] for w in (1, 2, 3, 8)}
     assert len({tuple(v) for v in offsets.values()}) == 1
     assert set(offsets[1]) == set(range(5))
 
@@ -112,30 +114,49 @@ def test_comm_dtype_is_checked(bad):
         BregTop([p], comm_dtype=bad)
 
 
-def _legacy(opt: BregTop) -> dict:
-    """The state dict as the per-rank format before tiles wrote it: stacks keyed
-    "<group>:<m>x<n>", no ``ready`` field, ``world_size``."""
-    sd = opt.state_dict()
-    state = {pid: e for pid, e in sd["state"].items() if "kron" not in e}
-    stacks = {
-        key: {k: v.clone() for k, v in stack.state.tensors().items() if k != "ready"}
-        for key, stack in opt.kron_stacks.items()
-    }
-    return {"state": state, "param_groups": sd["param_groups"], "kron_blocks": stacks, "world_size": 1}
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
-def test_the_earlier_per_rank_format_loads_at_its_world_size_only(gen):
-    params = [torch.nn.Parameter(torch.randn(*s, generator=gen)) for s in [(6, 5), (20, 3), (4,)]]
-    opt = BregTop(params, max_precond_dim=8)
-    for _ in range(2):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=gen)
-        opt.step()
-    legacy = _legacy(opt)
-    fresh = BregTop(params, max_precond_dim=8)
-    fresh.load_state_dict(legacy)
-    want, got = state_tensors(opt.state_dict()), state_tensors(fresh.state_dict())
-    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+@pytest.mark.parametrize("commit", ["0183b2f", "6367370"])
+def test_the_earlier_per_rank_format_loads_at_its_world_size_only(commit):
+    """A state dict in the per-rank format before tiles (stacks keyed "<group>:<m>x<n>",
+    ``world_size``; at 6367370 also without ``ready``), written by that commit's own code
+    (tests/fixtures/README.md), loads into today's optimizer: each tile gets the row of the
+    stack the old plan gave it, and the next step is the old code's next step."""
+    fx = torch.load(FIXTURES / f"legacy_kron_blocks_{commit}.pt", weights_only=True)
+    legacy = fx["state_dict"]
+    assert fx["commit"] == commit and legacy["world_size"] == 1
+    assert all("kron" not in entry for entry in legacy["state"].values())
+    assert all(("ready" in stack) == (commit == "0183b2f") for stack in legacy["kron_blocks"].values())
+    params = [torch.nn.Parameter(t.clone()) for t in fx["params"]]
+    opt = BregTop(params, **fx["settings"])
+    opt.load_state_dict(legacy)
+
+    max_dim = fx["settings"]["max_precond_dim"]
+    want = {}  # (param, tile) -> the old stack row of that block, by the slice the old plan recorded
+    for key, rows in fx["rows"].items():
+        for row, (pi, r0, r1, c0, c1) in enumerate(rows):
+            p = params[pi]
+            slices = [(s.r0, s.r1, s.c0, s.c1) for s in block_slices(p.shape[0], p[0].numel(), max_dim)]
+            want[(pi, str(slices.index((r0, r1, c0, c1))))] = {f: t[row] for f, t in legacy["kron_blocks"][key].items()}
+    got = kron_blocks(opt.state_dict())
+    assert set(got) == set(want) == {(0, "0"), (1, "0"), (1, "1"), (1, "2")}
+    for tile, fields in want.items():
+        assert set(got[tile]) == set(fields) | {"ready"}
+        assert all(torch.equal(got[tile][f], t) for f, t in fields.items()), tile
+        assert bool(got[tile]["ready"]) and int(got[tile]["step"]) == fx["steps"]
+    adamw = opt.state_dict()["state"][2]
+    assert set(adamw) == set(legacy["state"][2]) and all(torch.equal(adamw[k], v) for k, v in legacy["state"][2].items())
+
+    frequency = fx["settings"]["precondition_frequency"]
+    due = [refresh_due(torch.tensor(fx["steps"] + 1), s.phases, frequency) for s in opt.kron_stacks.values()]
+    assert not any(d.any() for d in due), "the old and today's refresh differ on purpose (df47d8d): pick a step without"
+    for p, g in zip(params, fx["next_grads"]):
+        p.grad = g.clone()
+    opt.step()
+    for p, old in zip(params, fx["next_params"]):
+        torch.testing.assert_close(p.detach(), old, rtol=1e-6, atol=1e-7)
+
     legacy["world_size"] = 2
     with pytest.raises(ValueError, match=r"saved with world_size=2 in BregTop's earlier per-rank format .* this run has 1"):
-        BregTop(params, max_precond_dim=8).load_state_dict(legacy)
+        BregTop(params, **fx["settings"]).load_state_dict(legacy)

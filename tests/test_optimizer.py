@@ -16,7 +16,7 @@ from bregtop_dist.block_plan import build_plan
 from bregtop_dist.config import PRESETS
 from bregtop_dist.core import bases
 from bregtop_dist.core.block_step import BlockHyper, init_block_state, kron_block_step
-from bregtop_dist.distributed.layout import replicated_shard
+from bregtop_dist.distributed.layout import replicated_piece
 
 
 def _params(gen, dtype=torch.float32):
@@ -50,12 +50,12 @@ def test_optimizer_equals_algorithm1_per_block(gen, method):
     expected = [p.clone() for p in start]
     matrices = [p for p in expected if p.ndim >= 2]
     position = [next(i for i, q in enumerate(expected) if q is p) for p in matrices]
-    plan = build_plan("0", [replicated_shard(p, "p", 1) for p in matrices], 16, 3, True, 0, 1)
+    plan = build_plan("0", [replicated_piece(p, "p", 1) for p in matrices], 16, 3, True, 0, 1)
 
     def piece(tensors, blk):
-        rows, cols = matrices[blk.shard].shape[0], matrices[blk.shard][0].numel()
+        rows, cols = matrices[blk.param].shape[0], matrices[blk.param][0].numel()
         s = blk.slice
-        return tensors[blk.shard].view(rows, cols)[s.r0 : s.r1, s.c0 : s.c1]
+        return tensors[blk.param].view(rows, cols)[s.r0 : s.r1, s.c0 : s.c1]
 
     for stack in plan.stacks.values():  # same stacks, so the same batched kernels
         blocks = [plan.blocks[i] for i in stack.block_ids]
@@ -65,7 +65,7 @@ def test_optimizer_equals_algorithm1_per_block(gen, method):
             g = torch.stack([piece(mats, b) for b in blocks]).float()
             if state is None:
                 state, _ = init_block_state(hyper, g)
-            result = kron_block_step(state, g, hyper, stack.offsets)
+            result = kron_block_step(state, g, hyper, stack.phases)
             state, update = result.state, result.update
             for b, u in zip(blocks, update):
                 piece(matrices, b).mul_(1 - 0.05 * 0.1).add_(u, alpha=-0.05)
@@ -316,33 +316,65 @@ def test_param_groups_splits_the_papers_way():
         param_groups(model, head_names=["decoder"])
 
 
-def test_tied_embedding_is_listed_once_on_the_adamw_side():
+def test_tied_embedding_is_listed_once_on_the_adamw_side(gen):
+    """The tied matrix is one AdamW-side parameter: a step moves it once, as torch's AdamW
+    moves it with the gradient both uses summed, and it has no Kronecker state."""
     model = _TinyTransformer()
     model.head = nn.Linear(16, 50, bias=False)
     model.head.weight = model.embed.weight
     kron, adam = param_groups(model)
     assert adam["param_names"].count("embed.weight") == 1 and "head.weight" not in adam["param_names"]
-    opt = BregTop([kron, adam])
-    ids = torch.randint(0, 50, (4, 3))
+    assert "embed.weight" not in kron["param_names"]
+    settings = dict(lr=1e-2, adam_betas=(0.8, 0.99), adam_eps=1e-6, weight_decay=0.05)
+    opt = BregTop([kron, adam], **settings)
+    ids = torch.randint(0, 50, (4, 3), generator=gen)
     h = model.norm(model.mlp(model.attn(model.embed(ids))[..., :16]))
     model.head(h).sum().backward()
+    tied = model.embed.weight
+    twin = nn.Parameter(tied.detach().clone())
+    twin.grad = tied.grad.clone()
+    ref = torch.optim.AdamW([twin], lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05)
     opt.step()
+    ref.step()
+    assert set(opt.state[tied]) == {"step", "exp_avg", "exp_avg_sq"} and int(opt.state[tied]["step"]) == 1
+    assert torch.allclose(tied, twin, rtol=1e-6, atol=1e-7), (tied - twin).abs().max()
 
 
 def test_state_shapes_describe_the_empty_state(gen):
     params = _params(gen)
-    shards = [replicated_shard(p, "p", 1) for p in params if p.ndim >= 2]
+    shards = [replicated_piece(p, "p", 1) for p in params if p.ndim >= 2]
     for stack in build_plan("0", shards, 16, 3, True, 0, 1).stacks.values():
         fields = stack.empty_state().tensors()
         assert {k: (tuple(v.shape), v.dtype) for k, v in fields.items()} == stack.state_shapes()
 
 
 def test_non_contiguous_gradients_are_accepted(gen):
-    p = nn.Parameter(torch.randn(6, 4, generator=gen))
-    opt = BregTop([p], lr=0.01)
-    p.grad = torch.randn(4, 6, generator=gen).T  # a transposed view
-    opt.step()
-    assert torch.isfinite(p).all()
+    """Transposed and strided gradient views step exactly as their contiguous copies do."""
+    params = _params(gen)  # matrices, a 4-D tensor (a 6 x 12 matrix to BregTop) and a vector
+    start = [p.detach().clone() for p in params]
+    twins = [nn.Parameter(p.detach().clone()) for p in params]
+    views = []
+    for _ in range(4):
+        step = []
+        for p in params:
+            if p.ndim == 2:
+                g = torch.randn(p.shape[::-1], generator=gen).T  # a transposed view
+            else:
+                g = torch.randn(*p.shape[:-1], 2 * p.shape[-1], generator=gen)[..., ::2]  # a strided view
+            assert not g.is_contiguous()
+            step.append(g)
+        views.append(step)
+    settings = dict(lr=0.02, precondition_frequency=2, max_precond_dim=16, weight_decay=0.01)
+    opt = BregTop(params, **settings)
+    for step in views:
+        for p, g in zip(params, step):
+            p.grad = g  # as it is: clone() would make the strided views contiguous
+        opt.step()
+        assert not any(p.grad.is_contiguous() for p in params)
+    _run(BregTop(twins, **settings), twins, [[g.contiguous() for g in step] for step in views])
+    for p, t in zip(params, twins):
+        assert torch.equal(p, t), (p - t).abs().max()
+    assert not any(torch.equal(p, s) for p, s in zip(params, start))
 
 
 def test_matrices_swapped_for_flat_partitions_are_refused(gen):

@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bregtop_dist.core.descend import descend_
 from bregtop_dist.distributed.assignment import plan_blocks
-from bregtop_dist.distributed.layout import replicated_shard
-from bregtop_dist.distributed.stack_views import StackViews, stack_pieces
+from bregtop_dist.distributed.layout import replicated_piece
+from bregtop_dist.distributed.stack_views import StackViews, stack_runs
 
 
 def _shapes(gen):
@@ -29,11 +30,11 @@ def test_pieces_cover_each_stack_in_order(gen, world):
             if b.owner == rank:
                 stacks.setdefault(b.shape, []).append(i)
         for ids in stacks.values():
-            pieces = stack_pieces(ids, blocks)
+            pieces = stack_runs(ids, blocks)
             assert sum(p.rows for p in pieces) == len(ids)
-            got = torch.cat([p.view(params[p.shard].reshape(-1)) for p in pieces])
+            got = torch.cat([p.view(params[p.param].reshape(-1)) for p in pieces])
             want = torch.stack([
-                params[blocks[i].shard].reshape(params[blocks[i].shard].shape[0], -1)[
+                params[blocks[i].param].reshape(params[blocks[i].param].shape[0], -1)[
                     blocks[i].slice.r0:blocks[i].slice.r1, blocks[i].slice.c0:blocks[i].slice.c1]
                 for i in ids])
             assert torch.equal(got, want)
@@ -46,7 +47,7 @@ def test_gather_and_apply_round_trip(gen):
     shards = []
     for i, p in enumerate(params):
         p.grad = torch.randn(p.shape, generator=gen)
-        shards.append(replicated_shard(p, f"p{i}", 1))
+        shards.append(replicated_piece(p, f"p{i}", 1))
     stacks: dict[tuple[int, int], list[int]] = {}
     for i, b in enumerate(blocks):
         stacks.setdefault(b.shape, []).append(i)
@@ -54,6 +55,6 @@ def test_gather_and_apply_round_trip(gen):
     buffers = {shape: torch.full((len(ids), *shape), float("nan")) for shape, ids in stacks.items()}
     views.gather(shards, buffers)
     before = [p.clone() for p in params]
-    views.apply(shards, buffers, lr=0.5)  # value -= 0.5 * grad, block by block
+    descend_(*views.update_pairs(shards, buffers), 0.5)  # value -= 0.5 * grad, block by block
     for p, b in zip(params, before):
         assert torch.allclose(p, b - 0.5 * p.grad, rtol=0, atol=1e-6)

@@ -60,12 +60,38 @@ def test_sparse_gradients_are_refused_before_anything_changes(gen):
     assert all(torch.equal(t, state_before[k]) for k, t in state_after.items())
 
 
-def test_a_zero_size_matrix_is_skipped(gen):
-    empty, w = nn.Parameter(torch.randn(0, 4)), nn.Parameter(torch.randn(3, 3, generator=gen))
-    opt = BregTop([empty, w])
-    empty.grad, w.grad = torch.zeros(0, 4), torch.randn(3, 3, generator=gen)
-    opt.step()
-    assert empty.shape == (0, 4) and bool(torch.isfinite(w).all())
+def _same_state(got: dict, want: dict) -> bool:
+    got, want = state_tensors({"state": got}), state_tensors({"state": want})
+    return bool(got) and set(got) == set(want) and all(torch.equal(t, want[k]) for k, t in got.items())
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (3, 3)])  # (3, 3): an empty block took its refresh phase before
+def test_a_zero_size_matrix_is_skipped(gen, shape):
+    """Beside a 0 x 4 matrix, the other parameters take exactly the steps and state they take
+    without it, and the empty matrix's block keeps the state it had before any step."""
+    w, b = torch.randn(shape, generator=gen), torch.randn(4, generator=gen)
+    grads = [(torch.randn(shape, generator=gen), torch.randn(4, generator=gen)) for _ in range(4)]
+    settings = dict(lr=1e-2, precondition_frequency=2, weight_decay=0.01)
+    params, states = {}, {}
+    for with_empty in (True, False):
+        ps = [nn.Parameter(w.clone()), nn.Parameter(b.clone())]
+        empty = nn.Parameter(torch.randn(0, 4))
+        opt = BregTop([empty, *ps] if with_empty else ps, **settings)
+        before = copy.deepcopy(opt.state_dict()["state"])
+        for gw, gb in grads:
+            empty.grad = torch.zeros(0, 4)
+            for p, g in zip(ps, (gw, gb)):
+                p.grad = g.clone()
+            opt.step()
+        state = opt.state_dict()["state"]
+        params[with_empty], states[with_empty] = ps, {i: state[i + with_empty] for i in range(2)}
+        if with_empty:
+            assert empty.shape == (0, 4)
+            assert _same_state({0: state[0]}, {0: before[0]})
+            assert int(state[0]["kron"]["0"]["step"]) == 0 and not bool(state[0]["kron"]["0"]["ready"])
+    assert all(torch.equal(p, q) for p, q in zip(params[True], params[False]))
+    assert not torch.equal(params[True][0], w) and not torch.equal(params[True][1], b)
+    assert _same_state(states[True], states[False])
 
 
 def _run(gen_seed, steps, sign, **kw):

@@ -68,7 +68,7 @@ from bregtop_dist.core.block_state import KronBlockState
 from bregtop_dist.core.dispatch import resolve_backend
 from bregtop_dist.core.finite import nonzero_rows
 from bregtop_dist.core.precondition import precondition_rotated
-from bregtop_dist.core.rotation import ROTATION_PRECISIONS, rotate
+from bregtop_dist.core.rotation import rotate
 from bregtop_dist.core.stats import (
     EIGEN_WEIGHTED,
     factor_weights,
@@ -86,7 +86,8 @@ INITS = ("first-gradient", "kl-methods")
 
 @dataclass(frozen=True)
 class BlockHyper:
-    """The hyperparameters Algorithm 1 reads, resolved from a param group."""
+    """The hyperparameters Algorithm 1 reads: derived from a validated
+    :class:`~bregtop_dist.config.BregTopConfig` (``block_hyper()``), not validated again."""
 
     stats: str
     rho: float
@@ -103,12 +104,6 @@ class BlockHyper:
     init_factor: float = 0.1  # kl-methods: the constant first estimate
     rotation_precision: str = "fp32"  # products with the eigenbases: fp32, tf32 or bf16
 
-    def __post_init__(self) -> None:
-        if self.init not in INITS:
-            raise ValueError(f"init={self.init!r} is unknown; allowed: {', '.join(INITS)}")
-        if self.rotation_precision not in ROTATION_PRECISIONS:
-            raise ValueError(f"rotation_precision={self.rotation_precision!r} is unknown; allowed: "
-                             f"{', '.join(ROTATION_PRECISIONS)}")
 
 
 @dataclass(frozen=True)

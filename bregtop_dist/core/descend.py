@@ -1,4 +1,4 @@
-"""``p <- p - lr * u``: the last arithmetic of every step, one function for every path.
+"""``p <- p * (1 - lr * wd) - lr * u``: the last arithmetic of every step, one function for every path.
 
 The one-process path updates whole parameters through strided views, the exchange paths
 (DDP, FSDP2, ZeRO) update the pieces each rank holds, and the AdamW side its own tensors.
@@ -22,3 +22,14 @@ def descend_(values: Sequence[Tensor], updates: Sequence[Tensor], lr: float) -> 
         return
     torch._foreach_add_(list(values), [u if u.dtype == v.dtype else u.to(v.dtype) for u, v in zip(updates, values)],
                         alpha=-lr)
+
+
+def apply_update(
+    pieces: Sequence[Tensor], values: Sequence[Tensor], updates: Sequence[Tensor], lr: float, weight_decay: float,
+) -> None:
+    """Every parameter update of a param group, both sides, in one place:
+    ``p <- p * (1 - lr * weight_decay)`` on the ``pieces`` that stepped (decoupled decay),
+    then ``value <- value - lr * update`` for each (view of a piece, update) pair."""
+    if weight_decay and pieces:
+        torch._foreach_mul_(list(pieces), 1.0 - lr * weight_decay)
+    descend_(values, updates, lr)

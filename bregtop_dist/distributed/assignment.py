@@ -22,21 +22,23 @@ def step_cost(m: int, n: int) -> float:
 
 
 def refresh_cost(m: int, n: int) -> float:
-    """Flops of one basis refresh: the power step ``L U`` and a QR on each side."""
-    return 4.0 * (m**3 + n**3)
+    """Flops of one basis refresh: the power step ``L U`` and a QR on each side. An empty
+    block (a zero-size parameter) never refreshes: it costs nothing, so it takes no refresh
+    phase from the blocks beside it."""
+    return 4.0 * (m**3 + n**3) if m * n else 0.0
 
 
 @dataclass(frozen=True)
 class Block:
-    """One Kronecker block of a plan: the parameter it lives in (index into the plan's
-    Kronecker shards), its tile (index among that parameter's blocks, which is how a
-    checkpoint names it), its slice of the parameter's 2-D view, refresh offset and owner."""
+    """One Kronecker block of a plan: the parameter it lives in (``param``, an index into the
+    plan's Kronecker parameters), its ``index`` among that parameter's blocks (how a
+    checkpoint names it), its slice of the parameter's 2-D view, its refresh phase and owner."""
 
-    shard: int
-    tile: int
+    param: int
+    index: int
     cols: int  # columns of the parameter's 2-D view
     slice: BlockSlice
-    offset: int
+    phase: int
     owner: int
 
     @property
@@ -58,10 +60,10 @@ def plan_blocks(
         rows, cols = matrix_shape(shape)
         cut.extend((j, t, cols, b) for t, b in enumerate(block_slices(rows, cols, max_dim)))
     refresh = [refresh_cost(*b.shape) for *_, b in cut]
-    offsets = lpt_refresh_offsets(refresh, frequency, stagger)
-    owners = assign_owners([step_cost(*b.shape) for *_, b in cut], refresh, offsets, world)
+    phases = lpt_refresh_offsets(refresh, frequency, stagger)
+    owners = assign_owners([step_cost(*b.shape) for *_, b in cut], refresh, phases, world)
     return [
-        Block(j, t, cols, b, offset, owner) for (j, t, cols, b), offset, owner in zip(cut, offsets, owners)
+        Block(j, t, cols, b, phase, owner) for (j, t, cols, b), phase, owner in zip(cut, phases, owners)
     ]
 
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from bregtop_dist.core.finite import largest_magnitudes
-from bregtop_dist.distributed.layout import ParamShard
+from bregtop_dist.distributed.layout import Piece
 
 
 def check_same_on_all_ranks(what: dict[str, Any], group: dist.ProcessGroup | None, world: int) -> None:
@@ -34,27 +34,27 @@ def check_same_on_all_ranks(what: dict[str, Any], group: dist.ProcessGroup | Non
                 )
 
 
-def agree_present(shards: Sequence[ParamShard], group: dist.ProcessGroup | None, world: int) -> list[bool]:
-    """Per shard: a gradient exists on some rank. Known on the host in one process; otherwise
+def agree_present(pieces: Sequence[Piece], group: dist.ProcessGroup | None, world: int) -> list[bool]:
+    """Per piece: a gradient exists on some rank. Known on the host in one process; otherwise
     one small all_reduce (and its read), so that every rank steps the same blocks."""
-    present = [s.grad is not None for s in shards]
-    if world == 1 or not shards:
+    present = [s.grad is not None for s in pieces]
+    if world == 1 or not pieces:
         return present
-    flags = torch.tensor(present, dtype=torch.float32, device=shards[0].value.device)
+    flags = torch.tensor(present, dtype=torch.float32, device=pieces[0].value.device)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
     return [v != 0.0 for v in flags.tolist()]
 
 
-def grad_maxima(shards: Sequence[ParamShard]) -> Tensor:
-    """(S,) float32 on the device, no host read: per shard the largest |g| (inf where the
+def grad_maxima(pieces: Sequence[Piece]) -> Tensor:
+    """(S,) float32 on the device, no host read: per piece the largest |g| (inf where the
     gradient holds NaN or inf; 0 without a gradient or elements)."""
-    device = shards[0].value.device if shards else torch.device("cpu")
-    have = [i for i, s in enumerate(shards) if s.grad is not None and s.grad.numel() > 0]
+    device = pieces[0].value.device if pieces else torch.device("cpu")
+    have = [i for i, s in enumerate(pieces) if s.grad is not None and s.grad.numel() > 0]
     if not have:
-        return torch.zeros(len(shards), dtype=torch.float32, device=device)
-    largest = largest_magnitudes([shards[i].grad for i in have])  # type: ignore[misc]
-    if len(have) < len(shards):
-        largest = torch.zeros(len(shards), dtype=torch.float32, device=device).index_copy_(
+        return torch.zeros(len(pieces), dtype=torch.float32, device=device)
+    largest = largest_magnitudes([pieces[i].grad for i in have])  # type: ignore[misc]
+    if len(have) < len(pieces):
+        largest = torch.zeros(len(pieces), dtype=torch.float32, device=device).index_copy_(
             0, torch.tensor(have, device=device), largest)
     return largest.nan_to_num_(nan=torch.inf, posinf=torch.inf)
 
@@ -63,9 +63,9 @@ def grad_maxima(shards: Sequence[ParamShard]) -> Tensor:
 class StepVerdict:
     """What every rank agrees on about this step, from its one read of the device."""
 
-    non_finite: int | None  # first shard whose gradient holds NaN or inf on some rank
-    too_large: int | None  # first shard whose largest |g| (on some rank) exceeds its limit
-    largest: list[float]  # per shard: the largest |g| over the ranks (inf where non-finite)
+    non_finite: int | None  # first piece whose gradient holds NaN or inf on some rank
+    too_large: int | None  # first piece whose largest |g| (on some rank) exceeds its limit
+    largest: list[float]  # per piece: the largest |g| over the ranks (inf where non-finite)
     step_bad: list[bool]  # per rank: its computed Kronecker step is non-finite somewhere
     basis_failed: bool  # some rank's eigenbasis computation failed (kept the old basis)
 

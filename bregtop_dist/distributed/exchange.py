@@ -1,11 +1,13 @@
 """Gradients to block owners, preconditioned updates back to every rank that holds them.
 
-Sharded layouts (FSDP2, ZeRO) move each rank's piece of every block with one
-``all_to_all_single`` each way: a piece is the intersection of the rank's flat range with the
+Sharded layouts (FSDP2, ZeRO) move each rank's part of every block with one
+``all_to_all_single`` each way: the intersection of the rank's piece (a flat range) with the
 block, which is at most three rectangles (a partial first row, whole rows, a partial last
 row). Replicated layouts (one device, DDP) need nothing on the way in, since the owner
 already holds its blocks, and return updates with one ``all_gather_into_tensor``. Both sides
-derive the same piece lists from the plan, so only values travel.
+derive the same rectangle lists from the plan, so only values travel. The exchange only moves
+data: it returns (parameter view, update) pairs, and
+:func:`~bregtop_dist.update.apply_update` does the arithmetic.
 """
 
 from __future__ import annotations
@@ -17,9 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from bregtop_dist.core.descend import descend_
 from bregtop_dist.distributed.assignment import Block
-from bregtop_dist.distributed.layout import ParamShard, Range, rect_view
+from bregtop_dist.distributed.layout import Piece, Range, rect_view
 
 
 @dataclass(frozen=True)
@@ -49,15 +50,15 @@ def intersect(index: int, block: Block, held: Range) -> list[Rect]:
     s = block.slice
     first_full, end_full = -(-a // c), b // c  # rows entirely inside [a, b)
     if first_full > end_full:  # [a, b) lies inside one row
-        pieces = [((a // c, a // c + 1), (a % c, a % c + b - a))]
+        parts = [((a // c, a // c + 1), (a % c, a % c + b - a))]
     else:
-        pieces = [((first_full, end_full), (0, c))]
+        parts = [((first_full, end_full), (0, c))]
         if a % c:
-            pieces.insert(0, ((first_full - 1, first_full), (a % c, c)))
+            parts.insert(0, ((first_full - 1, first_full), (a % c, c)))
         if b % c:
-            pieces.append(((end_full, end_full + 1), (0, b % c)))
+            parts.append(((end_full, end_full + 1), (0, b % c)))
     out = []
-    for (i0, i1), (j0, j1) in pieces:
+    for (i0, i1), (j0, j1) in parts:
         rows = (max(i0, s.r0), min(i1, s.r1))
         cols = (max(j0, s.c0), min(j1, s.c1))
         if rows[0] < rows[1] and cols[0] < cols[1]:
@@ -81,7 +82,7 @@ class Traffic:
 class Exchange:
     """This rank's side of a plan's communication.
 
-    ``send[d]``: pieces of this rank's elements that owner ``d`` needs; ``recv[s]``: pieces
+    ``send[d]``: rectangles of this rank's elements that owner ``d`` needs; ``recv[s]``: rectangles
     this rank, as owner, gets from rank ``s``; ``owned[r]``: the blocks rank ``r`` owns.
     """
 
@@ -109,7 +110,7 @@ class Exchange:
                     recv[rank].append(whole_block(i, blk))
                 continue
             for src in range(world):
-                rects = intersect(i, blk, ranges[blk.shard][src])
+                rects = intersect(i, blk, ranges[blk.param][src])
                 if src == rank:
                     send[blk.owner].extend(rects)
                 if blk.owner == rank:
@@ -117,11 +118,11 @@ class Exchange:
         return cls(rank, world, replicated, blocks, send, recv, owned)
 
     # ------------------------------------------------------------------- helpers
-    def _local(self, shards: Sequence[ParamShard], rect: Rect, tensor_of: str) -> Tensor:
+    def _local(self, pieces: Sequence[Piece], rect: Rect, tensor_of: str) -> Tensor:
         blk = self.blocks[rect.block]
-        shard = shards[blk.shard]
-        tensor = getattr(shard, tensor_of)
-        return rect_view(tensor, shard.ranges[self.rank][0], blk.cols, rect.rows, rect.cols)
+        piece = pieces[blk.param]
+        tensor = getattr(piece, tensor_of)
+        return rect_view(tensor, piece.ranges[self.rank][0], blk.cols, rect.rows, rect.cols)
 
     def _in_block(self, buffers: dict[int, Tensor], rect: Rect) -> Tensor:
         s = self.blocks[rect.block].slice
@@ -130,7 +131,7 @@ class Exchange:
         ]
 
     def _active(self, rects: list[Rect], active: Sequence[bool]) -> list[Rect]:
-        return [r for r in rects if active[self.blocks[r.block].shard]]
+        return [r for r in rects if active[self.blocks[r.block].param]]
 
     def _all_to_all(self, parts: list[list[Tensor]], recv_sizes: list[int], dtype: torch.dtype,
                     device: torch.device, group: dist.ProcessGroup | None) -> list[Tensor]:
@@ -144,7 +145,7 @@ class Exchange:
 
     # ---------------------------------------------------------------------- in
     def gather_grads(
-        self, shards: Sequence[ParamShard], active: Sequence[bool], buffers: dict[int, Tensor],
+        self, pieces: Sequence[Piece], active: Sequence[bool], buffers: dict[int, Tensor],
         comm_dtype: torch.dtype, group: dist.ProcessGroup | None,
     ) -> None:
         """Fill ``buffers[block]`` (fp32, one per owned active block) with the block's gradient."""
@@ -152,63 +153,62 @@ class Exchange:
         recv = [self._active(r, active) for r in self.recv]
         if self.world == 1 or self.replicated:
             for rect in send[self.rank]:
-                self._in_block(buffers, rect).copy_(self._local(shards, rect, "grad"))
+                self._in_block(buffers, rect).copy_(self._local(pieces, rect, "grad"))
             return
-        parts = [[self._local(shards, r, "grad") for r in rects] for rects in send]
+        parts = [[self._local(pieces, r, "grad") for r in rects] for rects in send]
         sizes = [sum(r.numel for r in rs) for rs in recv]
-        received = self._all_to_all(parts, sizes, comm_dtype, shards[0].value.device, group)
+        received = self._all_to_all(parts, sizes, comm_dtype, pieces[0].value.device, group)
         for rects, data in zip(recv, received):
             for rect, chunk in zip(rects, data.split([r.numel for r in rects])):
                 dst = self._in_block(buffers, rect)
                 dst.copy_(chunk.view(dst.shape))
 
     # --------------------------------------------------------------------- out
-    def apply_updates(
-        self, shards: Sequence[ParamShard], active: Sequence[bool], updates: dict[int, Tensor],
-        lr: float, comm_dtype: torch.dtype, group: dist.ProcessGroup | None,
-    ) -> None:
-        """``value -= lr * update`` on every element this rank holds, from the owners'
-        ``updates[block]``."""
+    def update_pairs(
+        self, pieces: Sequence[Piece], active: Sequence[bool], updates: dict[int, Tensor],
+        comm_dtype: torch.dtype, group: dist.ProcessGroup | None,
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """(views of this rank's elements, their updates) for every element it holds of an
+        active parameter, from the owners' ``updates[block]``."""
         if self.world == 1:
-            for rect in self._active(self.send[self.rank], active):
-                self._add(self._local(shards, rect, "value"), updates[rect.block], lr)
-            return
+            rects = self._active(self.send[self.rank], active)
+            return [self._local(pieces, r, "value") for r in rects], [updates[r.block] for r in rects]
         if self.replicated:
-            self._apply_gathered(shards, active, updates, lr, comm_dtype, group)
-            return
+            return self._gathered_pairs(pieces, active, updates, comm_dtype, group)
         recv = [self._active(r, active) for r in self.recv]
         send = [self._active(r, active) for r in self.send]
         parts = [[self._in_block(updates, r) for r in rects] for rects in recv]
         sizes = [sum(r.numel for r in rs) for rs in send]
-        received = self._all_to_all(parts, sizes, comm_dtype, shards[0].value.device, group)
+        received = self._all_to_all(parts, sizes, comm_dtype, pieces[0].value.device, group)
+        dsts: list[Tensor] = []
+        srcs: list[Tensor] = []
         for rects, data in zip(send, received):
             for rect, chunk in zip(rects, data.split([r.numel for r in rects])):
-                dst = self._local(shards, rect, "value")
-                self._add(dst, chunk.view(dst.shape), lr)
+                dsts.append(self._local(pieces, rect, "value"))
+                srcs.append(chunk.view(dsts[-1].shape))
+        return dsts, srcs
 
-    def _apply_gathered(
-        self, shards: Sequence[ParamShard], active: Sequence[bool], updates: dict[int, Tensor],
-        lr: float, comm_dtype: torch.dtype, group: dist.ProcessGroup | None,
-    ) -> None:
-        owned = [[b for b in blocks if active[self.blocks[b].shard]] for blocks in self.owned]
+    def _gathered_pairs(
+        self, pieces: Sequence[Piece], active: Sequence[bool], updates: dict[int, Tensor],
+        comm_dtype: torch.dtype, group: dist.ProcessGroup | None,
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        owned = [[b for b in blocks if active[self.blocks[b].param]] for blocks in self.owned]
         sizes = [sum(self.blocks[b].numel for b in blocks) for blocks in owned]
         width = max(sizes)
         if width == 0:
-            return
-        device = shards[0].value.device
+            return [], []
+        device = pieces[0].value.device
         mine = torch.zeros(width, dtype=comm_dtype, device=device)
         if sizes[self.rank]:
             mine[: sizes[self.rank]].copy_(torch.cat([updates[b].reshape(-1) for b in owned[self.rank]]))
         gathered = torch.empty(self.world * width, dtype=comm_dtype, device=device)
         dist.all_gather_into_tensor(gathered, mine, group=group)
         self.traffic.add(width * (self.world - 1), width * (self.world - 1))
+        dsts: list[Tensor] = []
+        srcs: list[Tensor] = []
         for r, blocks in enumerate(owned):
             data = gathered[r * width : r * width + sizes[r]]
             for b, chunk in zip(blocks, data.split([self.blocks[b].numel for b in blocks])):
-                dst = self._local(shards, whole_block(b, self.blocks[b]), "value")
-                self._add(dst, chunk.view(dst.shape), lr)
-
-    @staticmethod
-    def _add(dst: Tensor, update: Tensor, lr: float) -> None:
-        descend_([dst], [update], lr)
-
+                dsts.append(self._local(pieces, whole_block(b, self.blocks[b]), "value"))
+                srcs.append(chunk.view(dsts[-1].shape))
+        return dsts, srcs

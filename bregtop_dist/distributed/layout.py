@@ -1,6 +1,6 @@
 """Who holds which elements of each parameter: one description for every engine.
 
-A :class:`ParamShard` says, for one parameter, which contiguous range of its row-major
+A :class:`Piece` says, for one parameter, which contiguous range of its row-major
 flattening every rank holds, and gives this rank's tensors for its own range. Plain tensors
 (one device, DDP) are replicated: every rank holds the whole range. FSDP2 ``Shard(0)``
 DTensors hold a row range each (uneven, possibly empty). DeepSpeed ZeRO hands the optimizer
@@ -15,15 +15,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 Range = tuple[int, int]
 
 
 @dataclass(frozen=True)
-class ParamShard:
-    """One parameter as this rank sees it.
+class Piece:
+    """One parameter as this rank sees it: the piece of it this rank holds.
 
     ``ranges[r]`` is the ``[start, stop)`` of the row-major flattening rank ``r`` holds;
     ``value`` and ``grad`` are this rank's elements (contiguous, ``numel == stop - start``),
@@ -42,7 +41,7 @@ class ParamShard:
 
 
 @dataclass(frozen=True)
-class GroupShards:
+class GroupPieces:
     """The parameters of one param group visible to one ``step`` call.
 
     ``key`` names the plan (``"0"`` for group 0; DeepSpeed partitions get ``"0.0"``,
@@ -52,7 +51,7 @@ class GroupShards:
     key: str
     group_index: int
     settings: dict[str, Any]  # the param group dict: its settings are the group's config
-    shards: list[ParamShard]
+    pieces: list[Piece]
 
 
 def chunk_rows(rows: int, world: int) -> list[Range]:
@@ -62,13 +61,13 @@ def chunk_rows(rows: int, world: int) -> list[Range]:
     return [(min(r * size, rows), min((r + 1) * size, rows)) for r in range(world)]
 
 
-def replicated_shard(param: Tensor, name: str, world: int) -> ParamShard:
+def replicated_piece(param: Tensor, name: str, world: int) -> Piece:
     """A plain tensor every rank holds in full."""
     _require_contiguous(param, name)
-    return ParamShard(param, name, tuple(param.shape), ((0, param.numel()),) * world, param, _dense(param.grad))
+    return Piece(param, name, tuple(param.shape), ((0, param.numel()),) * world, param, _dense(param.grad))
 
 
-def dtensor_shard(param: Tensor, name: str) -> ParamShard:
+def dtensor_piece(param: Tensor, name: str) -> Piece:
     """An FSDP2 parameter: a DTensor on a 1-D mesh placed ``Shard(0)`` or ``Replicate()``."""
     from torch.distributed.tensor import Replicate, Shard
 
@@ -94,18 +93,18 @@ def dtensor_shard(param: Tensor, name: str) -> ParamShard:
     start, stop = ranges[mesh.get_local_rank()]
     if local.numel() != stop - start:
         raise ValueError(
-            f"{name}: local shard has {local.numel()} elements, expected {stop - start} from "
+            f"{name}: local piece has {local.numel()} elements, expected {stop - start} from "
             f"torch.chunk row semantics over {world} ranks"
         )
     _require_contiguous(local, name)
     grad = None if param.grad is None else _dense(param.grad.to_local())  # type: ignore[attr-defined]
-    return ParamShard(param, name, shape, ranges, local, grad)
+    return Piece(param, name, shape, ranges, local, grad)
 
 
 def _dense(grad: Tensor | None) -> Tensor | None:
     """A gradient as the step reads it; a sparse one counts as absent here, so that what reads
     no gradient (``state_dict``, the plans) works with one attached: the step itself refuses
-    sparse gradients, naming the parameter, before it reads any shard."""
+    sparse gradients, naming the parameter, before it reads any piece."""
     if grad is None or grad.layout != torch.strided:
         return None
     return grad.contiguous()
@@ -117,11 +116,9 @@ def is_dtensor(param: Tensor) -> bool:
     return isinstance(param, DTensor)
 
 
-def world_of(process_group: dist.ProcessGroup | None) -> tuple[int, int]:
-    """(rank, world size) in ``process_group``; (0, 1) when torch.distributed is not running."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0, 1
-    return dist.get_rank(process_group), dist.get_world_size(process_group)
+def global_shape(p: Tensor) -> tuple[int, ...]:
+    """A parameter's shape as the model sees it (a ZeRO-3 parameter keeps it in ``ds_shape``)."""
+    return tuple(getattr(p, "ds_shape", p.shape))
 
 
 def _require_contiguous(tensor: Tensor, name: str) -> None:

@@ -30,10 +30,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from bregtop_dist.config import BregTopConfig
-from bregtop_dist.distributed.layout import GroupShards, ParamShard, Range
+from bregtop_dist.distributed.layout import GroupPieces, Piece, Range
+from bregtop_dist.group_checks import wire_dtype
 from bregtop_dist.grouping import param_groups
 from bregtop_dist.integrations.deepspeed_files import using_safe_load
-from bregtop_dist.optimizer import BregTop, wire_dtype
+from bregtop_dist.optimizer import BregTop
 
 OPTIMIZER_TYPE = "BregTop"
 
@@ -148,7 +149,7 @@ def _refuse_auto(tree: dict[str, Any], prefix: str) -> None:
             raise ValueError(
                 f'{path}="auto" in the DeepSpeed config: only the transformers Trainer fills this one '
                 "(from its TrainingArguments). Write a value, or train with the Trainer and "
-                "configs/deepspeed/trainer_zero2.json (see the README)"
+                "configs/deepspeed/trainer/zero2.json (see the README)"
             )
 
 
@@ -201,7 +202,7 @@ def attach(optimizer: BregTop, engine_optimizer: Any) -> None:
         source = ZeroFragments.stage_3(optimizer, engine_optimizer)
     else:
         return
-    optimizer.attach_shard_source(source, source.process_group)
+    optimizer.attach_source(source)
 
 
 def attach_prepared(prepared: Any) -> BregTop | None:
@@ -219,12 +220,16 @@ def attach_prepared(prepared: Any) -> BregTop | None:
 
 
 class ZeroFragments:
-    """Which parameter elements every rank's ZeRO partitions hold: the shard source BregTop
-    reads at each ``step`` call (ZeRO steps one group or sub-group at a time)."""
+    """Which parameter elements every rank's ZeRO partitions hold: the placement source
+    (:class:`~bregtop_dist.distributed.source.Source`) BregTop reads at each ``step`` call
+    (ZeRO steps one group or sub-group at a time)."""
+
+    engine_saves_state = True  # ZeRO writes every rank's partition of the state itself
 
     def __init__(self, optimizer: BregTop, parts: list[tuple[int, Tensor, list[Tensor], list[int], list[Range]]],
                  group: Any) -> None:
         self.optimizer = optimizer
+        self.built = optimizer.built_params
         self.groups = list(optimizer.param_groups)  # the group dicts themselves; ZeRO swaps their "params"
         self.names = {
             id(p): optimizer.param_name(gi, pi) for gi, ps in enumerate(optimizer.built_params) for pi, p in enumerate(ps)
@@ -270,28 +275,37 @@ class ZeroFragments:
             parts.append((zero.sub_group_to_group_id[sg], zero.fp32_partitioned_groups_flat[sg], list(params), offsets, ranges))
         return cls(optimizer, parts, zero.dp_process_group)
 
-    def __call__(self, every_group: bool) -> list[GroupShards]:
-        rank = self.optimizer._world()[0]
+    def pg(self) -> Any:
+        return self.process_group
+
+    def world(self) -> tuple[int, int]:
+        return dist.get_rank(self.process_group), dist.get_world_size(self.process_group)
+
+    def parameters(self) -> list[list[Tensor]]:
+        return [list(ps) for ps in self.built]
+
+    def pieces(self, every_group: bool) -> list[GroupPieces]:
+        rank = self.world()[0]
         visible = self.optimizer.param_groups
         views = []
         for k, (gi, flat, params, offsets, _) in enumerate(self.parts):
             group = self.groups[gi]
             if not every_group and not (any(group is g for g in visible) and any(t is flat for t in group["params"])):
                 continue
-            shards = [
+            pieces = [
                 _fragment(p, self.names.get(id(p), f"param {j} of group {gi}"), ranges_all, flat, offsets[j], rank)
                 for j, (p, ranges_all) in enumerate(zip(params, self.ranges[k]))
             ]
-            views.append(GroupShards(f"{gi}.{k}", gi, group, shards))
+            views.append(GroupPieces(f"{gi}.{k}", gi, group, pieces))
         return views
 
 
-def _fragment(p: Tensor, name: str, ranges: Sequence[Range], flat: Tensor, offset: int, rank: int) -> ParamShard:
+def _fragment(p: Tensor, name: str, ranges: Sequence[Range], flat: Tensor, offset: int, rank: int) -> Piece:
     start, stop = ranges[rank]
     value = flat.narrow(0, offset, stop - start)
     grad = None if flat.grad is None else flat.grad.narrow(0, offset, stop - start)
     shape = tuple(getattr(p, "ds_shape", p.shape))
-    return ParamShard(p, name, shape, tuple(ranges), value, grad)
+    return Piece(p, name, shape, tuple(ranges), value, grad)
 
 
 
