@@ -52,7 +52,7 @@ class Checkpointing:
     def _agree_once(self) -> None:  # BregTop's: every rank has the same settings
         raise NotImplementedError
 
-    def _all_plans(self) -> list[GroupPieces]:
+    def _plan_every_group(self) -> list[GroupPieces]:
         """Plans for every group (they are otherwise made by the first step that needs them),
         and the AdamW side's not-yet-stepped state; returns every group's pieces."""
         rank, world = self._source.world()
@@ -94,7 +94,7 @@ class Checkpointing:
         torch.distributed.checkpoint's ``get_state_dict`` / ``get_optimizer_state_dict`` or
         Accelerate's ``prepare`` (every rank takes its own part there), and not under an engine
         that saves every rank's state itself (DeepSpeed ZeRO)."""
-        self._all_plans()
+        self._plan_every_group()
         self._warn_if_incomplete()
         index: dict[int, int] = {}
         groups = []
@@ -138,7 +138,7 @@ class Checkpointing:
         rank, world = self._source.world()
         if not 0 <= to < world:
             raise ValueError(f"to={to!r} is not a rank of the optimizer's {world}-rank process group")
-        views = self._all_plans()
+        views = self._plan_every_group()
         self._drop_gathered()
         if world == 1:
             return
@@ -151,7 +151,7 @@ class Checkpointing:
         received: list[Any] | None = [None] * world if rank == to else None
         dst = to if group is None else dist.get_global_rank(group, to)
         dist.gather_object(mine, received, dst=dst, group=group)
-        adamw = self._gather_sharded_adamw(views)
+        adamw = _gather_sharded_adamw(self.state, views)
         self._gathered = True
         if received is None:
             return
@@ -163,31 +163,6 @@ class Checkpointing:
                 blk = plan.blocks[bid]
                 self.state[plan.params[blk.param]][KRON].gathered[str(blk.index)] = block
         self._gathered_adamw = adamw
-
-    def _gather_sharded_adamw(self, views: list[GroupPieces]) -> dict[Tensor, dict[str, Any]]:
-        """Full copies of the AdamW-side state of DTensor parameters (a collective per
-        parameter, in the same order on every rank; ranks whose piece is empty add nothing)."""
-        from torch.distributed.tensor import DTensor
-
-        full: dict[Tensor, dict[str, Any]] = {}
-        for view in views:
-            cfg = BregTopConfig.from_group(view.settings)
-            for s in view.pieces:
-                if is_kron_shape(s.shape, cfg.bregtop) or not is_dtensor(s.param):
-                    continue
-                mine = self.state.get(s.param, {})
-                step = mine.get("step", torch.zeros((), dtype=torch.float32)).reshape(1).to(s.value.device, copy=True)
-                dist.all_reduce(step, op=dist.ReduceOp.MAX, group=s.param.device_mesh.get_group())  # type: ignore[attr-defined]
-                if float(step) == 0.0:
-                    continue
-                entry: dict[str, Any] = {"step": step.reshape(()).cpu()}
-                for key in ("exp_avg", "exp_avg_sq"):
-                    local = mine.get(key, torch.zeros_like(s.value, dtype=torch.float32))
-                    whole = DTensor.from_local(local, s.param.device_mesh, s.param.placements, run_check=False,  # type: ignore[attr-defined]
-                                               shape=s.param.shape, stride=s.param.stride())
-                    entry[key] = whole.full_tensor().cpu()
-                full[s.param] = entry
-        return full
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict` saved at any world size (or torch.distributed.checkpoint's
@@ -229,7 +204,7 @@ class Checkpointing:
         key_to_param: dict[Any, Tensor] = {}
         for saved, params in zip(saved_groups, self._source.parameters()):
             key_to_param.update(zip(saved["params"], params))
-        views = self._all_plans()
+        views = self._plan_every_group()
         saved_state = {id(key_to_param[k]): v for k, v in saved_by_key.items() if k in key_to_param}
         if "kron_blocks" in state_dict:  # the format before tiles: per-rank stacks, same world size only
             try:
@@ -388,3 +363,27 @@ def _saved_parts(state_dict: Any) -> tuple[list[Any], Mapping[Any, Any]] | LoadP
     return list(groups), state
 
 
+def _gather_sharded_adamw(state: Any, views: list[GroupPieces]) -> dict[Tensor, dict[str, Any]]:
+    """Full copies of the AdamW-side state of DTensor parameters (a collective per
+    parameter, in the same order on every rank; ranks whose piece is empty add nothing)."""
+    from torch.distributed.tensor import DTensor
+
+    full: dict[Tensor, dict[str, Any]] = {}
+    for view in views:
+        cfg = BregTopConfig.from_group(view.settings)
+        for s in view.pieces:
+            if is_kron_shape(s.shape, cfg.bregtop) or not is_dtensor(s.param):
+                continue
+            mine = state.get(s.param, {})
+            step = mine.get("step", torch.zeros((), dtype=torch.float32)).reshape(1).to(s.value.device, copy=True)
+            dist.all_reduce(step, op=dist.ReduceOp.MAX, group=s.param.device_mesh.get_group())  # type: ignore[attr-defined]
+            if float(step) == 0.0:
+                continue
+            entry: dict[str, Any] = {"step": step.reshape(()).cpu()}
+            for key in ("exp_avg", "exp_avg_sq"):
+                local = mine.get(key, torch.zeros_like(s.value, dtype=torch.float32))
+                whole = DTensor.from_local(local, s.param.device_mesh, s.param.placements, run_check=False,  # type: ignore[attr-defined]
+                                           shape=s.param.shape, stride=s.param.stride())
+                entry[key] = whole.full_tensor().cpu()
+            full[s.param] = entry
+    return full

@@ -26,7 +26,7 @@ from bregtop_dist.block_plan import BlockStack, is_kron_shape
 from bregtop_dist.checkpointing import Checkpointing
 from bregtop_dist.config import BregTopConfig
 from bregtop_dist.core.descend import apply_update
-from bregtop_dist.distributed.checks import agree_present, check_same_on_all_ranks, grad_maxima, step_verdict
+from bregtop_dist.distributed.checks import agree_stepped, check_same_on_all_ranks, grad_maxima, step_verdict
 from bregtop_dist.distributed.layout import GroupPieces, Piece, global_shape
 from bregtop_dist.distributed.source import FunctionSource, Source, TensorSource, param_name
 from bregtop_dist.group_checks import (
@@ -215,11 +215,11 @@ class BregTop(Checkpointing, torch.optim.Optimizer):
                   for view, r in zip(views, settings) for s in view.pieces]
         # Compute every step first, with nothing written, then read one verdict (gradients
         # finite, steps finite) and raise before anything changes, or commit everything.
-        present = iter(agree_present(every, pg, world))
+        stepped = iter(agree_stepped(every, pg, world))
         grad_max = grad_maxima(every)
         work: list[tuple[BregTopConfig, list[Piece], PendingKron | None]] = []
         for view, r in zip(views, settings):
-            pieces = [_with_zero_grad(s) if a and s.grad is None else s for s, a in zip(view.pieces, present)]
+            pieces = [_with_zero_grad(s) if a and s.grad is None else s for s, a in zip(view.pieces, stepped)]
             kron = [s for s in pieces if is_kron_shape(s.shape, r.config.bregtop)]
             pending = None
             if kron:

@@ -18,12 +18,12 @@ from bregtop_dist.core.finite import largest_magnitudes
 from bregtop_dist.distributed.layout import Piece
 
 
-def check_same_on_all_ranks(what: dict[str, Any], group: dist.ProcessGroup | None, world: int) -> None:
+def check_same_on_all_ranks(what: dict[str, Any], pg: dist.ProcessGroup | None, world: int) -> None:
     """Raise ValueError on every rank unless every rank passed an equal ``what``."""
     if world == 1:
         return
     gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, what, group=group)
+    dist.all_gather_object(gathered, what, group=pg)
     for rank, theirs in enumerate(gathered):
         for key in sorted(set(theirs) | set(gathered[0])):
             if theirs.get(key) != gathered[0].get(key):
@@ -34,14 +34,14 @@ def check_same_on_all_ranks(what: dict[str, Any], group: dist.ProcessGroup | Non
                 )
 
 
-def agree_present(pieces: Sequence[Piece], group: dist.ProcessGroup | None, world: int) -> list[bool]:
+def agree_stepped(pieces: Sequence[Piece], pg: dist.ProcessGroup | None, world: int) -> list[bool]:
     """Per piece: a gradient exists on some rank. Known on the host in one process; otherwise
     one small all_reduce (and its read), so that every rank steps the same blocks."""
-    present = [s.grad is not None for s in pieces]
+    stepped = [s.grad is not None for s in pieces]
     if world == 1 or not pieces:
-        return present
-    flags = torch.tensor(present, dtype=torch.float32, device=pieces[0].value.device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+        return stepped
+    flags = torch.tensor(stepped, dtype=torch.float32, device=pieces[0].value.device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=pg)
     return [v != 0.0 for v in flags.tolist()]
 
 
@@ -72,7 +72,7 @@ class StepVerdict:
 
 def step_verdict(
     grad_max: Tensor, step_max: Tensor, basis_failed: Tensor, limits: Sequence[float],
-    group: dist.ProcessGroup | None, rank: int, world: int,
+    pg: dist.ProcessGroup | None, rank: int, world: int,
 ) -> StepVerdict:
     """The step's verdict from device values: ``grad_max`` (S,) from :func:`grad_maxima`,
     ``step_max`` the largest |x| over everything this rank's Kronecker step computed (NaN or
@@ -84,7 +84,7 @@ def step_verdict(
     slots[world] = basis_failed.float()
     flags = torch.cat([grad_max, slots.nan_to_num_(nan=torch.inf, posinf=torch.inf)])
     if world > 1:
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=pg)
     host = flags.tolist()
     size = len(grad_max)
     big, steps = host[:size], host[size : size + world]

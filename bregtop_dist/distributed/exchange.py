@@ -130,34 +130,34 @@ class Exchange:
             rect.rows[0] - s.r0 : rect.rows[1] - s.r0, rect.cols[0] - s.c0 : rect.cols[1] - s.c0
         ]
 
-    def _active(self, rects: list[Rect], active: Sequence[bool]) -> list[Rect]:
-        return [r for r in rects if active[self.blocks[r.block].param]]
+    def _stepped(self, rects: list[Rect], stepped: Sequence[bool]) -> list[Rect]:
+        return [r for r in rects if stepped[self.blocks[r.block].param]]
 
     def _all_to_all(self, parts: list[list[Tensor]], recv_sizes: list[int], dtype: torch.dtype,
-                    device: torch.device, group: dist.ProcessGroup | None) -> list[Tensor]:
+                    device: torch.device, pg: dist.ProcessGroup | None) -> list[Tensor]:
         send_sizes = [sum(t.numel() for t in p) for p in parts]
         flat = [t.reshape(-1).to(dtype) for p in parts for t in p]
         out_buf = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
         in_buf = torch.cat(flat) if flat else out_buf.new_empty(0)
-        dist.all_to_all_single(out_buf, in_buf, recv_sizes, send_sizes, group=group)
+        dist.all_to_all_single(out_buf, in_buf, recv_sizes, send_sizes, group=pg)
         self.traffic.add(sum(send_sizes) - send_sizes[self.rank], sum(recv_sizes) - recv_sizes[self.rank])
         return list(out_buf.split(recv_sizes))
 
     # ---------------------------------------------------------------------- in
     def gather_grads(
-        self, pieces: Sequence[Piece], active: Sequence[bool], buffers: dict[int, Tensor],
-        comm_dtype: torch.dtype, group: dist.ProcessGroup | None,
+        self, pieces: Sequence[Piece], stepped: Sequence[bool], buffers: dict[int, Tensor],
+        comm_dtype: torch.dtype, pg: dist.ProcessGroup | None,
     ) -> None:
-        """Fill ``buffers[block]`` (fp32, one per owned active block) with the block's gradient."""
-        send = [self._active(r, active) for r in self.send]
-        recv = [self._active(r, active) for r in self.recv]
+        """Fill ``buffers[block]`` (fp32, one per owned block that steps) with the block's gradient."""
+        send = [self._stepped(r, stepped) for r in self.send]
+        recv = [self._stepped(r, stepped) for r in self.recv]
         if self.world == 1 or self.replicated:
             for rect in send[self.rank]:
                 self._in_block(buffers, rect).copy_(self._local(pieces, rect, "grad"))
             return
         parts = [[self._local(pieces, r, "grad") for r in rects] for rects in send]
         sizes = [sum(r.numel for r in rs) for rs in recv]
-        received = self._all_to_all(parts, sizes, comm_dtype, pieces[0].value.device, group)
+        received = self._all_to_all(parts, sizes, comm_dtype, pieces[0].value.device, pg)
         for rects, data in zip(recv, received):
             for rect, chunk in zip(rects, data.split([r.numel for r in rects])):
                 dst = self._in_block(buffers, rect)
@@ -165,21 +165,21 @@ class Exchange:
 
     # --------------------------------------------------------------------- out
     def update_pairs(
-        self, pieces: Sequence[Piece], active: Sequence[bool], updates: dict[int, Tensor],
-        comm_dtype: torch.dtype, group: dist.ProcessGroup | None,
+        self, pieces: Sequence[Piece], stepped: Sequence[bool], updates: dict[int, Tensor],
+        comm_dtype: torch.dtype, pg: dist.ProcessGroup | None,
     ) -> tuple[list[Tensor], list[Tensor]]:
-        """(views of this rank's elements, their updates) for every element it holds of an
-        active parameter, from the owners' ``updates[block]``."""
+        """(views of this rank's elements, their updates) for every element it holds of a
+        parameter that steps, from the owners' ``updates[block]``."""
         if self.world == 1:
-            rects = self._active(self.send[self.rank], active)
+            rects = self._stepped(self.send[self.rank], stepped)
             return [self._local(pieces, r, "value") for r in rects], [updates[r.block] for r in rects]
         if self.replicated:
-            return self._gathered_pairs(pieces, active, updates, comm_dtype, group)
-        recv = [self._active(r, active) for r in self.recv]
-        send = [self._active(r, active) for r in self.send]
+            return self._gathered_pairs(pieces, stepped, updates, comm_dtype, pg)
+        recv = [self._stepped(r, stepped) for r in self.recv]
+        send = [self._stepped(r, stepped) for r in self.send]
         parts = [[self._in_block(updates, r) for r in rects] for rects in recv]
         sizes = [sum(r.numel for r in rs) for rs in send]
-        received = self._all_to_all(parts, sizes, comm_dtype, pieces[0].value.device, group)
+        received = self._all_to_all(parts, sizes, comm_dtype, pieces[0].value.device, pg)
         dsts: list[Tensor] = []
         srcs: list[Tensor] = []
         for rects, data in zip(send, received):
@@ -189,10 +189,10 @@ class Exchange:
         return dsts, srcs
 
     def _gathered_pairs(
-        self, pieces: Sequence[Piece], active: Sequence[bool], updates: dict[int, Tensor],
-        comm_dtype: torch.dtype, group: dist.ProcessGroup | None,
+        self, pieces: Sequence[Piece], stepped: Sequence[bool], updates: dict[int, Tensor],
+        comm_dtype: torch.dtype, pg: dist.ProcessGroup | None,
     ) -> tuple[list[Tensor], list[Tensor]]:
-        owned = [[b for b in blocks if active[self.blocks[b].param]] for blocks in self.owned]
+        owned = [[b for b in blocks if stepped[self.blocks[b].param]] for blocks in self.owned]
         sizes = [sum(self.blocks[b].numel for b in blocks) for blocks in owned]
         width = max(sizes)
         if width == 0:
@@ -202,7 +202,7 @@ class Exchange:
         if sizes[self.rank]:
             mine[: sizes[self.rank]].copy_(torch.cat([updates[b].reshape(-1) for b in owned[self.rank]]))
         gathered = torch.empty(self.world * width, dtype=comm_dtype, device=device)
-        dist.all_gather_into_tensor(gathered, mine, group=group)
+        dist.all_gather_into_tensor(gathered, mine, group=pg)
         self.traffic.add(width * (self.world - 1), width * (self.world - 1))
         dsts: list[Tensor] = []
         srcs: list[Tensor] = []
