@@ -15,6 +15,14 @@ if not torch.cuda.is_available():  # Triton kernels run in its interpreter on th
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/reference.py
 
+# DeepSpeed compiles its CPU shared-memory op on first init into torch's extension cache, guarded
+# by a lock file. Shared with other checkouts (~/.cache/torch_extensions), a run killed mid-build
+# leaves that lock behind and every later deepspeed.initialize here waits on it forever (CI hung
+# so); this checkout's own cache keeps other runs' state out of the tests.
+os.environ.setdefault(
+    "TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "torch_extensions")
+)
+
 
 def _base_seed() -> int:
     env = os.environ.get("BREGTOP_TEST_SEED")
