@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from bregtop_dist.core.block_state import KronBlockState
-from bregtop_dist.core.block_step import BlockHyper, BlockStepResult, Schedule, kron_block_step, refresh_due
+from bregtop_dist.core.block_step import BlockHyper, BlockStepResult, Schedule, kron_block_step
 from bregtop_dist.distributed.assignment import Block, plan_blocks
 from bregtop_dist.distributed.exchange import Exchange
 from bregtop_dist.distributed.layout import Piece
@@ -28,7 +28,7 @@ class BlockStack:
     block_ids: list[int]  # indices into the plan's blocks
     phases: Tensor  # (B,) int64 refresh phases, on the CPU
     state: KronBlockState | None = field(default=None)
-    _refresh_rows: dict[tuple[int, int, torch.device], Tensor | None] = field(default_factory=dict, repr=False)
+    _schedules: dict[tuple[int, int, torch.device], Schedule] = field(default_factory=dict, repr=False)
     _grad: Tensor | None = field(default=None, repr=False)
 
     @property
@@ -40,15 +40,19 @@ class BlockStack:
         """(shape, dtype) of every state field of this stack."""
         return KronBlockState.shapes(*self.shape, len(self.block_ids))
 
-    def refresh_rows(self, step: int, frequency: int, device: torch.device) -> Tensor | None:
-        """The rows whose bases refresh when they have taken ``step`` steps (phase = step mod
-        T), on ``device``, or None: built once per phase and kept, so that a step neither
-        reads the host counts nor uploads an index."""
-        key = (step % frequency, frequency, device)
-        if key not in self._refresh_rows:
-            due = refresh_due(torch.tensor(step), self.phases, frequency)
-            self._refresh_rows[key] = due.nonzero().flatten().to(device) if bool(due.any()) else None
-        return self._refresh_rows[key]
+    def schedule(self, base: KronBlockState, rows: list[int], frequency: int, device: torch.device) -> Schedule:
+        """Which of ``rows`` refresh their bases at this step: this stack is the one place that
+        decides it. A whole stack whose blocks are all ready at one step count takes its
+        phase's schedule, built once per phase and kept (a steady step neither reads the host
+        counts nor uploads an index); otherwise every row's own count decides."""
+        taken = base.uniform_step() if len(rows) == len(self.block_ids) else None
+        if taken is None:
+            idx = torch.tensor(rows, dtype=torch.int64)  # CPU, like the step counts
+            return Schedule.at(base.step.index_select(0, idx) + 1, self.phases.index_select(0, idx), frequency, device)
+        key = ((taken + 1) % frequency, frequency, device)
+        if key not in self._schedules:
+            self._schedules[key] = Schedule.at(torch.tensor(taken + 1), self.phases, frequency, device, every_ready=True)
+        return self._schedules[key]
 
     def grad_buffer(self, device: torch.device) -> Tensor:
         """The stack's gradients (B, m, n) float32, one buffer kept across steps: the step's
@@ -62,20 +66,17 @@ class BlockStack:
         return KronBlockState.empty(*self.shape, len(self.block_ids), device)
 
     def step(self, rows: list[int], grad: Tensor, hyper: BlockHyper) -> StackStep:
-        """Algorithm 1 on the blocks ``rows`` of the stack (gradients ``grad``), nothing
-        committed. The stack decides the refreshes: a whole stack whose blocks are all ready at
-        one step count refreshes the rows of its phase (:meth:`refresh_rows`, no host read);
-        otherwise the block step reads them from the counts by the same rule (``refresh_due``)."""
+        """Algorithm 1 on the blocks ``rows`` of the stack (gradients ``grad``) with the
+        refreshes of :meth:`schedule`, nothing committed."""
         base = self.state if self.state is not None else self.empty_state(grad.device)
         whole = len(rows) == len(self.block_ids)
-        taken = base.uniform_step() if whole else None
-        if taken is not None:
-            schedule = Schedule(self.refresh_rows(taken + 1, hyper.frequency, grad.device))
-            result = kron_block_step(base, grad, hyper, self.phases, schedule)
+        schedule = self.schedule(base, rows, hyper.frequency, grad.device)
+        result = kron_block_step(base if whole else base.select(torch.tensor(rows, dtype=torch.int64)), grad, hyper, schedule)
+        if schedule.every_ready:
+            taken = base.uniform_step()
+            assert taken is not None  # what made the schedule every_ready
             result.state.remember_uniform_step(taken + 1)
-            return StackStep(self, base, rows, whole, grad, result, schedule.refresh is not None)
-        idx = torch.tensor(rows, dtype=torch.int64)  # CPU, like the step counts
-        result = kron_block_step(base if whole else base.select(idx), grad, hyper, self.phases.index_select(0, idx))
+            return StackStep(self, base, rows, whole, grad, result, schedule.rows is not None)
         return StackStep(self, base, rows, whole, grad, result, result.failed is not None)
 
     def commit(self, done: StackStep) -> None:

@@ -69,9 +69,13 @@ class KronSide:
             register_tiles(plan, state)
         return plan
 
-    def compute(self, plan: KronPlan, pieces: list[Piece], cfg: BregTopConfig, hyper: BlockHyper,
-                pg: dist.ProcessGroup | None) -> PendingKron:
-        """Exchange the gradients and run Algorithm 1 on this rank's blocks, committing nothing."""
+    def compute(self, view: GroupPieces, pieces: list[Piece], cfg: BregTopConfig, hyper: BlockHyper,
+                where: tuple[int, int, dist.ProcessGroup | None], state: dict[Tensor, Any]) -> PendingKron:
+        """The step of ``view``'s Kronecker ``pieces`` (``where``: this rank, the world, the
+        process group): the gradients exchanged to the blocks' owners and Algorithm 1 run on
+        this rank's blocks, nothing committed."""
+        rank, world, pg = where
+        plan = self.plan(view, pieces, cfg, rank, world, state)
         stepped = [s.grad is not None for s in pieces]
         device = pieces[0].value.device
         if plan.views is not None and all(stepped):  # every block, from this rank's own parameters

@@ -5,14 +5,14 @@ Matrices of BregTop groups run Algorithm 1 (per block, stacked by shape); groups
 what the transformers Trainer and DeepSpeed expect. Under an initialised process group the
 Kronecker blocks are shared out among the ranks: each block's state lives on one owner, which
 receives the block's gradient and sends its update back (see ``bregtop_dist.distributed``).
-This module keeps the torch.optim surface and the step; the parts live beside it: the source
-of placements (``distributed/source``), the Kronecker side (``kron_side``), the verdict
-(``verdict``), checkpointing (``checkpointing``), the settings (``group_settings``).
+This module keeps the torch.optim surface; the parts live beside it: the source of
+placements (``distributed/source``), the step's work (``step_work``: compute, then commit)
+and its Kronecker side (``kron_side``), the verdict (``verdict``), checkpointing
+(``checkpointing``), the settings (``group_settings``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -21,13 +21,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from bregtop_dist.adamw import adamw_updates
-from bregtop_dist.block_plan import BlockStack, is_kron_shape
+from bregtop_dist.block_plan import BlockStack
 from bregtop_dist.checkpointing import Checkpointing
 from bregtop_dist.config import BregTopConfig
-from bregtop_dist.core.descend import apply_update
-from bregtop_dist.distributed.checks import agree_stepped, check_same_on_all_ranks, grad_maxima, step_verdict
-from bregtop_dist.distributed.layout import GroupPieces, Piece, global_shape
+from bregtop_dist.distributed.checks import check_same_on_all_ranks
+from bregtop_dist.distributed.layout import GroupPieces, global_shape
 from bregtop_dist.distributed.source import FunctionSource, Source, TensorSource, param_name
 from bregtop_dist.group_checks import (
     check_backend_on_devices,
@@ -36,13 +34,14 @@ from bregtop_dist.group_checks import (
     wire_dtype,
 )
 from bregtop_dist.group_settings import GroupSettings
-from bregtop_dist.kron_side import KronSide, PendingKron, step_extremes
+from bregtop_dist.kron_side import KronSide
+from bregtop_dist.step_work import commit_step, compute_step
 from bregtop_dist.verdict import (
     ADAMW_GRAD_LIMIT,
     BasisWarning,
     NonFiniteGradientError,
     NonFiniteStepError,
-    raise_if_refused,
+    judge,
 )
 
 __all__ = ["ADAMW_GRAD_LIMIT", "BregTop", "NonFiniteGradientError", "NonFiniteStepError", "wire_dtype"]
@@ -207,52 +206,12 @@ class BregTop(Checkpointing, torch.optim.Optimizer):
         self._agree_once()
         self._drop_gathered()
         self._check_dense_grads()
-        pg, (rank, world) = self._source.pg(), self._source.world()
-        views = self._source.pieces(False)
-        settings = [self._settings.of(view.settings) for view in views]  # every group, first
-        every = [s for v in views for s in v.pieces]
-        limits = [float("inf") if is_kron_shape(s.shape, r.config.bregtop) else ADAMW_GRAD_LIMIT
-                  for view, r in zip(views, settings) for s in view.pieces]
-        # Compute every step first, with nothing written, then read one verdict (gradients
-        # finite, steps finite) and raise before anything changes, or commit everything.
-        stepped = iter(agree_stepped(every, pg, world))
-        grad_max = grad_maxima(every)
-        work: list[tuple[BregTopConfig, list[Piece], PendingKron | None]] = []
-        for view, r in zip(views, settings):
-            pieces = [_with_zero_grad(s) if a and s.grad is None else s for s, a in zip(view.pieces, stepped)]
-            kron = [s for s in pieces if is_kron_shape(s.shape, r.config.bregtop)]
-            pending = None
-            if kron:
-                plan = self._kron.plan(view, kron, r.config, rank, world, self.state)
-                pending = self._kron.compute(plan, kron, r.config, r.hyper, pg)
-            work.append((r.config, pieces, pending))
-        pendings = [p for _, _, p in work if p is not None]
-        verdict = step_verdict(grad_max, *step_extremes(pendings, grad_max.device), limits, pg, rank, world)
-        raise_if_refused(verdict, every, pendings, rank)
-        if verdict.basis_failed:
-            self._basis_warning.maybe_warn(pendings)
-        for cfg, pieces, pending in work:
-            self._commit(cfg, pieces, pending, pg, world)
+        # Compute every group's step with nothing written, then read one verdict on every
+        # rank and raise before anything changes, or commit everything.
+        work = compute_step(self._source, self._settings, self._kron, self.state)
+        judge(work, self._basis_warning)
+        commit_step(work, self._kron, self.state)
         return loss
-
-    def _commit(self, cfg: BregTopConfig, pieces: list[Piece], pending: PendingKron | None,
-                pg: dist.ProcessGroup | None, world: int) -> None:
-        """Keep one group's computed Kronecker states and apply every update of the group, both
-        sides, through :func:`~bregtop_dist.core.descend.apply_update`."""
-        decaying: list[Tensor] = []
-        views: list[Tensor] = []
-        updates: list[Tensor] = []
-        if pending is not None:
-            pairs = self._kron.commit(pending, pg, world)
-            decaying, views, updates = pairs.pieces, pairs.views, pairs.updates
-        side = [s for s in pieces if s.grad is not None and not is_kron_shape(s.shape, cfg.bregtop) and s.value.numel() > 0]
-        grads: list[Tensor] = [s.grad for s in side if s.grad is not None]
-        if cfg.maximize and grads:
-            grads = list(torch._foreach_neg(grads))
-        values = [s.value for s in side]
-        side_updates = adamw_updates(values, grads, [self.state[s.param] for s in side],
-                                     betas=cfg.resolved_adam_betas, eps=cfg.adam_eps)
-        apply_update(decaying + values, views + values, updates + side_updates, cfg.lr, cfg.weight_decay)
 
     def _check_dense_grads(self) -> None:
         """TypeError naming a parameter with a sparse gradient (before anything is read)."""
@@ -264,8 +223,3 @@ class BregTop(Checkpointing, torch.optim.Optimizer):
                         "BregTop needs dense gradients (nn.Embedding(sparse=False), or torch.optim.SparseAdam for "
                         "that parameter); no parameter or optimizer state was changed by this step"
                     )
-
-
-def _with_zero_grad(piece: Piece) -> Piece:
-    """``piece`` with zeros for a gradient it lacks on this rank but has on another."""
-    return dataclasses.replace(piece, grad=torch.zeros_like(piece.value))

@@ -8,12 +8,16 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
-from bregtop_dist.distributed.checks import StepVerdict
+from bregtop_dist.distributed.checks import StepVerdict, step_verdict
 from bregtop_dist.distributed.layout import Piece
-from bregtop_dist.kron_side import PendingKron, basis_failures, first_non_finite
+from bregtop_dist.kron_side import PendingKron, basis_failures, first_non_finite, step_extremes
+
+if TYPE_CHECKING:  # step_work reads this module's limit
+    from bregtop_dist.step_work import StepWork
 
 ADAMW_GRAD_LIMIT = math.sqrt(torch.finfo(torch.float32).max)
 """Largest |g| the AdamW side takes: its second moment holds g^2 in float32."""
@@ -28,6 +32,18 @@ class NonFiniteStepError(ArithmeticError):
     """Finite gradients that would make the optimizer state or an update leave the float32
     range (a gradient far outside the range the statistics have seen); raised on every rank
     before any state or parameter changes."""
+
+
+def judge(work: StepWork, basis_warning: BasisWarning) -> None:
+    """Read the step's verdict (gradients finite and within their side's range, the computed
+    Kronecker states and updates finite) on every rank alike: raise the same error everywhere
+    before anything changes, or let the step through (warning once about a failed eigenbasis)."""
+    pending = work.pending
+    extremes = step_extremes(pending, work.grad_max.device)
+    verdict = step_verdict(work.grad_max, *extremes, work.limits, work.pg, work.rank, work.world)
+    raise_if_refused(verdict, work.pieces, pending, work.rank)
+    if verdict.basis_failed:
+        basis_warning.maybe_warn(pending)
 
 
 def raise_if_refused(verdict: StepVerdict, pieces: Sequence[Piece], pending: list[PendingKron], rank: int) -> None:
@@ -73,5 +89,5 @@ class BasisWarning:
             f"BregTop: eigenbasis computation failed in float32 and float64 for "
             f"{count} block(s); they keep their previous basis (warned once)",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=6,  # maybe_warn, judge, step, no_grad, torch.optim's hooks wrapper, the caller
         )

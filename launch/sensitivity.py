@@ -40,7 +40,7 @@ from torch import Tensor
 
 from bregtop_dist.config import METHODS, BregTopConfig
 from bregtop_dist.core.block_state import KronBlockState
-from bregtop_dist.core.block_step import kron_block_step
+from bregtop_dist.core.block_step import Schedule, kron_block_step
 
 SHAPES = ((1, 19), (19, 1), (24, 24), (37, 19), (19, 37))
 STARTS = (0, 1, 3, 150)  # gradients seen before the perturbed one
@@ -88,7 +88,7 @@ def updates(method: str, grads: list[Tensor], m: int, n: int,
             after = torch.cat([moved[k].flatten() for k in FLOAT_FIELDS])
             rel_in = float((after - before).norm() / before.norm())
             state = KronBlockState(**{**fields, **moved})
-        result = kron_block_step(state, grad, hyper, offset)
+        result = kron_block_step(state, grad, hyper, Schedule.at(state.step + 1, offset, hyper.frequency, grad.device))
         state = result.state
         out.append(result.update)
     return out, rel_in

@@ -22,6 +22,7 @@ from bregtop_dist.core.block_step import (
     NOISE_FLOOR,
     BlockHyper,
     KronBlockState,
+    Schedule,
     floor_relative,
     init_block_state,
     kron_block_step,
@@ -88,7 +89,7 @@ def test_one_step_equals_algorithm1(gen, method, refresh):
             break
     offset = torch.full((bsz,), 3 if refresh else 1, dtype=torch.int64)  # step 6 -> 7; 7-3 = 4 = T
     before = {k: v.clone() for k, v in state.tensors().items()}
-    result = kron_block_step(state, grad, hyper, offset)
+    result = kron_block_step(state, grad, hyper, Schedule.at(state.step + 1, offset, hyper.frequency, "cpu"))
     assert all(torch.equal(v, before[k]) for k, v in state.tensors().items())  # functional: input kept
     state, update, failed = result.state, result.update, result.failed
     assert (failed is None) if not refresh else not failed.any()
@@ -152,7 +153,7 @@ def test_first_steps_do_not_depend_on_the_gradient_scale(gen, method):
         assert not failed.any()
         steps = []
         for g in grads:
-            result = kron_block_step(state, scale * g, hyper, offset)
+            result = kron_block_step(state, scale * g, hyper, Schedule.at(state.step + 1, offset, hyper.frequency, "cpu"))
             state = result.state
             steps.append(result.update)
         updates[scale] = torch.stack(steps)
@@ -252,7 +253,7 @@ def test_eig_floor_damps_the_eigenvalues_used_in_S(gen, method):
         binds = any(bool((floored(r)[0] > r["lam_L"]).any()) for r in refs)
         if binds and all(boundary_gap(*floored(r), hyper.rho) > 1e-3 for r in refs):
             break
-    result = kron_block_step(state, grad, hyper, torch.ones(bsz, dtype=torch.int64))
+    result = kron_block_step(state, grad, hyper, Schedule.at(state.step + 1, torch.ones(bsz, dtype=torch.int64), hyper.frequency, "cpu"))
     update, state = result.update, result.state
     bound = 0
     for k, ref in enumerate(refs):
@@ -290,7 +291,7 @@ def test_kl_methods_step_preconditions_with_the_previous_estimates(gen, method, 
         if all(boundary_gap(state.lam_L[k].double(), state.lam_R[k].double(), hyper.rho) > 1e-3 for k in range(bsz)):
             break
     offset = torch.full((bsz,), 3 if refresh else 1, dtype=torch.int64)
-    result = kron_block_step(state, grad, hyper, offset)
+    result = kron_block_step(state, grad, hyper, Schedule.at(state.step + 1, offset, hyper.frequency, "cpu"))
     for k, (ref_state, ref_update) in enumerate(refs):
         for name in ("L", "R", "lam_L", "lam_R"):
             _close(getattr(result.state, name)[k], ref_state[name])
@@ -310,7 +311,7 @@ def test_kl_methods_first_state_only_initialises(gen, method):
         U_L=torch.eye(m).repeat(2, 1, 1), U_R=torch.eye(n).repeat(2, 1, 1), lam_L=torch.ones(2, m),
         lam_R=torch.ones(2, n), step=torch.zeros(2, dtype=torch.int64), ready=torch.zeros(2, dtype=torch.bool),
     )
-    result = kron_block_step(empty, grad, hyper, torch.zeros(2, dtype=torch.int64))
+    result = kron_block_step(empty, grad, hyper, Schedule.at(empty.step + 1, torch.zeros(2, dtype=torch.int64), hyper.frequency, "cpu"))
     s = result.state
     assert torch.count_nonzero(result.update) == 0 and s.ready.all() and s.step.tolist() == [0, 0]
     assert torch.equal(s.lam_L, torch.full((2, m), 0.25)) and torch.equal(s.lam_R, torch.full((2, n), 0.25))
@@ -332,13 +333,13 @@ def test_zero_gradient_leaves_a_block_uninitialised_then_the_first_real_one_star
     state.ready[1] = False  # block 1 has never seen a gradient
     grad = torch.randn(2, m, n, generator=gen)
     grad[1] = 0.0
-    result = kron_block_step(state, grad, hyper, torch.zeros(2, dtype=torch.int64))
+    result = kron_block_step(state, grad, hyper, Schedule.at(state.step + 1, torch.zeros(2, dtype=torch.int64), hyper.frequency, "cpu"))
     assert result.state.ready.tolist() == [True, False]
     assert torch.count_nonzero(result.update[1]) == 0
     for name, value in state.tensors().items():  # the uninitialised block is untouched
         assert torch.equal(getattr(result.state, name)[1], value[1]), name
     grad[1] = torch.randn(m, n, generator=gen)
-    again = kron_block_step(result.state, grad, hyper, torch.zeros(2, dtype=torch.int64))
+    again = kron_block_step(result.state, grad, hyper, Schedule.at(result.state.step + 1, torch.zeros(2, dtype=torch.int64), hyper.frequency, "cpu"))
     assert again.state.ready.tolist() == [True, True]
     moved = torch.count_nonzero(again.update[1]) > 0
     assert moved if init == "first-gradient" else not moved  # kl-methods: the first step only initialises
@@ -351,7 +352,7 @@ def test_zero_gradient_keeps_the_statistics_of_a_ready_block(gen, method):
     state = _random_state(gen, 2, 5, 4)
     grad = torch.randn(2, 5, 4, generator=gen)
     grad[0] = 0.0
-    result = kron_block_step(state, grad, hyper, torch.full((2,), 2, dtype=torch.int64))
+    result = kron_block_step(state, grad, hyper, Schedule.at(state.step + 1, torch.full((2,), 2, dtype=torch.int64), hyper.frequency, "cpu"))
     for name in ("L", "R", "lam_L", "lam_R"):
         assert torch.equal(getattr(result.state, name)[0], getattr(state, name)[0]), name
         assert not torch.equal(getattr(result.state, name)[1], getattr(state, name)[1]), name
@@ -365,7 +366,7 @@ def test_shampoo_takes_its_exponent(gen):
         hyper = _hyper("shampoo", exponent=p)
         state = _random_state(gen, 2, 6, 5)
         grad = torch.randn(2, 6, 5, generator=gen)
-        result = kron_block_step(state, grad, hyper, torch.ones(2, dtype=torch.int64))
+        result = kron_block_step(state, grad, hyper, Schedule.at(state.step + 1, torch.ones(2, dtype=torch.int64), hyper.frequency, "cpu"))
         for k in range(2):
             ref_state, _ = algorithm1_ref(_as_ref(state, k), grad[k].double(), "shampoo", hyper.beta1, hyper.beta2,
                                           False, 1.0, 0.01, 1.0, hyper.eps)
@@ -418,7 +419,7 @@ def _check_block_alone_or_in_stacks(gen, method, init, m, n):
     for rows in stacks:
         state = KronBlockState.empty(m, n, len(rows), "cpu")
         for t, grad in enumerate(grads):
-            result = kron_block_step(state, grad[rows], hyper, offsets[rows])
+            result = kron_block_step(state, grad[rows], hyper, Schedule.at(state.step + 1, offsets[rows], hyper.frequency, "cpu"))
             state = result.state
             for k, row in enumerate(rows):
                 updates.setdefault((row, t), []).append((result.update[k], state.momentum[k], state.U_L[k], state.U_R[k]))

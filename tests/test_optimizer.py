@@ -15,7 +15,7 @@ from bregtop_dist import METHODS, BregTop, NonFiniteGradientError, param_groups
 from bregtop_dist.block_plan import build_plan
 from bregtop_dist.config import PRESETS
 from bregtop_dist.core import bases
-from bregtop_dist.core.block_step import BlockHyper, init_block_state, kron_block_step
+from bregtop_dist.core.block_step import BlockHyper, Schedule, init_block_state, kron_block_step
 from bregtop_dist.distributed.layout import replicated_piece
 
 
@@ -65,7 +65,7 @@ def test_optimizer_equals_algorithm1_per_block(gen, method):
             g = torch.stack([piece(mats, b) for b in blocks]).float()
             if state is None:
                 state, _ = init_block_state(hyper, g)
-            result = kron_block_step(state, g, hyper, stack.phases)
+            result = kron_block_step(state, g, hyper, Schedule.at(state.step + 1, stack.phases, hyper.frequency, "cpu"))
             state, update = result.state, result.update
             for b, u in zip(blocks, update):
                 piece(matrices, b).mul_(1 - 0.05 * 0.1).add_(u, alpha=-0.05)
@@ -273,6 +273,7 @@ def test_failed_basis_refresh_warns_once_and_training_goes_on(gen, monkeypatch):
         _run(opt, params, _grads(gen, params, 3))
     basis_warnings = [w for w in caught if "eigenbasis computation failed" in str(w.message)]
     assert len(basis_warnings) == 1
+    assert basis_warnings[0].filename == __file__  # points at the caller's opt.step()
     assert all(torch.isfinite(p).all() for p in params)
 
 

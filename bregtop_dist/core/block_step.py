@@ -108,11 +108,30 @@ class BlockHyper:
 
 @dataclass(frozen=True)
 class Schedule:
-    """A step its caller planned without reading the state (so without a host read): every
-    block is ready, and ``refresh`` holds the rows whose bases refresh (on the state's device),
-    or is None when none does."""
+    """Which blocks' bases refresh in a step, as the caller decided it (in the optimizer, the
+    block stack: :meth:`bregtop_dist.block_plan.BlockStack.schedule`); the step never derives it.
 
-    refresh: Tensor | None
+    ``due`` is (B,) bool on the host, ``rows`` the same rows on the state's device (None when
+    none is due), and ``every_ready`` says the caller knows every block is ready, so that the
+    step reads no host-side count."""
+
+    due: Tensor
+    rows: Tensor | None
+    every_ready: bool = False
+
+    @classmethod
+    def at(cls, taken: Tensor, phases: Tensor, frequency: int, device: torch.device | str,
+           every_ready: bool = False) -> Schedule:
+        """The staggered schedule: the blocks whose count of taken steps after this one
+        (``taken``, host) is their refresh phase modulo ``frequency`` (:func:`refresh_due`)."""
+        due = refresh_due(taken, phases, frequency)
+        rows = due.nonzero().flatten().to(device) if bool(due.any()) else None
+        return cls(due, rows, every_ready)
+
+    def select(self, idx: Tensor, device: torch.device | str) -> Schedule:
+        """The schedule of the rows ``idx`` (host) of the stack."""
+        due = self.due.index_select(0, idx)
+        return Schedule(due, due.nonzero().flatten().to(device) if bool(due.any()) else None)
 
 
 @dataclass
@@ -288,45 +307,34 @@ def _precondition(mt: Tensor, lam_l: Tensor, lam_r: Tensor, u_l: Tensor, u_r: Te
 
 
 def _step_initialised(
-    state: KronBlockState, grad: Tensor, hyper: BlockHyper, offset: Tensor, observed: Tensor,
-    schedule: Schedule | None = None,
+    state: KronBlockState, grad: Tensor, hyper: BlockHyper, observed: Tensor, refresh: Tensor | None,
 ) -> BlockStepResult:
-    """Algorithm 1 on blocks that all have state (the refreshing rows from ``schedule``, or
-    from the host-side step counts)."""
+    """Algorithm 1 on blocks that all have state, the rows ``refresh`` (device) refreshing."""
     new = _accumulate(state, grad, hyper, observed)
     update = None
     if hyper.init == "kl-methods":  # the previous estimates and basis, the new momentum
         update = _precondition(new.momentum, state.lam_L, state.lam_R, state.U_L, state.U_R, hyper)
     failed = None
-    if schedule is not None:
-        idx = schedule.refresh
-    else:
-        due = refresh_due(new.step, offset, hyper.frequency)  # on the host: no device sync
-        idx = due.nonzero().flatten().to(grad.device) if bool(due.any()) else None
-    if idx is not None:
-        new, qr_failed = _refresh(new, idx, hyper.rotation_precision)
+    if refresh is not None:
+        new, qr_failed = _refresh(new, refresh, hyper.rotation_precision)
         failed = torch.zeros(grad.shape[0], dtype=torch.bool, device=grad.device)
-        failed[idx] = qr_failed
+        failed[refresh] = qr_failed
     if update is None:
         update = _precondition(new.momentum, new.lam_L, new.lam_R, new.U_L, new.U_R, hyper)
     return BlockStepResult(new, update, failed)
 
 
-def kron_block_step(
-    state: KronBlockState, grad: Tensor, hyper: BlockHyper, offset: Tensor, schedule: Schedule | None = None
-) -> BlockStepResult:
+def kron_block_step(state: KronBlockState, grad: Tensor, hyper: BlockHyper, schedule: Schedule) -> BlockStepResult:
     """One step of Algorithm 1 on every block of ``state`` (which is not changed).
 
-    ``grad`` is (B, m, n) float32, ``offset`` (B,) the blocks' refresh offsets (CPU, as
-    ``state.step``). Blocks without state are initialised by a non-zero gradient and left as
-    they are by a zero one (update zero). A ``schedule`` (every block ready) skips the reads
-    of the host-side counts that decide all that.
+    ``grad`` is (B, m, n) float32; ``schedule`` says which blocks refresh their bases. Blocks
+    without state are initialised by a non-zero gradient and left as they are by a zero one
+    (update zero); a schedule whose caller knows every block ready skips the host read of the
+    readiness that decides that.
     """
     observed = nonzero_rows(grad)  # (B,) on the device
-    if schedule is not None:
-        return _step_initialised(state, grad, hyper, offset, observed, schedule)
-    if bool(state.ready.all()):  # the usual case: no host read of the device
-        return _step_initialised(state, grad, hyper, offset, observed)
+    if schedule.every_ready or bool(state.ready.all()):  # the usual case: no host read of the device
+        return _step_initialised(state, grad, hyper, observed, schedule.rows)
 
     starting = ~state.ready & observed.cpu()
     new, failed = state, None
@@ -342,8 +350,8 @@ def kron_block_step(
         idx = live.nonzero().flatten()
         dev_idx = idx.to(grad.device)
         part = _step_initialised(
-            new.select(idx), grad.index_select(0, dev_idx), hyper, offset.index_select(0, idx),
-            observed.index_select(0, dev_idx),
+            new.select(idx), grad.index_select(0, dev_idx), hyper, observed.index_select(0, dev_idx),
+            schedule.select(idx, grad.device).rows,
         )
         new = new.with_rows(idx, part.state)
         update.index_copy_(0, dev_idx, part.update)
