@@ -22,15 +22,15 @@ from bregtop_dist.core.block_state import KronBlockState, describe_value
 from bregtop_dist.core.validate import ArgumentTypeError
 from bregtop_dist.distributed.layout import GroupPieces, Piece, is_dtensor
 from bregtop_dist.distributed.source import Source
-from bregtop_dist.kron_side import KronSide, register_tiles
+from bregtop_dist.kron_side import KronSide, register_blocks
 from bregtop_dist.load_checks import LoadProblem, first_on_every_rank, unforeseen
 from bregtop_dist.state_format import (
     KRON,
     IncompleteStateDictWarning,
-    KronTiles,
+    KronBlocks,
     adamw_entry_for_loading,
     adamw_for_saving,
-    describe_tile,
+    describe_block,
     incomplete_message,
     saved_block,
     taken_per_rank,
@@ -67,13 +67,13 @@ class Checkpointing:
                     init_adamw_state(self.state[s.param], s.value)
         return views
 
-    def _tiles(self) -> list[KronTiles]:
-        return [v[KRON] for v in self.state.values() if isinstance(v.get(KRON), KronTiles)]
+    def _kron_entries(self) -> list[KronBlocks]:
+        return [v[KRON] for v in self.state.values() if isinstance(v.get(KRON), KronBlocks)]
 
     def _drop_gathered(self) -> None:
         if self._gathered:
-            for tiles in self._tiles():
-                tiles.gathered.clear()
+            for blocks in self._kron_entries():
+                blocks.gathered.clear()
             self._gathered_adamw = {}
             self._gathered = False
 
@@ -81,7 +81,7 @@ class Checkpointing:
         """torch's layout, world-size independent (see :mod:`bregtop_dist.state_format`).
 
         ``state`` holds, per parameter, the AdamW-side state (DTensors for DTensor parameters)
-        or ``{"kron": {tile: block fields}}`` with the Kronecker blocks this rank owns, plus the
+        or ``{"kron": {block index: block fields}}`` with the Kronecker blocks this rank owns, plus the
         other ranks' blocks on the rank that last ran :meth:`consolidate_state_dict` (until
         the next step). Collective-free: it may be called on one rank only. Every rank's dict
         together (torch.distributed.checkpoint), or one consolidated dict, loads at any world
@@ -206,7 +206,7 @@ class Checkpointing:
             key_to_param.update(zip(saved["params"], params))
         views = self._plan_every_group()
         saved_state = {id(key_to_param[k]): v for k, v in saved_by_key.items() if k in key_to_param}
-        if "kron_blocks" in state_dict:  # the format before tiles: per-rank stacks, same world size only
+        if "kron_blocks" in state_dict:  # the format before block indices: per-rank stacks, same world size only
             try:
                 saved_state = self._from_stacked(state_dict, saved_state, world)
             except ValueError as err:
@@ -251,7 +251,7 @@ class Checkpointing:
         self, saved_state: dict[int, Any]
     ) -> tuple[list[tuple[BlockStack, KronBlockState]], LoadProblem | None]:
         """A new state for every stack of this rank, built on its plan's device from the saved
-        blocks (keyed by id of parameter, then tile), or the first block that is missing or
+        blocks (keyed by id of parameter, then block index), or the first block that is missing or
         cannot be a block's state (see :meth:`KronBlockState.check_block`)."""
         problems: list[LoadProblem] = []
         rows: list[tuple[BlockStack, KronPlan, list[Mapping[str, Tensor]]]] = []
@@ -265,7 +265,7 @@ class Checkpointing:
                     if why is None:
                         taken.append(block)  # type: ignore[arg-type]
                     else:
-                        where = describe_tile(plan.names[blk.param], blk.index, blk.shape)
+                        where = describe_block(plan.names[blk.param], blk.index, blk.shape)
                         problems.append(LoadProblem((1 + pi, bid), where, why, missing_block=block is None))
                 rows.append((stack, plan, taken))
         if problems:
@@ -308,10 +308,10 @@ class Checkpointing:
         for stack, state in loaded.stacks:
             stack.state = state
         for plan in self._kron.plans.values():
-            register_tiles(plan, self.state)
+            register_blocks(plan, self.state)
 
     def _from_stacked(self, state_dict: dict[str, Any], saved_state: dict[int, Any], world: int) -> dict[int, Any]:
-        """A state dict of the earlier format (``kron_blocks`` per stack of this rank) in tiles,
+        """A state dict of the earlier format (``kron_blocks`` per stack of this rank) by block index,
         which is possible at the world size it was saved with."""
         saved_world = state_dict.get("world_size", 1)
         if saved_world != world:

@@ -17,7 +17,7 @@ from bregtop_dist.config import BregTopConfig
 from bregtop_dist.core.block_step import BlockHyper
 from bregtop_dist.core.finite import finite_rows, largest_magnitudes
 from bregtop_dist.distributed.layout import GroupPieces, Piece
-from bregtop_dist.state_format import KRON, KronTiles
+from bregtop_dist.state_format import KRON, KronBlocks
 
 
 @dataclass
@@ -59,14 +59,14 @@ class KronSide:
 
     def plan(self, view: GroupPieces, pieces: list[Piece], cfg: BregTopConfig, rank: int, world: int,
              state: dict[Tensor, Any]) -> KronPlan:
-        """The plan of ``view``, made at its first use (and its tiles registered in ``state``)."""
+        """The plan of ``view``, made at its first use (and its blocks registered in ``state``)."""
         plan = self.plans.get(view.key)
         if plan is None:
             plan = build_plan(
                 view.key, pieces, cfg.max_precond_dim, cfg.precondition_frequency, cfg.stagger_refresh, rank, world
             )
             self.plans[view.key] = plan
-            register_tiles(plan, state)
+            register_blocks(plan, state)
         return plan
 
     def compute(self, view: GroupPieces, pieces: list[Piece], cfg: BregTopConfig, hyper: BlockHyper,
@@ -117,14 +117,14 @@ class KronSide:
         return UpdatePairs(decaying, views, updates)
 
 
-def register_tiles(plan: KronPlan, state: dict[Tensor, Any]) -> None:
+def register_blocks(plan: KronPlan, state: dict[Tensor, Any]) -> None:
     """``state[p]["kron"]`` for every Kronecker parameter of ``plan`` (on every rank, so that
     every rank's state names every parameter), holding the blocks this rank owns."""
-    tiles = [state[p].setdefault(KRON, KronTiles()) for p in plan.params]
+    blocks = [state[p].setdefault(KRON, KronBlocks()) for p in plan.params]
     for stack in plan.stacks.values():
         for row, bid in enumerate(stack.block_ids):
             blk = plan.blocks[bid]
-            tiles[blk.param].own(blk.index, stack, row)
+            blocks[blk.param].own(blk.index, stack, row)
 
 
 def step_extremes(pending: list[PendingKron], device: torch.device) -> tuple[Tensor, Tensor]:

@@ -1,13 +1,13 @@
 """BregTop's state dict: one logical format that does not depend on the world size.
 
 torch's layout, ``{"state": {param: {...}}, "param_groups": [...]}``, with the Kronecker state
-inside the parameter's entry, one block per tile::
+inside the parameter's entry, keyed by block index::
 
     state[p] = {"kron": {"0": {"momentum": ..., "L": ..., ..., "step": ..., "ready": ...},
                          "1": {...}}}
 
-A tile is the block's index among its parameter's blocks (row-major over the tile grid), so
-a block keeps its key whichever rank owns it. Each rank writes the blocks it owns; a rank
+A block index is the block's position among its parameter's blocks (row-major over the block
+grid), so a block keeps its key whichever rank owns it. Each rank writes the blocks it owns; a rank
 reading a state dict takes the blocks it owns at its own world size. AdamW-side entries are
 torch's (``step``, ``exp_avg``, ``exp_avg_sq``), as DTensors for DTensor parameters.
 
@@ -82,9 +82,9 @@ def taken_per_rank() -> bool:
         del frame
 
 
-class KronTiles(Mapping[str, dict[str, Tensor]]):
+class KronBlocks(Mapping[str, dict[str, Tensor]]):
     """``optimizer.state[p]["kron"]``: the blocks of one Kronecker parameter this rank holds,
-    by tile, each a dict of the block's fields. Owned blocks are views of the live stacked
+    by block index, each a dict of the block's fields. Owned blocks are views of the live stacked
     state (always current); blocks gathered from other ranks by ``consolidate_state_dict``
     are copies, dropped at the next step."""
 
@@ -92,15 +92,15 @@ class KronTiles(Mapping[str, dict[str, Tensor]]):
         self._owned: dict[str, tuple[BlockStack, int]] = {}
         self.gathered: dict[str, dict[str, Tensor]] = {}
 
-    def own(self, tile: int, stack: BlockStack, row: int) -> None:
-        self._owned[str(tile)] = (stack, row)
+    def own(self, index: int, stack: BlockStack, row: int) -> None:
+        self._owned[str(index)] = (stack, row)
 
-    def __getitem__(self, tile: str) -> dict[str, Tensor]:
-        if tile in self._owned:
-            stack, row = self._owned[tile]
+    def __getitem__(self, index: str) -> dict[str, Tensor]:
+        if index in self._owned:
+            stack, row = self._owned[index]
             assert stack.state is not None
             return stack.state.block(row)
-        return self.gathered[tile]
+        return self.gathered[index]
 
     def __iter__(self) -> Iterator[str]:
         yield from self._owned
@@ -110,17 +110,17 @@ class KronTiles(Mapping[str, dict[str, Tensor]]):
         return len(self._owned) + sum(t not in self._owned for t in self.gathered)
 
     def __repr__(self) -> str:
-        return f"KronTiles(owned={sorted(self._owned, key=int)}, gathered={sorted(self.gathered, key=int)})"
+        return f"KronBlocks(owned={sorted(self._owned, key=int)}, gathered={sorted(self.gathered, key=int)})"
 
 
-def saved_block(entry: Any, tile: int) -> Mapping[str, Tensor] | None:
-    """Block ``tile`` of a saved parameter entry (tile keys may be str or int), or None."""
+def saved_block(entry: Any, index: int) -> Mapping[str, Tensor] | None:
+    """Block ``index`` of a saved parameter entry (its keys may be str or int), or None."""
     if not isinstance(entry, Mapping):
         return None
-    tiles = entry.get(KRON)
-    if not isinstance(tiles, Mapping):
+    blocks = entry.get(KRON)
+    if not isinstance(blocks, Mapping):
         return None
-    block = tiles.get(str(tile), tiles.get(tile))
+    block = blocks.get(str(index), blocks.get(index))
     return block if isinstance(block, Mapping) else None
 
 
@@ -219,9 +219,9 @@ def _local_part(piece: Piece, rank: int, key: str, value: Tensor) -> Tensor:
     )
 
 
-def describe_tile(name: str, tile: int, shape: tuple[int, int]) -> str:
+def describe_block(name: str, index: int, shape: tuple[int, int]) -> str:
     m, n = shape
-    return f"Kronecker block {tile} (a {m}x{n} tile) of {name}"
+    return f"Kronecker block {index} ({m}x{n}) of {name}"
 
 
 def to_cpu_block(block: Mapping[str, Tensor]) -> dict[str, Tensor]:

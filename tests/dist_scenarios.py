@@ -283,7 +283,7 @@ class RandomNet(nn.Module):
 
 
 def random_settings(seed: int) -> dict[str, Any]:
-    """The optimizer of the run drawn from ``seed``: any Table 4 row, tiles or whole blocks,
+    """The optimizer of the run drawn from ``seed``: any Table 4 row, parameters cut into blocks or whole,
     staggered refreshes, more than three refresh periods in ``REPRO_STEPS``."""
     from bregtop_dist.config import METHODS
 

@@ -31,7 +31,7 @@ from dist_scenarios import SETTINGS, Net, fsdp2, train
 SAVE_AT = 3
 MORE = range(SAVE_AT, SAVE_AT + 2)
 REFUSED = r"cannot load the optimizer state: {}; nothing was loaded"
-BLOCK = r"Kronecker block \d+ \(a \d+x\d+ tile\) of [a-z]+\.weight"
+BLOCK = r"Kronecker block \d+ \(\d+x\d+\) of [a-z]+\.weight"
 
 Poison = Callable[[dict[str, Any], int, int], dict[str, Any]]
 
@@ -111,8 +111,8 @@ def _on_rank(which: int, spoil: Callable[[dict[str, Any]], None]) -> Poison:
 
 
 def _first_block(sd: dict[str, Any]) -> dict[str, torch.Tensor]:
-    pid, tile = next(iter(kron_blocks(sd)))
-    return sd["state"][pid]["kron"][tile]  # type: ignore[no-any-return]
+    pid, index = next(iter(kron_blocks(sd)))
+    return sd["state"][pid]["kron"][index]  # type: ignore[no-any-return]
 
 
 def _nan_in_first_block(sd: dict[str, Any]) -> None:

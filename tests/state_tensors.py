@@ -9,7 +9,7 @@ import torch
 
 
 def state_tensors(state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """``{"<param>/<key>[/<tile>/<field>]": tensor}`` for every tensor in ``state_dict["state"]``."""
+    """``{"<param>/<key>[/<block index>/<field>]": tensor}`` for every tensor in ``state_dict["state"]``."""
     out: dict[str, torch.Tensor] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -24,8 +24,8 @@ def state_tensors(state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def kron_blocks(state_dict: Mapping[str, Any]) -> dict[tuple[Any, str], dict[str, torch.Tensor]]:
-    """``{(param key, tile): block fields}`` of every Kronecker block in the state dict."""
+    """``{(param key, block index): block fields}`` of every Kronecker block in the state dict."""
     return {
-        (pid, tile): dict(block)
-        for pid, entry in state_dict["state"].items() for tile, block in entry.get("kron", {}).items()
+        (pid, index): dict(block)
+        for pid, entry in state_dict["state"].items() for index, block in entry.get("kron", {}).items()
     }

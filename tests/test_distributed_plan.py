@@ -119,9 +119,9 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 @pytest.mark.parametrize("commit", ["0183b2f", "6367370"])
 def test_the_earlier_per_rank_format_loads_at_its_world_size_only(commit):
-    """A state dict in the per-rank format before tiles (stacks keyed "<group>:<m>x<n>",
+    """A state dict in the per-rank format before block indices (stacks keyed "<group>:<m>x<n>",
     ``world_size``; at 6367370 also without ``ready``), written by that commit's own code
-    (tests/fixtures/README.md), loads into today's optimizer: each tile gets the row of the
+    (tests/fixtures/README.md), loads into today's optimizer: each block gets the row of the
     stack the old plan gave it, and the next step is the old code's next step."""
     fx = torch.load(FIXTURES / f"legacy_kron_blocks_{commit}.pt", weights_only=True)
     legacy = fx["state_dict"]
@@ -133,7 +133,7 @@ def test_the_earlier_per_rank_format_loads_at_its_world_size_only(commit):
     opt.load_state_dict(legacy)
 
     max_dim = fx["settings"]["max_precond_dim"]
-    want = {}  # (param, tile) -> the old stack row of that block, by the slice the old plan recorded
+    want = {}  # (param, block index) -> the old stack row of that block, by the slice the old plan recorded
     for key, rows in fx["rows"].items():
         for row, (pi, r0, r1, c0, c1) in enumerate(rows):
             p = params[pi]
@@ -141,10 +141,10 @@ def test_the_earlier_per_rank_format_loads_at_its_world_size_only(commit):
             want[(pi, str(slices.index((r0, r1, c0, c1))))] = {f: t[row] for f, t in legacy["kron_blocks"][key].items()}
     got = kron_blocks(opt.state_dict())
     assert set(got) == set(want) == {(0, "0"), (1, "0"), (1, "1"), (1, "2")}
-    for tile, fields in want.items():
-        assert set(got[tile]) == set(fields) | {"ready"}
-        assert all(torch.equal(got[tile][f], t) for f, t in fields.items()), tile
-        assert bool(got[tile]["ready"]) and int(got[tile]["step"]) == fx["steps"]
+    for key, fields in want.items():
+        assert set(got[key]) == set(fields) | {"ready"}
+        assert all(torch.equal(got[key][f], t) for f, t in fields.items()), key
+        assert bool(got[key]["ready"]) and int(got[key]["step"]) == fx["steps"]
     adamw = opt.state_dict()["state"][2]
     assert set(adamw) == set(legacy["state"][2]) and all(torch.equal(adamw[k], v) for k, v in legacy["state"][2].items())
 

@@ -31,10 +31,10 @@ TRAINED = 3  # steps before the state dict is taken: two refreshes, every block 
 MORE = 2  # steps after the load attempt
 
 # What the messages name: block 0 of the 12x9 matrix, block 1 of the 30x8 one (cut in two 15x8
-# tiles at max_precond_dim=16), the conv kernel read as 6x12, and the 1-D tensor on AdamW.
-B0 = r"Kronecker block 0 \(a 12x9 tile\) of param_groups\[0\]\['params'\]\[0\] \(shape \(12, 9\)\)"
-B1 = r"Kronecker block 1 \(a 15x8 tile\) of param_groups\[0\]\['params'\]\[1\] \(shape \(30, 8\)\)"
-B2 = r"Kronecker block 0 \(a 6x12 tile\) of param_groups\[0\]\['params'\]\[2\] \(shape \(6, 3, 2, 2\)\)"
+# blocks at max_precond_dim=16), the conv kernel read as 6x12, and the 1-D tensor on AdamW.
+B0 = r"Kronecker block 0 \(12x9\) of param_groups\[0\]\['params'\]\[0\] \(shape \(12, 9\)\)"
+B1 = r"Kronecker block 1 \(15x8\) of param_groups\[0\]\['params'\]\[1\] \(shape \(30, 8\)\)"
+B2 = r"Kronecker block 0 \(6x12\) of param_groups\[0\]\['params'\]\[2\] \(shape \(6, 3, 2, 2\)\)"
 ADAMW = r"the AdamW-side state of param_groups\[0\]\['params'\]\[3\] \(shape \(9,\)\)"
 ADAMW_HOLDS = r"an AdamW-side entry holds exactly \['step', 'exp_avg', 'exp_avg_sq'\], or nothing before the first step"
 FINITE = "a block's float fields must be finite"
@@ -84,8 +84,8 @@ def _set(t: torch.Tensor, values: list[float], gen: torch.Generator) -> None:
         flat[i] = v
 
 
-def _block(sd: dict[str, Any], param: int, tile: str) -> dict[str, torch.Tensor]:
-    return sd["state"][param]["kron"][tile]
+def _block(sd: dict[str, Any], param: int, index: str) -> dict[str, torch.Tensor]:
+    return sd["state"][param]["kron"][index]
 
 
 def _amount(gen: torch.Generator) -> int:
@@ -96,23 +96,23 @@ NAN, INF = float("nan"), float("inf")
 Poison = Callable[[dict[str, Any], torch.Generator], Any]
 
 
-def _nan_in(param: int, tile: str, field: str) -> Poison:
+def _nan_in(param: int, index: str, field: str) -> Poison:
     def poison(sd: dict[str, Any], gen: torch.Generator) -> Any:
-        _set(_block(sd, param, tile)[field], [NAN], gen)
+        _set(_block(sd, param, index)[field], [NAN], gen)
         return sd
     return poison
 
 
-def _inf_in(param: int, tile: str, field: str, sign: float = 1.0) -> Poison:
+def _inf_in(param: int, index: str, field: str, sign: float = 1.0) -> Poison:
     def poison(sd: dict[str, Any], gen: torch.Generator) -> Any:
-        _set(_block(sd, param, tile)[field], [sign * INF], gen)
+        _set(_block(sd, param, index)[field], [sign * INF], gen)
         return sd
     return poison
 
 
-def _replace_block_field(param: int, tile: str, field: str, make: Callable[[torch.Tensor], Any]) -> Poison:
+def _replace_block_field(param: int, index: str, field: str, make: Callable[[torch.Tensor], Any]) -> Poison:
     def poison(sd: dict[str, Any], gen: torch.Generator) -> Any:
-        block = _block(sd, param, tile)
+        block = _block(sd, param, index)
         block[field] = make(block[field])
         return sd
     return poison
@@ -190,7 +190,7 @@ POISONS: dict[str, tuple[Poison, str]] = {
     "float64_factor": (_replace_block_field(0, "0", "L", lambda t: t.double()),
                        rf"{B0}: field 'L' has dtype torch.float64, expected torch.float32"),
     "int_ready": (_replace_block_field(1, "0", "ready", lambda t: t.long()),
-                  r"Kronecker block 0 \(a 15x8 tile\) of param_groups\[0\]\['params'\]\[1\] \(shape \(30, 8\)\): "
+                  r"Kronecker block 0 \(15x8\) of param_groups\[0\]\['params'\]\[1\] \(shape \(30, 8\)\): "
                   r"field 'ready' has dtype torch.int64, expected torch.bool"),
     "meta_momentum": (_replace_block_field(2, "0", "momentum", lambda t: t.to("meta")),
                       rf"{B2}: field 'momentum' is on the meta device, which holds no values; expected a tensor on "

@@ -238,12 +238,12 @@ def test_load_state_dict_validates_before_changing_anything(gen):
     good = copy.deepcopy(opt.state_dict())
     bad = copy.deepcopy(good)
     bad["state"][0]["kron"]["0"]["L"] = torch.zeros(5, 5)
-    with pytest.raises(ValueError, match=r"Kronecker block 0 \(a 12x9 tile\) of param_groups\[0\]\['params'\]\[0\] "
+    with pytest.raises(ValueError, match=r"Kronecker block 0 \(12x9\) of param_groups\[0\]\['params'\]\[0\] "
                        r"\(shape \(12, 9\)\): field 'L' has shape \(5, 5\), expected \(12, 12\)"):
         opt.load_state_dict(bad)
     bad = copy.deepcopy(good)
     del bad["state"][1]["kron"]["1"]
-    with pytest.raises(ValueError, match=r"Kronecker block 1 \(a 15x8 tile\) of param_groups\[0\]\['params'\]\[1\] "
+    with pytest.raises(ValueError, match=r"Kronecker block 1 \(15x8\) of param_groups\[0\]\['params'\]\[1\] "
                        r"\(shape \(30, 8\)\): it is missing; nothing was loaded"):
         opt.load_state_dict(bad)
     bad = copy.deepcopy(good)

@@ -4,7 +4,7 @@ block is written out and read back.
 
 A stack holds B blocks with every field stacked on dim 0, which is how the step runs them.
 A checkpoint holds blocks one by one (:meth:`KronBlockState.block`), keyed by the parameter
-and tile they belong to, so that it does not depend on which rank stacked which blocks.
+and block index they belong to, so that it does not depend on which rank stacked which blocks.
 """
 
 from __future__ import annotations

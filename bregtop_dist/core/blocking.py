@@ -1,4 +1,4 @@
-"""How a parameter becomes Kronecker blocks: a 2-D view, then tiles of at most max_dim a side.
+"""How a parameter becomes Kronecker blocks: a 2-D view, then blocks of at most max_dim a side.
 
 A tensor with ndim >= 2 is read as the matrix (shape[0], prod(shape[1:])) of its row-major
 flattening; each side longer than ``max_dim`` is cut into ceil(d / max_dim) nearly equal
@@ -42,7 +42,7 @@ class BlockSlice:
 
 
 def block_slices(rows: int, cols: int, max_dim: int) -> list[BlockSlice]:
-    """The blocks of a rows x cols matrix, row-major over the tile grid."""
+    """The blocks of a rows x cols matrix, row-major over the block grid."""
     out: list[BlockSlice] = []
     r0 = 0
     for rs in split_sizes(rows, max_dim):

@@ -54,7 +54,7 @@ class Block:
 def plan_blocks(
     shapes: list[tuple[int, ...]], max_dim: int, frequency: int, stagger: bool, world: int
 ) -> list[Block]:
-    """The blocks of parameters with global ``shapes``, in parameter then tile order."""
+    """The blocks of parameters with global ``shapes``, in parameter then block-index order."""
     cut: list[tuple[int, int, int, BlockSlice]] = []
     for j, shape in enumerate(shapes):
         rows, cols = matrix_shape(shape)

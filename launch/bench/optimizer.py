@@ -166,7 +166,7 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     """Bytes of all optimizer state: ``opt.state`` plus, for BregTop, its Kronecker block
     stacks (``opt.state[p]["kron"]`` holds views of them, which are not counted twice)."""
     seen: set[int] = set()
-    total = tensor_bytes(list(opt.state.values()), seen)  # KronTiles are not dicts: skipped here
+    total = tensor_bytes(list(opt.state.values()), seen)  # KronBlocks are not dicts: skipped here
     if isinstance(opt, BregTop):
         total += tensor_bytes(
             [stack.state.tensors() for stack in opt.kron_stacks.values() if stack.state is not None], seen
