@@ -80,14 +80,11 @@ def build(
 
     if deepspeed_config is not None:
         cfg = load_config(deepspeed_config)
-        params = {**settings.as_defaults(), "comm_dtype": optimizer_block(cfg).comm_dtype}
-        cfg["optimizer"]["params"] = {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}
         if grad_clip is not None:
             cfg["gradient_clipping"] = grad_clip
-        engine, _, _, _ = initialize(model=model, config=cfg, micro_batch_size=micro_batch)
-        bregtop = engine.optimizer
-        while not isinstance(bregtop, BregTop):
-            bregtop = bregtop.optimizer
+        bregtop = make_optimizer(model, settings, groups=groups, comm_dtype=optimizer_block(cfg).comm_dtype)
+        assert isinstance(bregtop, BregTop)
+        engine, _, _, _ = initialize(model=model, config=cfg, optimizer=bregtop, micro_batch_size=micro_batch)
         return Engine(engine, bregtop, engine.backward, engine.step, accelerator.prepare)
 
     opt = make_optimizer(model, settings, adamw, groups)

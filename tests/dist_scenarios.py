@@ -439,6 +439,55 @@ def zero3_equals_single(rank: int, world: int, single: dist.ProcessGroup, workdi
 SCENARIOS.update({f.__name__: f for f in (zero0_equals_single, zero1_equals_single, zero2_equals_single, zero3_equals_single)})
 
 
+def deepspeed_json_runs_the_job_s_optimizer(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+    """A job's ``--deepspeed`` JSON path (launch.engines.build): the optimizer built from the
+    job's settings record and grouping (here layer b on the AdamW side, which the JSON path
+    used to drop) is the one the ZeRO-2 engine steps, equal to the one-process run of it."""
+    import json
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from bregtop_dist import BregTopConfig
+    from launch.engines import build
+
+    def groups(m: nn.Module) -> list[dict[str, Any]]:
+        return param_groups(m, head_names=["b"])
+
+    config = workdir / "ds_job.json"
+    if rank == 0:
+        config.write_text(json.dumps(_ds_config(2, params={"method": "shampoo", "comm_dtype": "fp32"})))
+    dist.barrier()
+    model = Net()
+    no_accelerator = SimpleNamespace(distributed_type=DistributedType.NO, prepare=lambda x: x)
+    engine = build(no_accelerator, model, BregTopConfig(**SETTINGS), config, 4, groups=groups)
+    opt = engine.optimizer
+    assert isinstance(opt, BregTop) and opt.defaults["method"] == SETTINGS["method"], opt.defaults["method"]
+    on_adamw = {n for g in opt.param_groups if not g["bregtop"] for n in g["param_names"]}
+    assert "b.weight" in on_adamw, sorted(on_adamw)
+    for step in range(STEPS):
+        engine.backward(engine.model(batch(step)))
+        engine.step()
+    got = {k: v.detach().clone() for k, v in model.named_parameters()}
+    reference_model = Net()
+    train(reference_model, BregTop(groups(reference_model), process_group=single, **SETTINGS), range(STEPS))
+    for name, want in reference_model.named_parameters():
+        rel = float((got[name] - want.detach()).abs().max() / want.detach().abs().max())
+        assert rel <= FP32_TOL, f"{name}: max relative difference {rel:.3g}"
+    from bregtop_dist.integrations.deepspeed import initialize
+
+    other = Net()
+    try:
+        initialize(other, config, optimizer=torch.optim.AdamW(other.parameters()))  # type: ignore[arg-type]
+    except TypeError as err:
+        assert "optimizer must be a BregTop, not AdamW" in str(err), err
+    else:
+        raise AssertionError("initialize took torch's AdamW")
+
+
+SCENARIOS[deepspeed_json_runs_the_job_s_optimizer.__name__] = deepspeed_json_runs_the_job_s_optimizer
+
+
 def _zero_resume(stage: int, rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
     """engine.save_checkpoint after 4 steps, load into a fresh engine, 3 more steps: the same
     parameters as the uninterrupted run."""

@@ -158,11 +158,14 @@ def initialize(
     config: str | os.PathLike[str] | dict[str, Any],
     model_parameters: Any = None,
     *,
+    optimizer: BregTop | None = None,
     micro_batch_size: int | None = None,
     gradient_accumulation_steps: int | None = None,
     **kwargs: Any,
 ) -> tuple[Any, BregTop, Any, Any]:
-    """``deepspeed.initialize`` with BregTop built from the config's optimizer block.
+    """``deepspeed.initialize`` with BregTop built from the config's optimizer block, or with
+    ``optimizer``, a BregTop the caller built (the block is then checked with the rest of the
+    config but not built again: the optimizer's own settings are the ones that run).
 
     ``micro_batch_size`` (the batch each process's loader yields) and
     ``gradient_accumulation_steps`` fill the config's ``"auto"`` batch sizes (see
@@ -179,7 +182,11 @@ def initialize(
     cfg = fill_auto_batch(cfg, micro_batch_size, gradient_accumulation_steps, dist.get_world_size())
     del cfg["optimizer"]
     _refuse_auto(cfg, "")
-    optimizer = block.build(param_groups(model) if model_parameters is None else model_parameters)
+    if optimizer is None:
+        optimizer = block.build(param_groups(model) if model_parameters is None else model_parameters)
+    elif not isinstance(optimizer, BregTop):
+        raise TypeError(f"optimizer must be a BregTop, not {type(optimizer).__name__}: DeepSpeed's own "
+                        "deepspeed.initialize takes other optimizers")
     cfg["zero_allow_untested_optimizer"] = True
     engine, engine_optimizer, loader, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=cfg, **kwargs
