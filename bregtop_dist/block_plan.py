@@ -5,7 +5,6 @@ blocks stacked by shape, each stack stepping its blocks with a few batched kerne
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -127,8 +126,8 @@ def build_plan(
     """Cut ``pieces``' parameters into blocks, pick owners, and stack this rank's owned blocks
     by shape (their state starts empty: no block is ready before its first non-zero gradient)."""
     blocks = plan_blocks([s.shape for s in pieces], max_dim, frequency, stagger, world)
-    replicated = all(r == (0, math.prod(s.shape)) for s in pieces for r in s.ranges)
-    exchange = Exchange.build(blocks, [s.ranges for s in pieces], rank, world, replicated)
+    replicated = all(s.everywhere for s in pieces)
+    exchange = Exchange.build(blocks, [s.held for s in pieces], rank, world, replicated)
     by_shape: dict[tuple[int, int], list[int]] = {}
     for i, blk in enumerate(blocks):
         if blk.owner == rank:

@@ -1,6 +1,7 @@
 """Checks of a param group when it is added (its values themselves are checked by
 :class:`~bregtop_dist.config.BregTopConfig`): the wire dtype, the backend on the group's
-devices, real parameters, and a warning for embeddings given the Kronecker side.
+devices, real parameters, DTensor placements, and a warning for embeddings given the
+Kronecker side.
 """
 
 from __future__ import annotations
@@ -30,6 +31,21 @@ def wire_dtype(comm_dtype: str | torch.dtype) -> torch.dtype:
         f"comm_dtype={comm_dtype!r} is not allowed; use one of {sorted(COMM_DTYPES)} or torch.float32/bfloat16"
     )
 
+
+
+def check_placements(param_group: dict[str, Any], index: int) -> None:
+    """The ValueError a DTensor parameter's mesh or placements would raise at the first step
+    (:mod:`bregtop_dist.distributed.mesh`: ``Partial``, ``Shard(2)``, ...), raised when the
+    group is added; it names the parameter, its mesh and its placements."""
+    from bregtop_dist.distributed.mesh import mesh_boxes, mesh_pg
+
+    tensors = param_group.get("params")
+    tensors = [tensors] if isinstance(tensors, Tensor) else list(tensors or [])
+    names = param_group.get("param_names") or []
+    for i, p in enumerate(tensors):
+        if is_dtensor(p):
+            name = str(names[i]) if i < len(names) else f"param_groups[{index}]['params'][{i}] (shape {tuple(p.shape)})"
+            mesh_boxes(p, name, mesh_pg(p, name))
 
 
 def check_backend_on_devices(cfg: BregTopConfig, params: Any) -> None:

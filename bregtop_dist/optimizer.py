@@ -29,6 +29,7 @@ from bregtop_dist.distributed.layout import GroupPieces, global_shape
 from bregtop_dist.distributed.source import FunctionSource, Source, TensorSource, param_name
 from bregtop_dist.group_checks import (
     check_backend_on_devices,
+    check_placements,
     check_real,
     warn_embeddings_on_kronecker_side,
     wire_dtype,
@@ -131,6 +132,7 @@ class BregTop(Checkpointing, torch.optim.Optimizer):
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         check_backend_on_devices(BregTopConfig.from_group(merged), param_group.get("params"))  # validated here
         check_real(param_group, len(self.param_groups))
+        check_placements(param_group, len(self.param_groups))
         if self.param_groups and "param_names" in self.param_groups[0] and "param_names" not in param_group:
             # torch wants every group named or none: name this one by position
             tensors = param_group["params"]

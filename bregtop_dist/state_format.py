@@ -211,8 +211,7 @@ def _local_part(piece: Piece, rank: int, key: str, value: Tensor) -> Tensor:
     if tuple(value.shape) == local:
         return value
     if tuple(value.shape) == piece.shape:  # the full tensor: take this rank's elements
-        start, stop = piece.ranges[rank]
-        return value.reshape(-1)[start:stop].reshape(local)
+        return piece.local_of(value, rank)
     raise ValueError(
         f"{key!r} has shape {tuple(value.shape)}; expected the parameter's shape {piece.shape} or this "
         f"rank's part of it {local}"

@@ -14,7 +14,7 @@ from bregtop_dist.core.block_step import refresh_due
 from bregtop_dist.core.blocking import block_slices
 from bregtop_dist.distributed.assignment import assign_owners, plan_blocks, refresh_cost, step_cost
 from bregtop_dist.distributed.exchange import Exchange, intersect
-from bregtop_dist.distributed.layout import chunk_rows, rect_view
+from bregtop_dist.distributed.layout import Box, chunk_rows, flat_boxes, flat_piece, rect_view
 
 
 def _random_ranges(gen, numel, world):
@@ -31,6 +31,19 @@ def test_chunk_rows_is_torch_chunk(rows, world):
     assert chunk_rows(rows, world)[-1][1] == rows
 
 
+def test_flat_boxes_hold_exactly_the_range_where_the_holder_keeps_it(gen):
+    for _ in range(50):
+        rows, cols = (int(x) for x in torch.randint(1, 12, (2,), generator=gen))
+        a, b = sorted(int(x) for x in torch.randint(0, rows * cols + 1, (2,), generator=gen))
+        full = torch.arange(rows * cols)
+        local = full[a:b].clone()
+        boxes = flat_boxes((a, b), cols)
+        assert len(boxes) <= 3 and sum(box.numel for box in boxes) == b - a
+        for box in boxes:
+            view = rect_view(local, box.start, box.stride, (box.rows[1] - box.rows[0], box.cols[1] - box.cols[0]))
+            assert torch.equal(view, full.view(rows, cols)[box.rows[0] : box.rows[1], box.cols[0] : box.cols[1]])
+
+
 def test_pieces_cover_every_block_exactly_once(gen):
     for _ in range(20):
         rows, cols = (int(x) for x in torch.randint(1, 30, (2,), generator=gen))
@@ -41,7 +54,7 @@ def test_pieces_cover_every_block_exactly_once(gen):
         seen = torch.zeros(rows, cols, dtype=torch.int64)
         for i, blk in enumerate(blocks):
             for held in ranges:
-                for rect in intersect(i, blk, held):
+                for rect in intersect(i, blk, flat_boxes(held, cols)):
                     (i0, i1), (j0, j1) = rect.rows, rect.cols
                     assert blk.slice.r0 <= i0 < i1 <= blk.slice.r1 and blk.slice.c0 <= j0 < j1 <= blk.slice.c1
                     flat = torch.arange(rows * cols).view(rows, cols)[i0:i1, j0:j1]
@@ -55,9 +68,16 @@ def test_rect_view_reads_the_local_range(gen):
     start, stop = 10, 50
     local = full.view(-1)[start:stop].clone()
     blk = plan_blocks([(9, 7)], 4, 3, True, 1)[1]  # rows 0:5, cols 4:7
-    for rect in intersect(1, blk, (start, stop)):
-        view = rect_view(local, start, 7, rect.rows, rect.cols)
+    for rect in intersect(1, blk, flat_boxes((start, stop), 7)):
+        view = rect_view(local, rect.at, rect.stride, rect.shape)
         assert torch.equal(view, full[rect.rows[0] : rect.rows[1], rect.cols[0] : rect.cols[1]])
+
+
+def test_a_piece_takes_its_part_of_a_full_tensor(gen):
+    full = torch.randn(6, 2, 3, generator=gen)
+    start, stop = 5, 29
+    piece = flat_piece(full, "p", (6, 2, 3), ((0, start), (start, stop), (stop, 36)), full.view(-1)[start:stop], None)
+    assert torch.equal(piece.local_of(full, 1), full.reshape(-1)[start:stop])
 
 
 def test_exchange_lists_agree_between_sender_and_owner(gen):
@@ -65,15 +85,62 @@ def test_exchange_lists_agree_between_sender_and_owner(gen):
     world = 4
     blocks = plan_blocks(shapes, 8, 3, True, world)
     ranges = [_random_ranges(gen, math.prod(s), world) for s in shapes]
-    ranges = [[ranges[j][r] for r in range(world)] for j in range(len(shapes))]
-    plans = [Exchange.build(blocks, ranges, r, world, replicated=False) for r in range(world)]
+    held = [[flat_boxes(ranges[j][r], s[1]) for r in range(world)] for j, s in enumerate(shapes)]
+    plans = [Exchange.build(blocks, held, r, world, replicated=False) for r in range(world)]
     for src in range(world):
         for dst in range(world):
-            assert plans[src].send[dst] == plans[dst].recv[src]
-    replicated = [Exchange.build(blocks, ranges, r, world, replicated=True) for r in range(world)]
+            assert plans[src].grads_to[dst] == plans[dst].grads_from[src]
+            assert plans[dst].updates_to[src] == plans[src].updates_from[dst] == plans[dst].grads_from[src]
+    replicated = [Exchange.build(blocks, held, r, world, replicated=True) for r in range(world)]
     for r, ex in enumerate(replicated):
-        assert [rect.block for rect in ex.send[r]] == ex.owned[r]
-        assert all(not ex.send[d] for d in range(world) if d != r)
+        assert [rect.block for rect in ex.grads_to[r]] == ex.owned[r]
+        assert all(not ex.grads_to[d] for d in range(world) if d != r)
+
+
+def _grid_boxes(gen, rows, cols, bands, cuts):
+    """Boxes of a rows x cols matrix cut into ``bands`` row bands and ``cuts`` column ranges
+    (random sizes, some empty), each laid out contiguously."""
+    def cut(size, parts):
+        bounds = sorted(torch.randint(0, size + 1, (parts - 1,), generator=gen).tolist())
+        edges = [0, *bounds, size]
+        return [(edges[k], edges[k + 1]) for k in range(parts)]
+
+    return [Box(r, c, 0, c[1] - c[0]) for r in cut(rows, bands) for c in cut(cols, cuts)]
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_replicated_boxes_send_each_gradient_once_and_every_holder_gets_its_update(gen, replicas):
+    """HSDP-like layouts: every box held by ``replicas`` ranks. Each block element reaches its
+    owner from exactly one holder, and every holder of it receives its update exactly once."""
+    shapes = [(13, 20), (3, 9), (20, 12)]
+    shards = 2
+    world = shards * replicas
+    blocks = plan_blocks(shapes, 8, 3, True, world)
+    held = []
+    for rows, cols in shapes:
+        boxes = _grid_boxes(gen, rows, cols, shards, 1)
+        held.append([(boxes[r % shards],) for r in range(world)])  # rank r holds shard r mod shards
+    plans = [Exchange.build(blocks, held, r, world, replicated=False) for r in range(world)]
+    for j, (rows, cols) in enumerate(shapes):
+        grads = torch.zeros(rows, cols, dtype=torch.int64)
+        updates = torch.zeros(world, rows, cols, dtype=torch.int64)
+        for owner, plan in enumerate(plans):
+            for src in range(world):
+                assert plan.grads_from[src] == plans[src].grads_to[owner]
+                assert plan.updates_to[src] == plans[src].updates_from[owner]
+                for rect in plan.grads_from[src]:
+                    if blocks[rect.block].param == j:
+                        assert blocks[rect.block].owner == owner
+                        grads[rect.rows[0] : rect.rows[1], rect.cols[0] : rect.cols[1]] += 1
+                for rect in plan.updates_to[src]:
+                    if blocks[rect.block].param == j:
+                        updates[src, rect.rows[0] : rect.rows[1], rect.cols[0] : rect.cols[1]] += 1
+        assert bool((grads == 1).all()), j
+        for r in range(world):
+            box = held[j][r][0]
+            want = torch.zeros(rows, cols, dtype=torch.int64)
+            want[box.rows[0] : box.rows[1], box.cols[0] : box.cols[1]] = 1
+            assert torch.equal(updates[r], want), (j, r)
 
 
 def test_refresh_offsets_do_not_depend_on_the_world_size():

@@ -1,13 +1,15 @@
 """Gradients to block owners, preconditioned updates back to every rank that holds them.
 
-Sharded layouts (FSDP2, ZeRO) move each rank's part of every block with one
-``all_to_all_single`` each way: the intersection of the rank's piece (a flat range) with the
-block, which is at most three rectangles (a partial first row, whole rows, a partial last
-row). Replicated layouts (one device, DDP) need nothing on the way in, since the owner
-already holds its blocks, and return updates with one ``all_gather_into_tensor``. Both sides
-derive the same rectangle lists from the plan, so only values travel. The exchange only moves
-data: it returns (parameter view, update) pairs, and
-:func:`~bregtop_dist.update.apply_update` does the arithmetic.
+Sharded layouts (FSDP2, HSDP, tensor parallelism, ZeRO) move each rank's part of every block
+with one ``all_to_all_single`` each way: the intersections of the block with the boxes the
+rank holds (:mod:`bregtop_dist.distributed.layout`). Where several ranks hold the same box
+(HSDP's replicas, a tensor-parallel group's replicated parameters), one of them sends the
+gradient (the owner itself when it is one of them, else one chosen by the block, which
+spreads the load) and every one of them receives the update. Replicated layouts (one device,
+DDP) need nothing on the way in, since the owner already holds its blocks, and return
+updates with one ``all_gather_into_tensor``. Every rank derives the same rectangle lists
+from the plan, so only values travel. The exchange only moves data: it returns (parameter
+view, update) pairs, and :func:`~bregtop_dist.core.descend.apply_update` does the arithmetic.
 """
 
 from __future__ import annotations
@@ -20,50 +22,54 @@ import torch.distributed as dist
 from torch import Tensor
 
 from bregtop_dist.distributed.assignment import Block
-from bregtop_dist.distributed.layout import Piece, Range, rect_view
+from bregtop_dist.distributed.layout import Box, Piece, Range, rect_view
 
 
 @dataclass(frozen=True)
 class Rect:
     """The part of block ``block`` in rows ``rows`` and columns ``cols`` of its parameter's
-    2-D view."""
+    2-D view, found in its holder's local tensor from element ``at`` on, rows ``stride``
+    apart."""
 
     block: int
     rows: Range
     cols: Range
+    at: int
+    stride: int
 
     @property
     def numel(self) -> int:
         return (self.rows[1] - self.rows[0]) * (self.cols[1] - self.cols[0])
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.rows[1] - self.rows[0], self.cols[1] - self.cols[0]
+
 
 def whole_block(index: int, block: Block) -> Rect:
-    return Rect(index, (block.slice.r0, block.slice.r1), (block.slice.c0, block.slice.c1))
-
-
-def intersect(index: int, block: Block, held: Range) -> list[Rect]:
-    """The rectangles of ``block`` that fall in the flat range ``held`` of its parameter."""
-    a, b = held
-    if a >= b:
-        return []
-    c = block.cols
+    """Block ``index`` as a rank holding its whole (replicated) parameter finds it."""
     s = block.slice
-    first_full, end_full = -(-a // c), b // c  # rows entirely inside [a, b)
-    if first_full > end_full:  # [a, b) lies inside one row
-        parts = [((a // c, a // c + 1), (a % c, a % c + b - a))]
-    else:
-        parts = [((first_full, end_full), (0, c))]
-        if a % c:
-            parts.insert(0, ((first_full - 1, first_full), (a % c, c)))
-        if b % c:
-            parts.append(((end_full, end_full + 1), (0, b % c)))
+    return Rect(index, (s.r0, s.r1), (s.c0, s.c1), s.r0 * block.cols + s.c0, block.cols)
+
+
+def intersect(index: int, block: Block, held: Sequence[Box]) -> list[Rect]:
+    """The rectangles of ``block`` that fall in the boxes ``held`` of its parameter."""
+    s = block.slice
     out = []
-    for (i0, i1), (j0, j1) in parts:
-        rows = (max(i0, s.r0), min(i1, s.r1))
-        cols = (max(j0, s.c0), min(j1, s.c1))
+    for box in held:
+        rows = (max(box.rows[0], s.r0), min(box.rows[1], s.r1))
+        cols = (max(box.cols[0], s.c0), min(box.cols[1], s.c1))
         if rows[0] < rows[1] and cols[0] < cols[1]:
-            out.append(Rect(index, rows, cols))
+            out.append(Rect(index, rows, cols, box.at(rows[0], cols[0]), box.stride))
     return out
+
+
+def holder_classes(held: Sequence[Sequence[Box]]) -> list[tuple[tuple[Box, ...], list[int]]]:
+    """The ranks that hold each distinct set of boxes of one parameter, in rank order."""
+    classes: dict[tuple[Box, ...], list[int]] = {}
+    for rank, boxes in enumerate(held):
+        classes.setdefault(tuple(boxes), []).append(rank)
+    return list(classes.items())
 
 
 @dataclass
@@ -80,49 +86,61 @@ class Traffic:
 
 @dataclass
 class Exchange:
-    """This rank's side of a plan's communication.
+    """This rank's side of a plan's communication, as rectangle lists by peer rank.
 
-    ``send[d]``: rectangles of this rank's elements that owner ``d`` needs; ``recv[s]``: rectangles
-    this rank, as owner, gets from rank ``s``; ``owned[r]``: the blocks rank ``r`` owns.
+    ``grads_to[d]``: the rectangles of this rank's elements whose gradient owner ``d`` needs;
+    ``grads_from[s]``: those this rank, as owner, gets from rank ``s``; ``updates_to[d]``: the
+    rectangles of rank ``d``'s elements this rank, as owner, returns updates for;
+    ``updates_from[s]``: those rank ``s`` returns to this rank; ``owned[r]``: the blocks rank
+    ``r`` owns. Without shared boxes the updates retrace the gradients' way.
     """
 
     rank: int
     world: int
     replicated: bool
     blocks: list[Block]
-    send: list[list[Rect]]
-    recv: list[list[Rect]]
+    grads_to: list[list[Rect]]
+    grads_from: list[list[Rect]]
+    updates_to: list[list[Rect]]
+    updates_from: list[list[Rect]]
     owned: list[list[int]]
     traffic: Traffic = field(default_factory=Traffic)
 
     @classmethod
     def build(
-        cls, blocks: list[Block], ranges: Sequence[Sequence[Range]], rank: int, world: int, replicated: bool
+        cls, blocks: list[Block], held: Sequence[Sequence[Sequence[Box]]], rank: int, world: int, replicated: bool
     ) -> Exchange:
-        send: list[list[Rect]] = [[] for _ in range(world)]
-        recv: list[list[Rect]] = [[] for _ in range(world)]
+        """``held[p][r]``: the boxes of parameter ``p`` rank ``r`` holds."""
+        lists: list[list[list[Rect]]] = [[[] for _ in range(world)] for _ in range(4)]
+        grads_to, grads_from, updates_to, updates_from = lists
         owned: list[list[int]] = [[] for _ in range(world)]
+        classes = [holder_classes(h) for h in held]
         for i, blk in enumerate(blocks):
             owned[blk.owner].append(i)
             if replicated:
                 if blk.owner == rank:
-                    send[rank].append(whole_block(i, blk))
-                    recv[rank].append(whole_block(i, blk))
+                    grads_to[rank].append(whole_block(i, blk))
+                    grads_from[rank].append(whole_block(i, blk))
                 continue
-            for src in range(world):
-                rects = intersect(i, blk, ranges[blk.param][src])
-                if src == rank:
-                    send[blk.owner].extend(rects)
+            for boxes, ranks in classes[blk.param]:
+                rects = intersect(i, blk, boxes)
+                if not rects:
+                    continue
+                source = blk.owner if blk.owner in ranks else ranks[i % len(ranks)]
+                if source == rank:
+                    grads_to[blk.owner].extend(rects)
                 if blk.owner == rank:
-                    recv[src].extend(rects)
-        return cls(rank, world, replicated, blocks, send, recv, owned)
+                    grads_from[source].extend(rects)
+                    for r in ranks:
+                        updates_to[r].extend(rects)
+                if rank in ranks:
+                    updates_from[blk.owner].extend(rects)
+        return cls(rank, world, replicated, blocks, grads_to, grads_from, updates_to, updates_from, owned)
 
     # ------------------------------------------------------------------- helpers
     def _local(self, pieces: Sequence[Piece], rect: Rect, tensor_of: str) -> Tensor:
-        blk = self.blocks[rect.block]
-        piece = pieces[blk.param]
-        tensor = getattr(piece, tensor_of)
-        return rect_view(tensor, piece.ranges[self.rank][0], blk.cols, rect.rows, rect.cols)
+        piece = pieces[self.blocks[rect.block].param]
+        return rect_view(getattr(piece, tensor_of), rect.at, rect.stride, rect.shape)
 
     def _in_block(self, buffers: dict[int, Tensor], rect: Rect) -> Tensor:
         s = self.blocks[rect.block].slice
@@ -149,8 +167,8 @@ class Exchange:
         comm_dtype: torch.dtype, pg: dist.ProcessGroup | None,
     ) -> None:
         """Fill ``buffers[block]`` (fp32, one per owned block that steps) with the block's gradient."""
-        send = [self._stepped(r, stepped) for r in self.send]
-        recv = [self._stepped(r, stepped) for r in self.recv]
+        send = [self._stepped(r, stepped) for r in self.grads_to]
+        recv = [self._stepped(r, stepped) for r in self.grads_from]
         if self.world == 1 or self.replicated:
             for rect in send[self.rank]:
                 self._in_block(buffers, rect).copy_(self._local(pieces, rect, "grad"))
@@ -171,18 +189,18 @@ class Exchange:
         """(views of this rank's elements, their updates) for every element it holds of a
         parameter that steps, from the owners' ``updates[block]``."""
         if self.world == 1:
-            rects = self._stepped(self.send[self.rank], stepped)
+            rects = self._stepped(self.grads_to[self.rank], stepped)
             return [self._local(pieces, r, "value") for r in rects], [updates[r.block] for r in rects]
         if self.replicated:
             return self._gathered_pairs(pieces, stepped, updates, comm_dtype, pg)
-        recv = [self._stepped(r, stepped) for r in self.recv]
-        send = [self._stepped(r, stepped) for r in self.send]
-        parts = [[self._in_block(updates, r) for r in rects] for rects in recv]
-        sizes = [sum(r.numel for r in rs) for rs in send]
+        outgoing = [self._stepped(r, stepped) for r in self.updates_to]
+        incoming = [self._stepped(r, stepped) for r in self.updates_from]
+        parts = [[self._in_block(updates, r) for r in rects] for rects in outgoing]
+        sizes = [sum(r.numel for r in rs) for rs in incoming]
         received = self._all_to_all(parts, sizes, comm_dtype, pieces[0].value.device, pg)
         dsts: list[Tensor] = []
         srcs: list[Tensor] = []
-        for rects, data in zip(send, received):
+        for rects, data in zip(incoming, received):
             for rect, chunk in zip(rects, data.split([r.numel for r in rects])):
                 dsts.append(self._local(pieces, rect, "value"))
                 srcs.append(chunk.view(dsts[-1].shape))

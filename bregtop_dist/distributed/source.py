@@ -4,7 +4,8 @@ the piece this rank holds, and among which ranks (the pg) the Kronecker blocks a
 The optimizer holds one source, chosen at construction and replaced only by an engine that
 takes over its tensors (DeepSpeed ZeRO, :mod:`bregtop_dist.integrations.deepspeed`). It asks
 the source and never inspects engines itself. :class:`TensorSource` covers plain tensors
-(one device, DDP: every rank holds the whole parameter) and DTensors (FSDP2).
+(one device, DDP: every rank holds the whole parameter) and DTensors on meshes of any
+dimension (FSDP2, HSDP, FSDP2 x tensor parallel: :mod:`bregtop_dist.distributed.mesh`).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import torch.distributed as dist
 from torch import Tensor
 
 from bregtop_dist.distributed.layout import (
+    Box,
     GroupPieces,
     dtensor_piece,
     global_shape,
     is_dtensor,
     replicated_piece,
 )
+from bregtop_dist.distributed.mesh import mesh_boxes, mesh_pg
 
 
 class Source(Protocol):
@@ -62,8 +65,8 @@ def param_name(groups: Sequence[dict[str, Any]], gi: int, pi: int, p: Tensor) ->
 
 
 class TensorSource:
-    """Plain tensors (replicated on every rank of ``pg``) and FSDP2 DTensors (their pieces
-    from their placements; their mesh's pg is the pg). Reads the optimizer's live
+    """Plain tensors (replicated on every rank of ``pg``) and DTensors (their boxes from their
+    placements; their root mesh's process group is the pg). Reads the optimizer's live
     ``param_groups``, so that groups added later are seen."""
 
     engine_saves_state = False
@@ -72,12 +75,13 @@ class TensorSource:
         self._groups = groups  # the optimizer's param_groups list itself
         self._added = added  # each group's tensors as added (to notice an engine's flat swap)
         self._pg = pg
+        self._boxes: dict[int, tuple[Any, tuple[tuple[Box, ...], ...]]] = {}  # id(param) -> (its layout, boxes)
 
     def pg(self) -> dist.ProcessGroup | None:
-        for group in self._groups:
-            for p in group["params"]:
+        for gi, group in enumerate(self._groups):
+            for pi, p in enumerate(group["params"]):
                 if is_dtensor(p):
-                    return p.device_mesh.get_group()  # type: ignore[attr-defined]
+                    return mesh_pg(p, param_name(self._groups, gi, pi, p))
         return self._pg
 
     def world(self) -> tuple[int, int]:
@@ -87,18 +91,28 @@ class TensorSource:
         return [list(g["params"]) for g in self._groups]
 
     def pieces(self, every_group: bool) -> list[GroupPieces]:
-        world = self.world()[1]
+        pg = self.pg()
+        world = world_of(pg)[1]
         out = []
         for gi, group in enumerate(self._groups):
             self._check_not_flattened(gi, group)
             pieces = [
-                dtensor_piece(p, name) if is_dtensor(p) else replicated_piece(p, name, world)
+                dtensor_piece(p, name, self._held(p, name, pg)) if is_dtensor(p) else replicated_piece(p, name, world)
                 for pi, p in enumerate(group["params"])
                 for name in (param_name(self._groups, gi, pi, p),)
             ]
             if pieces:
                 out.append(GroupPieces(str(gi), gi, group, pieces))
         return out
+
+    def _held(self, p: Tensor, name: str, pg: dist.ProcessGroup | None) -> tuple[tuple[Box, ...], ...]:
+        """Every rank's box of DTensor ``p``, worked out once per layout."""
+        layout = (tuple(p.shape), tuple(p.placements), p.device_mesh, pg)  # type: ignore[attr-defined]
+        known = self._boxes.get(id(p))
+        if known is None or known[0] != layout:
+            known = (layout, mesh_boxes(p, name, pg))
+            self._boxes[id(p)] = known
+        return known[1]
 
     def _check_not_flattened(self, gi: int, group: dict[str, Any]) -> None:
         """An engine (DeepSpeed ZeRO) that swapped a group's matrices for flat partitions

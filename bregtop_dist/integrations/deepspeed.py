@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from bregtop_dist.config import BregTopConfig
-from bregtop_dist.distributed.layout import GroupPieces, Piece, Range
+from bregtop_dist.distributed.layout import GroupPieces, Piece, Range, flat_piece
 from bregtop_dist.group_checks import wire_dtype
 from bregtop_dist.grouping import param_groups
 from bregtop_dist.integrations.deepspeed_files import using_safe_load
@@ -312,7 +312,7 @@ def _fragment(p: Tensor, name: str, ranges: Sequence[Range], flat: Tensor, offse
     value = flat.narrow(0, offset, stop - start)
     grad = None if flat.grad is None else flat.grad.narrow(0, offset, stop - start)
     shape = tuple(getattr(p, "ds_shape", p.shape))
-    return Piece(p, name, shape, tuple(ranges), value, grad)
+    return flat_piece(p, name, shape, tuple(ranges), value, grad)
 
 
 

@@ -1,0 +1,190 @@
+"""Scenarios on device meshes of two dimensions (4 gloo processes: HSDP 2 x 2, FSDP2 over
+tensor parallelism 2 x 2) and tensor parallelism alone (2 processes), each against the
+one-process run of the same optimizer (run on every rank in a one-rank group).
+
+The model is issue 27's: a residual MLP of two blocks (Linear 32-48-32, and 32-46-32 so that
+data-parallel shards of tensor-parallel ones come out uneven), tanh, then a LayerNorm (on the AdamW side, replicated across the
+tensor-parallel ranks). Every rank feeds the same batch, so data-parallel averages are the
+one-process gradient exactly; tensor parallelism's partial sums round differently, which
+torch's AdamW, run the same way, measures.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bregtop_dist import BregTop, param_groups
+
+SETTINGS: dict[str, Any] = dict(lr=0.02, precondition_frequency=3, max_precond_dim=16, weight_decay=0.01)
+METHODS = ("kl", "vn-v2", "bregtop-vn-v2")  # one row of each family
+STEPS = 7  # more than two refresh periods, staggered
+TOL = 1e-5
+
+
+class Block(nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(32, hidden)
+        self.down = nn.Linear(hidden, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.tanh(self.up(x)))
+
+
+class Residual(nn.Module):
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList([Block(48), Block(46)])
+        self.norm = nn.LayerNorm(32)
+        self.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+def batch(step: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(2000 + step)
+    return torch.randn(8, 32, generator=g).to(dtype), torch.randn(8, 32, generator=g).to(dtype)
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, dtype: torch.dtype) -> None:
+    for step in range(STEPS):
+        x, y = batch(step, dtype)
+        opt.zero_grad(set_to_none=True)
+        (model(x).float() - y.float()).square().mean().backward()
+        opt.step()
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t  # type: ignore[no-any-return]
+
+
+def hsdp(model: nn.Module) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    for block in model.blocks:  # type: ignore[union-attr]
+        fully_shard(block.up, mesh=mesh)
+        fully_shard(block.down, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _tensor_parallel(model: nn.Module, tp_mesh: Any) -> None:
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    for block in model.blocks:  # type: ignore[union-attr]
+        parallelize_module(block, tp_mesh, {"up": ColwiseParallel(), "down": RowwiseParallel()})
+
+
+def fsdp_tp(model: nn.Module) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    _tensor_parallel(model, mesh["tp"])
+    for block in model.blocks:  # type: ignore[union-attr]
+        fully_shard(block, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    return model
+
+
+def fsdp(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.blocks:  # type: ignore[union-attr]
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def tp(model: nn.Module) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    _tensor_parallel(model, init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",)))
+    return model
+
+
+def relative_difference(make: Callable[[nn.Module], nn.Module], optimizer: Callable[[nn.Module, dist.ProcessGroup | None], torch.optim.Optimizer],
+                        dtype: torch.dtype, single: dist.ProcessGroup) -> float:
+    """Largest relative difference (max |a - b| / max |b|, per parameter) between ``make``'s
+    run and the one-process run of the same optimizer."""
+    model = make(Residual(dtype))
+    train(model, optimizer(model, None), dtype)
+    got = {k: full(v.detach()).float() for k, v in model.named_parameters()}
+    reference = Residual(dtype)
+    train(reference, optimizer(reference, single), dtype)
+    return max(float((got[k] - v.detach().float()).abs().max() / v.detach().float().abs().max())
+               for k, v in reference.named_parameters())
+
+
+def _bregtop(method: str) -> Callable[[nn.Module, dist.ProcessGroup | None], torch.optim.Optimizer]:
+    return lambda model, pg: BregTop(param_groups(model), process_group=pg, method=method, **SETTINGS)
+
+
+def _adamw(model: nn.Module, pg: dist.ProcessGroup | None) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=SETTINGS["lr"], weight_decay=SETTINGS["weight_decay"])
+
+
+def _equals_single(make: Callable[[nn.Module], nn.Module], dtype: torch.dtype) -> Callable[..., None]:
+    def scenario(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+        engine = relative_difference(make, _adamw, dtype, single)  # what the engine's own rounding allows
+        tol = max(TOL, 4 * engine)  # tensor parallelism's partial sums round unlike one process's matmul
+        found = {m: relative_difference(make, _bregtop(m), dtype, single) for m in METHODS}
+        if rank == 0:  # the figures, for the test's report
+            (workdir / f"{make.__name__}_{dtype}.json").write_text(json.dumps({"adamw": engine, **found}))
+        bad = {m: f"{d:.3g}" for m, d in found.items() if not d <= tol}
+        assert not bad, f"{make.__name__} {dtype}: relative difference {bad} > {tol:.3g} (torch AdamW: {engine:.3g})"
+
+    return scenario
+
+
+FOUR_RANKS: dict[str, Callable[[int, int, dist.ProcessGroup, Path], None]] = {
+    f"{make.__name__}_{name}_equals_single": _equals_single(make, dtype)
+    for make in (hsdp, fsdp_tp)
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+}
+TWO_RANKS: dict[str, Callable[[int, int, dist.ProcessGroup, Path], None]] = {
+    f"{make.__name__}_{name}_equals_single": _equals_single(make, dtype)
+    for make in (tp, fsdp)
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+}
+SCENARIOS = {**FOUR_RANKS, **TWO_RANKS}
+
+
+def unsupported_placements_are_refused_at_construction(rank: int, world: int, single: dist.ProcessGroup,
+                                                      workdir: Path) -> None:
+    """``Shard(2)`` of a 3-D parameter and ``Partial()`` are refused when BregTop is built,
+    naming the parameter, its mesh and its placements, and what is supported."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    kernel = nn.Parameter(distribute_tensor(torch.randn(4, 6, 8), mesh, [Replicate(), Shard(2)]))
+    partial = nn.Parameter(DTensor.from_local(torch.randn(4, 6), mesh, [Partial(), Replicate()], run_check=False))
+    for p, placements in ((kernel, r"\(Replicate\(\), Shard\(dim=2\)\)"), (partial, r"\(Partial\(sum\), Replicate\(\)\)")):
+        try:
+            BregTop([{"params": [p], "param_names": ["layer.weight"]}], method="kl")
+        except ValueError as err:
+            import re
+
+            want = (rf"layer\.weight: mesh shape \(2, 2\), dims \('dp', 'tp'\), placements {placements}: BregTop "
+                    r"supports Replicate\(\), Shard\(0\) and Shard\(1\)")
+            assert re.search(want, str(err)), str(err)
+        else:
+            raise AssertionError(f"BregTop took a parameter placed {p.placements}")
+
+
+FOUR_RANKS[unsupported_placements_are_refused_at_construction.__name__] = unsupported_placements_are_refused_at_construction
+SCENARIOS[unsupported_placements_are_refused_at_construction.__name__] = unsupported_placements_are_refused_at_construction

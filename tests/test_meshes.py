@@ -1,0 +1,33 @@
+"""BregTop on 2-D device meshes (HSDP, FSDP2 x tensor parallel: 4 gloo ranks) and under tensor
+parallelism alone and 1-D FSDP2 with the same model (2 ranks), against the one-process run
+(see mesh_scenarios)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mesh_scenarios import FOUR_RANKS, TWO_RANKS
+
+from dist_harness import run_scenarios
+
+CASES = [(4, name) for name in FOUR_RANKS] + [(2, name) for name in TWO_RANKS]
+
+
+@pytest.fixture(scope="module")
+def verdicts(tmp_path_factory):
+    out = {}
+    for world, names in ((4, list(FOUR_RANKS)), (2, list(TWO_RANKS))):
+        workdir = tmp_path_factory.mktemp(f"mesh{world}")
+        out[world] = (workdir, run_scenarios(world, names, workdir, "mesh_scenarios"))
+    return out
+
+
+@pytest.mark.parametrize("world, scenario", CASES, ids=[f"world{w}-{n}" for w, n in CASES])
+def test_mesh_scenario(verdicts, world, scenario):
+    workdir, results = verdicts[world]
+    for figures in sorted(workdir.glob("*.json")):
+        if not figures.name.startswith("rank"):
+            print(figures.stem, json.loads(figures.read_text()))  # relative differences, in the report
+    failures = [f"rank {r}:\n{v}" for r, v in enumerate(results[scenario]) if v != "ok"]
+    assert not failures, f"{scenario} on {world} ranks\n" + "\n".join(failures)
