@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from mesh_scenarios import FOUR_RANKS, TWO_RANKS
+from mesh_scenarios import FOUR_RANKS, MESH_SAVE, TWO_RANKS
 
 from dist_harness import run_scenarios
 
@@ -31,3 +31,25 @@ def test_mesh_scenario(verdicts, world, scenario):
             print(figures.stem, json.loads(figures.read_text()))  # relative differences, in the report
     failures = [f"rank {r}:\n{v}" for r, v in enumerate(results[scenario]) if v != "ok"]
     assert not failures, f"{scenario} on {world} ranks\n" + "\n".join(failures)
+
+
+@pytest.fixture(scope="module")
+def mesh_checkpoints(tmp_path_factory):
+    base = tmp_path_factory.mktemp("mesh-ckpt")
+    return base, run_scenarios(4, list(MESH_SAVE), base / "save", "mesh_scenarios")
+
+
+@pytest.mark.parametrize("world", [4, 1], ids=["as-fsdp2-on-4", "in-one-process"])
+@pytest.mark.parametrize("saved", ["hsdp", "fsdp_tp"])
+def test_a_mesh_checkpoint_resumes_on_another_layout(mesh_checkpoints, saved, world):
+    """DCP get_state_dict/set_state_dict: saved on a 2 x 2 mesh (HSDP, FSDP2 x TP), loaded as
+    1-D FSDP2 on 4 ranks and in one process, training on equal to the uninterrupted run."""
+    base, saves = mesh_checkpoints
+    failed = [f"rank {r}: {v}" for r, v in enumerate(saves[f"save_{saved}"]) if v != "ok"]
+    assert not failed, "\n".join(failed)
+    workdir = base / f"resume-{saved}-{world}"
+    results = run_scenarios(world, [f"resume_{saved}"], workdir, "mesh_scenarios")
+    for figures in workdir.glob("resume_*.json"):
+        print(figures.stem, json.loads(figures.read_text()))  # relative differences, in the report
+    failures = [f"rank {r}:\n{v}" for r, v in enumerate(results[f"resume_{saved}"]) if v != "ok"]
+    assert not failures, "\n".join(failures)
