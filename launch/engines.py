@@ -46,6 +46,7 @@ def make_optimizer(model: nn.Module, settings: BregTopConfig, adamw: bool = Fals
 def build(
     accelerator: Any, model: nn.Module, settings: BregTopConfig, deepspeed_config: Path | None, micro_batch: int, *,
     adamw: bool = False, groups: Callable[[nn.Module], Any] = param_groups, grad_clip: float | None = None,
+    parallelized: bool = False,
 ) -> Engine:
     """Wrap ``model`` and its optimizer, :func:`make_optimizer` of ``settings`` (the row's
     BregTop settings, method included), ``adamw`` and ``groups``.
@@ -53,7 +54,9 @@ def build(
     A DeepSpeed config's optimizer block gives the optimizer-wide ``comm_dtype``; the rest is
     ``settings``. ``micro_batch`` is the per-process batch (for DeepSpeed's "auto" sizes).
     ``grad_clip`` (when given) becomes a DeepSpeed engine's ``gradient_clipping``: the engine
-    clips, so the job does not (0 turns the config's clipping off).
+    clips, so the job does not (0 turns the config's clipping off). A ``parallelized`` model
+    (sharded in place on a mesh by :mod:`launch.parallel`) is not wrapped again: the optimizer
+    is built on its DTensors, as with torch's optimizers.
     """
     from accelerate.utils import DistributedType
 
@@ -88,13 +91,19 @@ def build(
         return Engine(engine, bregtop, engine.backward, engine.step, accelerator.prepare)
 
     opt = make_optimizer(model, settings, adamw, groups)
+    if parallelized:
+        return Engine(model, opt, lambda loss: loss.backward(), _stepper(opt), accelerator.prepare)
     model, opt = accelerator.prepare(model, opt)
     return _accelerate_engine(accelerator, model, opt)
 
 
-def _accelerate_engine(accelerator: Any, model: Any, opt: Any) -> Engine:
+def _stepper(opt: Any) -> Callable[[], None]:
     def step() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return Engine(model, opt, accelerator.backward, step, accelerator.prepare)
+    return step
+
+
+def _accelerate_engine(accelerator: Any, model: Any, opt: Any) -> Engine:
+    return Engine(model, opt, accelerator.backward, _stepper(opt), accelerator.prepare)

@@ -41,6 +41,7 @@ from launch.engines import build
 from launch.jobconfig import ConfigError, JobConfig, from_sources, job_parser
 from launch.lm_data import DEFAULT_TEXT, GPT2_DIR, DataError, batch_at, gpt2_tokenizer, load_text, token_ids
 from launch.models import GPT
+from launch.parallel import MeshLayout, parallelize
 from launch.schedule import SCHEDULES, make_scheduler
 
 PRESETS = {"tiny": (2, 2, 64, 64), "small": (4, 4, 128, 128), "gpt2": (12, 12, 768, 1024)}
@@ -74,10 +75,12 @@ class LMConfig(JobConfig):
         "cache_dir": "where the tokenised text is cached",
         "out": "output folder: metrics.jsonl, summary.json, loss.png and checkpoints",
         "resume": "continue from the newest complete checkpoint in OUT",
+        "tp": "tensor-parallel degree under torchrun: each block's MLP split over this many ranks, FSDP2 over the rest",
+        "replicate": "HSDP under torchrun: this many replicas, each sharding the model (FSDP2) over the rest",
     }
     """What each ``launch.lm`` option does, as ``--help`` says it."""
     POSITIVE: ClassVar[tuple[str, ...]] = ("batch_size", "max_steps", "eval_every", "eval_batches", "ckpt_every",
-                                           "layers", "heads", "dim", "block_size")
+                                           "layers", "heads", "dim", "block_size", "tp", "replicate")
 
     max_steps: int = 200
     batch_size: int = 16  # per process
@@ -97,6 +100,8 @@ class LMConfig(JobConfig):
     val_fraction: float = 0.1
     data: Path = DEFAULT_TEXT
     tokenizer_dir: Path = GPT2_DIR
+    tp: int = 1  # tensor-parallel degree (launch.parallel)
+    replicate: int = 1  # HSDP replicas
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -115,6 +120,14 @@ class LMConfig(JobConfig):
             raise ValueError(f"val_fraction={self.val_fraction!r} must be in (0, 1)")
         if self.dims[2] % self.dims[1]:
             raise ValueError(f"dim={self.dims[2]} must be a multiple of heads={self.dims[1]}")
+        if self.mesh.used and self.deepspeed is not None:
+            raise ValueError("--tp and --replicate build the mesh with FSDP2; they do not combine with --deepspeed")
+        if self.tp > 1 and (4 * self.dims[2]) % self.tp:
+            raise ValueError(f"tp={self.tp} must divide the MLP width 4 x dim = {4 * self.dims[2]}")
+
+    @property
+    def mesh(self) -> MeshLayout:
+        return MeshLayout(self.replicate, self.tp)
 
     @property
     def dims(self) -> tuple[int, int, int, int]:
@@ -128,11 +141,16 @@ def evaluate(model: Any, ids: torch.Tensor, cfg: LMConfig, accelerator: Any) -> 
     block = cfg.dims[3]
     losses = []
     for i in range(cfg.eval_batches):
-        x, y = batch_at(ids, -1 - i, cfg.batch_size, block, cfg.seed, accelerator.process_index, accelerator.num_processes)
+        x, y = batch_at(ids, -1 - i, cfg.batch_size, block, cfg.seed, *data_rank(cfg, accelerator))
         _, loss = model(x.to(accelerator.device), y.to(accelerator.device))
         losses.append(accelerator.reduce(loss.detach(), reduction="mean"))
     model.train()
     return float(torch.stack(losses).mean())
+
+
+def data_rank(cfg: LMConfig, accelerator: Any) -> tuple[int, int]:
+    """(index, count) of this process among those that take different batches."""
+    return cfg.mesh.data_rank() if cfg.mesh.used else (accelerator.process_index, accelerator.num_processes)
 
 
 def _plain(model: Any, opt: Any, accelerator: Any) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -185,7 +203,7 @@ def typed_config(cfg: LMConfig) -> dict[str, Any]:
 SCHEDULE_SETTINGS = ("optimizer.lr", "schedule", "warmup_steps", "min_lr_ratio")
 CHANGEABLE_ON_RESUME = (
     "max_steps", "eval_every", "eval_batches", "ckpt_every", "grad_clip",
-    "out", "cache_dir", "data", "tokenizer_dir", "resume", "cpu",
+    "out", "cache_dir", "data", "tokenizer_dir", "resume", "cpu", "tp", "replicate",
     "optimizer.backend", "optimizer.rotation_precision",
 )
 """Settings ``--resume`` may change, each from the first resumed step: how long the run goes
@@ -362,8 +380,16 @@ def run(cfg: LMConfig) -> int:
             raise CheckpointError(f"--resume: {str(resume_from / checkpoints.MARKER)!r} records processes="
                                   f"{processes!r}, not a count of processes")
         check_resume(cfg, marker)
+    if cfg.mesh.used:
+        if accelerator.num_processes == 1:
+            raise ConfigError("--tp and --replicate shard the model over processes: start the job with torchrun")
+        try:
+            cfg.mesh.check(accelerator.num_processes)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        model = parallelize(model.to(accelerator.device), cfg.mesh)
     engine = build(accelerator, model, cfg.row_config(), cfg.deepspeed, cfg.batch_size, adamw=cfg.method == "adamw",
-                   grad_clip=cfg.grad_clip)  # a DeepSpeed engine clips itself
+                   grad_clip=cfg.grad_clip, parallelized=cfg.mesh.used)  # a DeepSpeed engine clips itself
     model, opt = engine.model, engine.optimizer
     ds_engine = hasattr(model, "get_global_grad_norm")  # directly or through Accelerate
     direct_ds = cfg.deepspeed is not None and hasattr(model, "save_checkpoint")
@@ -420,7 +446,7 @@ def run(cfg: LMConfig) -> int:
     interval, train_seconds, last = Interval(), 0.0, None
     interval.start()
     for step in range(start, cfg.max_steps):
-        x, y = batch_at(train_ids, step, cfg.batch_size, block, cfg.seed, accelerator.process_index, accelerator.num_processes)
+        x, y = batch_at(train_ids, step, cfg.batch_size, block, cfg.seed, *data_rank(cfg, accelerator))
         _, loss = model(x.to(accelerator.device), y.to(accelerator.device))
         engine.backward(loss)
         norm = None

@@ -313,10 +313,10 @@ def test_lm_bad_input_is_one_line(args, message, capsys, tmp_path):
 
 
 # ---------------------------------------------------------------------- multi-process (CPU)
-def _torchrun(module: str, args: list[str], cwd: Path) -> str:
+def _torchrun(module: str, args: list[str], cwd: Path, processes: int = 2) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", module,
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), "-m", module,
          "--cpu", *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
     )
@@ -342,6 +342,42 @@ def test_lm_under_torchrun_with_deepspeed_zero3_resumes(tmp_path, small_text):
     assert [r["step"] for r in resumed] == [2, 4]
     assert resumed[-1]["train_loss"] == pytest.approx(straight[-1]["train_loss"], rel=1e-6)
     assert all(r["grad_norm"] > 0 for r in resumed)  # the engine clips (gradient_clipping) and reports the norm
+
+
+def test_lm_on_meshes_equals_ddp_on_the_same_batches_and_resumes_as_ddp(tmp_path, small_text):
+    """``--tp 2`` on 4 processes (2 data-parallel groups) is the 2-process DDP run and
+    ``--replicate 2`` on 4 the 4-process one, up to tensor parallelism's rounding; a ``--tp``
+    checkpoint resumes under DDP and continues as the uninterrupted DDP run."""
+    common = [*TINY_LM, "--data", str(small_text), "--cache-dir", str(tmp_path / "cache"), "--ckpt-every", "2",
+              "--grad-clip", "0.5"]
+    printed = _torchrun("launch.lm", [*common, "--max-steps", "4", "--out", str(tmp_path / "tp"), "--tp", "2"], ROOT, 4)
+    assert "4 process(es)" in printed
+    _torchrun("launch.lm", [*common, "--max-steps", "6", "--out", str(tmp_path / "ddp2")], ROOT, 2)
+    _torchrun("launch.lm", [*common, "--max-steps", "6", "--out", str(tmp_path / "tp"), "--resume", "--tp", "1"], ROOT, 2)
+    _torchrun("launch.lm", [*common, "--max-steps", "4", "--out", str(tmp_path / "hsdp"), "--replicate", "2"], ROOT, 4)
+    _torchrun("launch.lm", [*common, "--max-steps", "4", "--out", str(tmp_path / "ddp4")], ROOT, 4)
+    tp, ddp2 = _rows(tmp_path / "tp/metrics.jsonl"), _rows(tmp_path / "ddp2/metrics.jsonl")
+    hsdp, ddp4 = _rows(tmp_path / "hsdp/metrics.jsonl"), _rows(tmp_path / "ddp4/metrics.jsonl")
+    assert [r["step"] for r in tp] == [r["step"] for r in ddp2] == [2, 4, 6]
+    for mesh, ddp in ((tp, ddp2), (hsdp, ddp4)):
+        for a, b in zip(mesh, ddp):
+            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+            assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)  # clipped on the mesh's DTensors
+    assert ddp2[-1]["train_loss"] != ddp2[0]["train_loss"]  # it trained
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tp", "2"], "--tp and --replicate shard the model over processes: start the job with torchrun"),
+    (["--tp", "2", "--deepspeed", "configs/deepspeed/zero2.json"], "do not combine with --deepspeed"),
+    (["--tp", "3"], "tp=3 must divide the MLP width 4 x dim = 256"),
+])
+def test_lm_mesh_options_that_cannot_run_are_one_line(tmp_path, small_text, capsys, args, message):
+    code = lm.main([*TINY_LM, "--data", str(small_text), "--cache-dir", str(tmp_path / "cache"), "--max-steps", "1",
+                    "--out", str(tmp_path / "run"), *args])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err, err
 
 
 @pytest.mark.parametrize("job", [sst2, lm])

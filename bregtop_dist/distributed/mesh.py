@@ -16,6 +16,7 @@ default group when the root spans every rank, else a 1-D mesh's own group.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch.distributed as dist
@@ -56,34 +57,20 @@ def mesh_pg(param: Tensor, name: str) -> dist.ProcessGroup | None:
 def mesh_boxes(param: Tensor, name: str, pg: dist.ProcessGroup | None) -> tuple[tuple[Box, ...], ...]:
     """The box of ``param``'s 2-D view every rank of ``pg`` holds (indexed by rank in ``pg``),
     each laid out as that rank's contiguous local tensor."""
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
-    from torch.distributed.tensor.placement_types import _StridedShard
-
     mesh = param.device_mesh  # type: ignore[attr-defined]
     placements = tuple(param.placements)  # type: ignore[attr-defined]
     shape = tuple(param.shape)
-    for place in placements:
-        ok = isinstance(place, Replicate) or (isinstance(place, (Shard, _StridedShard)) and place.dim in (0, 1))
-        if not ok or (isinstance(place, (Shard, _StridedShard)) and place.dim >= max(len(shape), 1)):
-            raise ValueError(f"{_describe(name, mesh, placements)}: BregTop supports {SUPPORTED}")
     root = mesh._get_root_mesh()
     dims = _dims_in_root(mesh, root, name, placements)
     world = dist.get_world_size(pg)
     held: list[tuple[Box, ...] | None] = [None] * world
-    coordinates = root.mesh.reshape(-1).tolist()
-    for flat, global_rank in enumerate(coordinates):
-        coordinate = _unravel(flat, tuple(root.shape))
-        local_shape, offset = _compute_local_shape_and_global_offset(
-            shape, tuple(mesh.shape), [coordinate[d] for d in dims], placements
-        )
-        held[dist.get_group_rank(pg, global_rank) if pg is not None else global_rank] = (
-            _box(shape, tuple(local_shape), tuple(offset)),
-        )
+    boxes_by_coordinate = placement_boxes(shape, tuple(mesh.shape), placements, tuple(root.shape), dims,
+                                          lambda: _describe(name, mesh, placements))
+    for global_rank, box in zip(root.mesh.reshape(-1).tolist(), boxes_by_coordinate):
+        held[dist.get_group_rank(pg, global_rank) if pg is not None else global_rank] = (box,)
     if any(h is None for h in held):
         raise ValueError(f"{_describe(name, mesh, placements)}: the mesh does not cover every rank of the process group")
     boxes = tuple(h for h in held if h is not None)
-    _check_tiling(boxes, shape, name, mesh, placements)
     local = param.to_local()  # type: ignore[attr-defined]
     mine = boxes[dist.get_rank(pg)][0]
     if local.numel() != mine.numel:
@@ -92,6 +79,32 @@ def mesh_boxes(param: Tensor, name: str, pg: dist.ProcessGroup | None) -> tuple[
             f"placements give this rank {mine.numel}"
         )
     return boxes
+
+
+def placement_boxes(shape: tuple[int, ...], mesh_shape: tuple[int, ...], placements: tuple[Any, ...],
+                    root_shape: tuple[int, ...], dims: list[int], describe: Callable[[], str]) -> list[Box]:
+    """The box of a tensor of ``shape``, placed ``placements`` on a mesh of ``mesh_shape`` whose
+    dimensions are the root mesh's ``dims``, at every coordinate of the root (row-major order);
+    a ValueError (its text from ``describe``) for placements BregTop cannot read as boxes.
+    Needs no process group: ``python -m launch.bench plan`` uses it for meshes of 1,024 ranks."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    for place in placements:
+        sharded = isinstance(place, (Shard, _StridedShard))
+        if not (isinstance(place, Replicate) or (sharded and place.dim in (0, 1) and place.dim < max(len(shape), 1))):
+            raise ValueError(f"{describe()}: BregTop supports {SUPPORTED}")
+    cache: dict[tuple[int, ...], Box] = {}
+    out = []
+    for flat in range(math.prod(root_shape)):
+        coordinate = tuple(_unravel(flat, root_shape)[d] for d in dims)
+        if coordinate not in cache:
+            local_shape, offset = _compute_local_shape_and_global_offset(shape, mesh_shape, list(coordinate), placements)
+            cache[coordinate] = _box(shape, tuple(local_shape), tuple(offset))
+        out.append(cache[coordinate])
+    _check_tiling(out, shape, describe)
+    return out
 
 
 def _dims_in_root(mesh: Any, root: Any, name: str, placements: tuple[Any, ...]) -> list[int]:
@@ -128,21 +141,17 @@ def _box(shape: tuple[int, ...], local: tuple[int, ...], offset: tuple[int, ...]
     return Box((r0, r0 + nr), (c0, c0 + nc), 0, nc)
 
 
-def _check_tiling(boxes: tuple[tuple[Box, ...], ...], shape: tuple[int, ...], name: str, mesh: Any,
-                  placements: tuple[Any, ...]) -> None:
+def _check_tiling(boxes: list[Box], shape: tuple[int, ...], describe: Callable[[], str]) -> None:
     """The distinct boxes tile the 2-D view as a grid (row bands, each cut into column
     ranges): a placement whose shards are not contiguous ranges, which the boxes (taken from
     the first offsets) would misread, shows as an overlap or a gap."""
     rows, cols = matrix_shape(shape)
     bands: dict[tuple[int, int], set[tuple[int, int]]] = {}
-    for (box,) in boxes:
+    for box in set(boxes):
         if box.numel:
             bands.setdefault(box.rows, set()).add(box.cols)
     if not _partitions(list(bands), rows) or not all(_partitions(list(c), cols) for c in bands.values()):
-        raise ValueError(
-            f"{_describe(name, mesh, placements)}: the shards are not contiguous boxes of the parameter; "
-            f"BregTop supports {SUPPORTED}"
-        )
+        raise ValueError(f"{describe()}: the shards are not contiguous boxes of the parameter; BregTop supports {SUPPORTED}")
 
 
 def _partitions(ranges: list[tuple[int, int]], size: int) -> bool:

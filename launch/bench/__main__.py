@@ -6,11 +6,11 @@ import argparse
 import sys
 from types import ModuleType
 
-from launch.bench import dist, kernels, launches, optimizer, precision
+from launch.bench import dist, kernels, launches, optimizer, plan, precision
 from launch.cli import OneLineParser
 
 SUITES: dict[str, ModuleType] = {"optimizer": optimizer, "kernels": kernels, "dist": dist, "launches": launches,
-                                 "precision": precision}
+                                 "precision": precision, "plan": plan}
 """Subcommand name -> suite module (``HELP``, ``add_arguments``, ``run``)."""
 
 
