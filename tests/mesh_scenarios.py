@@ -1,5 +1,6 @@
 """Scenarios on device meshes of two dimensions (4 gloo processes: HSDP 2 x 2, FSDP2 over
-tensor parallelism 2 x 2) and tensor parallelism alone (2 processes), each against the
+tensor parallelism 2 x 2; and a 3-D one, HSDP over tensor parallelism) and tensor
+parallelism alone (2 processes), each against the
 one-process run of the same optimizer (run on every rank in a one-rank group).
 
 The model is issue 27's: a residual MLP of two blocks (Linear 32-48-32, and 32-46-32 so that
@@ -101,6 +102,20 @@ def fsdp_tp(model: nn.Module) -> nn.Module:
     return model
 
 
+def hsdp_tp(model: nn.Module) -> nn.Module:
+    """A 3-D mesh: HSDP ("replicate", "shard") over tensor parallelism; on 4 ranks the shard
+    dimension has one rank, which still makes the parameters' meshes 2-D slices of a 3-D root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2, 1, 2), mesh_dim_names=("replicate", "shard", "tp"))
+    _tensor_parallel(model, mesh["tp"])
+    for block in model.blocks:  # type: ignore[union-attr]
+        fully_shard(block, mesh=mesh["replicate", "shard"])
+    fully_shard(model, mesh=mesh["replicate", "shard"])
+    return model
+
+
 def fsdp(model: nn.Module) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
@@ -156,6 +171,7 @@ FOUR_RANKS: dict[str, Callable[[int, int, dist.ProcessGroup, Path], None]] = {
     for make in (hsdp, fsdp_tp)
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
 }
+FOUR_RANKS["hsdp_tp_fp32_equals_single"] = _equals_single(hsdp_tp, torch.float32)
 TWO_RANKS: dict[str, Callable[[int, int, dist.ProcessGroup, Path], None]] = {
     f"{make.__name__}_{name}_equals_single": _equals_single(make, dtype)
     for make in (tp, fsdp)
