@@ -121,11 +121,12 @@ def is_kron_shape(shape: tuple[int, ...], bregtop_group: bool) -> bool:
 
 def build_plan(
     key: str, pieces: list[Piece], max_dim: int, frequency: int, stagger: bool,
-    rank: int, world: int,
+    rank: int, world: int, parts: tuple[int, int] = (1, 0),
 ) -> KronPlan:
-    """Cut ``pieces``' parameters into blocks, pick owners, and stack this rank's owned blocks
-    by shape (their state starts empty: no block is ready before its first non-zero gradient)."""
-    blocks = plan_blocks([s.shape for s in pieces], max_dim, frequency, stagger, world)
+    """Cut ``pieces``' parameters into blocks (``parts``: equal parts along a side first), pick
+    owners, and stack this rank's owned blocks by shape (their state starts empty: no block is
+    ready before its first non-zero gradient)."""
+    blocks = plan_blocks([s.shape for s in pieces], max_dim, frequency, stagger, world, parts)
     replicated = all(s.everywhere for s in pieces)
     exchange = Exchange.build(blocks, [s.held for s in pieces], rank, world, replicated)
     by_shape: dict[tuple[int, int], list[int]] = {}

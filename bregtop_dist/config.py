@@ -90,7 +90,11 @@ _REALS = {  # every real-valued field: what it allows, as its error messages say
     "adam_eps": "it must be a finite number > 0",
 }
 _OPTIONAL = ("rho", "q", "c", "exponent")
-_INTS = {"precondition_frequency": "it must be an integer >= 1", "max_precond_dim": "it must be an integer >= 1"}
+_INTS = {
+    "precondition_frequency": "it must be an integer >= 1",
+    "max_precond_dim": "it must be an integer >= 1",
+    "parts": "it must be an integer >= 1",
+}
 _BOOLS = ("stagger_refresh", "bregtop", "maximize")
 
 
@@ -135,6 +139,14 @@ class BregTopConfig:
     """Decoupled weight decay (>= 0), applied as p *= 1 - lr * weight_decay."""
     max_precond_dim: int = 1024
     """Dimensions above this are cut into blocks of at most this size (>= 1)."""
+    parts: int = 1
+    """Precondition each matrix of the group as this many equal parts along ``parts_dim``, each
+    its own Kronecker matrix (>= 1): a fused q/k/v projection as the paper's three, Q, K and V
+    (``param_groups`` sets it for the fused projections it recognises)."""
+    parts_dim: int = 0
+    """The side ``parts`` cuts: 0 the rows of the 2-D view (an ``nn.Linear``'s or
+    ``nn.MultiheadAttention.in_proj_weight``'s output features), 1 its columns (a transformers
+    ``Conv1D``, which stores the weight transposed)."""
     adam_betas: tuple[float, float] | None = None
     """Betas of the AdamW side (embeddings, biases, norms, head, 1-D tensors), each in [0, 1).
     None takes ``(betas[0], 0.999)``: one momentum for both sides, so a scheduler that cycles
@@ -180,6 +192,10 @@ class BregTopConfig:
         for name, allowed in _INTS.items():
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: {allowed}")
+        if not is_int(self.parts_dim):
+            raise wrong_type("parts_dim", self.parts_dim, "it must be 0 (rows) or 1 (columns)")
+        if self.parts_dim not in (0, 1):
+            raise ValueError(f"parts_dim={self.parts_dim!r} is not allowed: it must be 0 (rows) or 1 (columns)")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} is unknown; allowed: {', '.join(BACKENDS)}")
         if self.rotation_precision not in ROTATION_PRECISIONS:

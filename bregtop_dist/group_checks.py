@@ -6,6 +6,7 @@ Kronecker side.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -46,6 +47,26 @@ def check_placements(param_group: dict[str, Any], index: int) -> None:
         if is_dtensor(p):
             name = str(names[i]) if i < len(names) else f"param_groups[{index}]['params'][{i}] (shape {tuple(p.shape)})"
             mesh_boxes(p, name, mesh_pg(p, name))
+
+
+def check_parts(cfg: BregTopConfig, param_group: dict[str, Any], index: int) -> None:
+    """A ValueError naming a matrix of the group whose ``parts_dim`` side ``parts`` does not divide."""
+    if not cfg.bregtop or cfg.parts == 1:
+        return
+    tensors = param_group.get("params")
+    tensors = [tensors] if isinstance(tensors, Tensor) else list(tensors or [])
+    names = param_group.get("param_names") or []
+    for i, p in enumerate(tensors):
+        shape = global_shape(p)
+        if is_kron_shape(shape, True):
+            side = shape[0] if cfg.parts_dim == 0 else math.prod(shape[1:])
+            if side % cfg.parts:
+                name = str(names[i]) if i < len(names) else f"param_groups[{index}]['params'][{i}]"
+                raise ValueError(
+                    f"{name} (shape {shape}) cannot be cut into parts={cfg.parts} equal parts along parts_dim="
+                    f"{cfg.parts_dim} ({'rows' if cfg.parts_dim == 0 else 'columns'}: {side}); give it a group "
+                    "with parts=1 or a parts that divides that side"
+                )
 
 
 def check_backend_on_devices(cfg: BregTopConfig, params: Any) -> None:

@@ -26,16 +26,22 @@ _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm
 def param_groups(
     model: nn.Module,
     head_names: Sequence[str] | None = None,
+    split_fused: bool = True,
     **adamw_group_settings: Any,
 ) -> list[dict[str, Any]]:
-    """Two param groups for :class:`~bregtop_dist.BregTop`: matrices, and the AdamW side.
+    """Param groups for :class:`~bregtop_dist.BregTop`: matrices, fused q/k/v projections split
+    into their three parts (``parts=3``, a group per side: :func:`fused_projections`), and the
+    AdamW side.
 
     The AdamW side (``bregtop=False``) holds every parameter of an ``nn.Embedding``, of a
     normalisation layer, of a head module (``head_names``, or names matching
     :data:`DEFAULT_HEAD_PATTERN`), every bias and every 1-D tensor. A parameter shared by
     several modules (tied embeddings) is listed once, on the AdamW side if any owner puts
     it there. ``adamw_group_settings`` (for example ``lr=3e-4``) go into the AdamW group.
-    Both groups carry ``param_names`` for error messages.
+    ``split_fused=False`` keeps fused projections whole, one Kronecker matrix each (how the
+    jobs' published tables were measured). Every group carries ``param_names`` for error
+    messages. To split a fused projection this does not recognise, give it a group of its own
+    with ``parts`` (and ``parts_dim``).
     """
     heads = set(head_names) if head_names is not None else None
     adam_ids: set[int] = set()
@@ -49,21 +55,52 @@ def param_groups(
         if missing:
             raise ValueError(f"head_names {missing} are not modules of the model; known: {sorted(known)[:20]}")
 
+    fused = fused_projections(model) if split_fused else {}
     kron: dict[str, list[Any]] = {"params": [], "param_names": []}
+    by_parts: dict[int, dict[str, list[Any]]] = {0: {"params": [], "param_names": []}, 1: {"params": [], "param_names": []}}
     adam: dict[str, list[Any]] = {"params": [], "param_names": []}
     for name, p in model.named_parameters():  # shared parameters appear once
         if not p.requires_grad:
             continue
         leaf = name.rsplit(".", 1)[-1]
         side = adam if (id(p) in adam_ids or p.ndim < 2 or leaf == "bias") else kron
+        if side is kron and id(p) in fused:
+            side = by_parts[fused[id(p)]]
         side["params"].append(p)
         side["param_names"].append(name)
     groups: list[dict[str, Any]] = []
     if kron["params"]:
         groups.append({**kron, "bregtop": True})
+    for dim, group in by_parts.items():
+        if group["params"]:
+            groups.append({**group, "bregtop": True, "parts": 3, "parts_dim": dim})
     if adam["params"]:
         groups.append({**adam, "bregtop": False, **adamw_group_settings})
     return groups
+
+
+FUSED_NAMES = ("qkv", "c_attn", "in_proj", "Wqkv")
+"""Linear layers whose weight is q, k and v stacked (output features in three equal parts)."""
+
+
+def fused_projections(model: nn.Module) -> dict[int, int]:
+    """id(weight) -> the side (0 rows, 1 columns of its 2-D view) of every fused q/k/v projection
+    ``param_groups`` recognises: ``nn.MultiheadAttention.in_proj_weight``, a transformers
+    ``Conv1D`` named ``c_attn`` (stored transposed: columns), and ``nn.Linear`` layers named as in
+    :data:`FUSED_NAMES` whose output features divide by 3. GPT-NeoX's ``query_key_value``
+    interleaves q, k and v per head, and grouped-query projections have parts of unequal
+    sizes: neither is three equal parts, so neither is split."""
+    out: dict[int, int] = {}
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+            out[id(module.in_proj_weight)] = 0
+        elif type(module).__name__ == "Conv1D" and leaf == "c_attn" and getattr(module, "weight", None) is not None:
+            if module.weight.ndim == 2 and module.weight.shape[1] % 3 == 0:
+                out[id(module.weight)] = 1
+        elif isinstance(module, nn.Linear) and leaf in FUSED_NAMES and module.out_features % 3 == 0:
+            out[id(module.weight)] = 0
+    return out
 
 
 def embedding_or_head_like(name: str | None, shape: Sequence[int]) -> bool:

@@ -62,9 +62,8 @@ class KronSide:
         """The plan of ``view``, made at its first use (and its blocks registered in ``state``)."""
         plan = self.plans.get(view.key)
         if plan is None:
-            plan = build_plan(
-                view.key, pieces, cfg.max_precond_dim, cfg.precondition_frequency, cfg.stagger_refresh, rank, world
-            )
+            plan = build_plan(view.key, pieces, cfg.max_precond_dim, cfg.precondition_frequency, cfg.stagger_refresh,
+                              rank, world, (cfg.parts, cfg.parts_dim))
             self.plans[view.key] = plan
             register_blocks(plan, state)
         return plan

@@ -29,6 +29,7 @@ from bregtop_dist.distributed.layout import GroupPieces, global_shape
 from bregtop_dist.distributed.source import FunctionSource, Source, TensorSource, param_name
 from bregtop_dist.group_checks import (
     check_backend_on_devices,
+    check_parts,
     check_placements,
     check_real,
     warn_embeddings_on_kronecker_side,
@@ -130,7 +131,9 @@ class BregTop(Checkpointing, torch.optim.Optimizer):
         if params is not None and not isinstance(params, (Tensor, set, list)):
             param_group["params"] = list(params)  # a generator is read once (torch lists it too)
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
-        check_backend_on_devices(BregTopConfig.from_group(merged), param_group.get("params"))  # validated here
+        cfg = BregTopConfig.from_group(merged)  # validated here
+        check_backend_on_devices(cfg, param_group.get("params"))
+        check_parts(cfg, param_group, len(self.param_groups))
         check_real(param_group, len(self.param_groups))
         check_placements(param_group, len(self.param_groups))
         if self.param_groups and "param_names" in self.param_groups[0] and "param_names" not in param_group:

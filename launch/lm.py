@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -35,6 +36,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from bregtop_dist import param_groups
 from launch import checkpoints
 from launch.checkpoints import CheckpointError
 from launch.engines import build
@@ -389,6 +391,7 @@ def run(cfg: LMConfig) -> int:
             raise ConfigError(str(err)) from None
         model = parallelize(model.to(accelerator.device), cfg.mesh)
     engine = build(accelerator, model, cfg.row_config(), cfg.deepspeed, cfg.batch_size, adamw=cfg.method == "adamw",
+                   groups=functools.partial(param_groups, split_fused=cfg.split_qkv),
                    grad_clip=cfg.grad_clip, parallelized=cfg.mesh.used)  # a DeepSpeed engine clips itself
     model, opt = engine.model, engine.optimizer
     ds_engine = hasattr(model, "get_global_grad_norm")  # directly or through Accelerate

@@ -191,7 +191,7 @@ def run_method(method: str, seed: int, cfg: SST2Config, accelerator: Any, train:
         applied = {"init": row.init, "init_factor": row.init_factor, "exponent": row.resolved_exponent,
                    "eig_floor": row.eig_floor}
     engine = build(accelerator, model, row, cfg.deepspeed, per_process, adamw=method == "adamw",
-                   groups=lambda m: param_groups(m, head_names=["head"]))  # the paper's grouping: Adam on the head
+                   groups=lambda m: param_groups(m, head_names=["head"], split_fused=cfg.split_qkv))  # Adam on the head
     opt = engine.optimizer
     loader = engine.prepare_loader(DataLoader(train, batch_size=per_process, shuffle=True, drop_last=True,
                                               collate_fn=collate, generator=torch.Generator().manual_seed(seed)))

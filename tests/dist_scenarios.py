@@ -380,6 +380,44 @@ SCENARIOS: dict[str, Callable[[int, int, dist.ProcessGroup, Path], None]] = {
 }
 
 
+class Attention(nn.Module):
+    """A fused q/k/v projection (param_groups splits it into three parts) beside a plain matrix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.embed = nn.Embedding(11, 12)
+        self.qkv = nn.Linear(12, 36)
+        self.proj = nn.Linear(12, 12)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(self.embed(idx)).chunk(3, dim=-1)
+        att = torch.softmax(q @ k.transpose(-1, -2) / 12**0.5, dim=-1)
+        return (self.proj(att @ v) - 0.5).square().mean()
+
+
+def fused_parts_equal_single(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+    """A fused projection preconditioned as its three parts runs under DDP and FSDP2 as in one
+    process (its rows cut by FSDP2 across the parts' boundaries)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    settings = {**SETTINGS, "method": "kl"}
+    want_model = Attention()
+    groups = param_groups(want_model)
+    assert any(g.get("parts") == 3 for g in groups), groups
+    train(want_model, BregTop(groups, process_group=single, **settings), range(STEPS))
+    want = {k: v.detach().clone() for k, v in want_model.named_parameters()}
+    ddp_model = Attention()
+    train(DistributedDataParallel(ddp_model), BregTop(param_groups(ddp_model), **settings), range(STEPS))
+    assert_close(ddp_model, want, FP32_TOL)
+    sharded = fsdp2(Attention(), world)
+    train(sharded, BregTop(param_groups(sharded), **settings), range(STEPS))
+    assert_close(sharded, want, FP32_TOL)
+
+
+SCENARIOS[fused_parts_equal_single.__name__] = fused_parts_equal_single
+
+
 # ---------------------------------------------------------------------------- DeepSpeed
 def _ds_config(stage: int, params: dict[str, Any] | None = None, micro_batch: int = 4, **extra: Any) -> dict[str, Any]:
     return {

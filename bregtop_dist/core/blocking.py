@@ -1,9 +1,12 @@
-"""How a parameter becomes Kronecker blocks: a 2-D view, then blocks of at most max_dim a side.
+"""How a parameter becomes Kronecker blocks: a 2-D view, its parts, then blocks of at most
+max_dim a side.
 
 A tensor with ndim >= 2 is read as the matrix (shape[0], prod(shape[1:])) of its row-major
-flattening; each side longer than ``max_dim`` is cut into ceil(d / max_dim) nearly equal
-pieces (sizes differ by at most one), so a parameter yields at most two block shapes per side
-and same-shape blocks can be stacked.
+flattening. A fused parameter (q, k and v in one matrix) is first cut into ``parts`` equal
+parts along one side, each its own Kronecker matrix, as the paper treats Q, K and V. Each side
+(of a part) longer than ``max_dim`` is then cut into ceil(d / max_dim) nearly equal pieces
+(sizes differ by at most one), so a parameter yields at most two block shapes per side and
+same-shape blocks can be stacked.
 """
 
 from __future__ import annotations
@@ -41,13 +44,24 @@ class BlockSlice:
         return self.r1 - self.r0, self.c1 - self.c0
 
 
-def block_slices(rows: int, cols: int, max_dim: int) -> list[BlockSlice]:
-    """The blocks of a rows x cols matrix, row-major over the block grid."""
+def part_sizes(dim: int, parts: int, max_dim: int) -> list[int]:
+    """The pieces of a side cut into ``parts`` equal parts, each then into pieces of at most
+    ``max_dim``; a ValueError when ``parts`` does not divide ``dim``."""
+    if dim % parts:
+        raise ValueError(f"a side of {dim} cannot be cut into {parts} equal parts")
+    return [size for _ in range(parts) for size in split_sizes(dim // parts, max_dim)] if dim else [0]
+
+
+def block_slices(rows: int, cols: int, max_dim: int, parts: int = 1, parts_dim: int = 0) -> list[BlockSlice]:
+    """The blocks of a rows x cols matrix (``parts`` equal parts along rows for ``parts_dim``
+    0, columns for 1), row-major over the block grid."""
     out: list[BlockSlice] = []
     r0 = 0
-    for rs in split_sizes(rows, max_dim):
+    row_sizes = part_sizes(rows, parts, max_dim) if parts_dim == 0 else split_sizes(rows, max_dim)
+    col_sizes = part_sizes(cols, parts, max_dim) if parts_dim == 1 else split_sizes(cols, max_dim)
+    for rs in row_sizes:
         c0 = 0
-        for cs in split_sizes(cols, max_dim):
+        for cs in col_sizes:
             out.append(BlockSlice(r0, r0 + rs, c0, c0 + cs))
             c0 += cs
         r0 += rs

@@ -52,13 +52,15 @@ class Block:
 
 
 def plan_blocks(
-    shapes: list[tuple[int, ...]], max_dim: int, frequency: int, stagger: bool, world: int
+    shapes: list[tuple[int, ...]], max_dim: int, frequency: int, stagger: bool, world: int,
+    parts: tuple[int, int] = (1, 0),
 ) -> list[Block]:
-    """The blocks of parameters with global ``shapes``, in parameter then block-index order."""
+    """The blocks of parameters with global ``shapes`` (each cut into ``parts[0]`` equal parts
+    along side ``parts[1]`` first), in parameter then block-index order."""
     cut: list[tuple[int, int, int, BlockSlice]] = []
     for j, shape in enumerate(shapes):
         rows, cols = matrix_shape(shape)
-        cut.extend((j, t, cols, b) for t, b in enumerate(block_slices(rows, cols, max_dim)))
+        cut.extend((j, t, cols, b) for t, b in enumerate(block_slices(rows, cols, max_dim, *parts)))
     refresh = [refresh_cost(*b.shape) for *_, b in cut]
     phases = lpt_refresh_offsets(refresh, frequency, stagger)
     owners = assign_owners([step_cost(*b.shape) for *_, b in cut], refresh, phases, world)
