@@ -174,7 +174,7 @@ FOUR_RANKS: dict[str, Callable[[int, int, dist.ProcessGroup, Path], None]] = {
 FOUR_RANKS["hsdp_tp_fp32_equals_single"] = _equals_single(hsdp_tp, torch.float32)
 TWO_RANKS: dict[str, Callable[[int, int, dist.ProcessGroup, Path], None]] = {
     f"{make.__name__}_{name}_equals_single": _equals_single(make, dtype)
-    for make in (tp, fsdp)
+    for make in (tp,)
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
 }
 SCENARIOS = {**FOUR_RANKS, **TWO_RANKS}

@@ -1,6 +1,5 @@
-"""BregTop on 2-D device meshes (HSDP, FSDP2 x tensor parallel: 4 gloo ranks) and under tensor
-parallelism alone and 1-D FSDP2 with the same model (2 ranks), against the one-process run
-(see mesh_scenarios)."""
+"""BregTop on 2-D device meshes (HSDP, FSDP2 x tensor parallel: 4 gloo ranks; a 3-D one) and
+under tensor parallelism alone (2 ranks), against the one-process run (see mesh_scenarios)."""
 
 from __future__ import annotations
 
@@ -39,11 +38,12 @@ def mesh_checkpoints(tmp_path_factory):
     return base, run_scenarios(4, list(MESH_SAVE), base / "save", "mesh_scenarios")
 
 
-@pytest.mark.parametrize("world", [4, 1], ids=["as-fsdp2-on-4", "in-one-process"])
-@pytest.mark.parametrize("saved", ["hsdp", "fsdp_tp"])
+@pytest.mark.parametrize("saved, world", [("hsdp", 4), ("fsdp_tp", 1)],
+                         ids=["hsdp-as-fsdp2-on-4", "fsdp_tp-in-one-process"])
 def test_a_mesh_checkpoint_resumes_on_another_layout(mesh_checkpoints, saved, world):
     """DCP get_state_dict/set_state_dict: saved on a 2 x 2 mesh (HSDP, FSDP2 x TP), loaded as
-    1-D FSDP2 on 4 ranks and in one process, training on equal to the uninterrupted run."""
+    1-D FSDP2 on 4 ranks or in one process (each target once, each source once: the suite's
+    time), training on equal to the uninterrupted run."""
     base, saves = mesh_checkpoints
     failed = [f"rank {r}: {v}" for r, v in enumerate(saves[f"save_{saved}"]) if v != "ok"]
     assert not failed, "\n".join(failed)
