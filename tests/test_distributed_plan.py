@@ -164,6 +164,41 @@ def test_owners_balance_the_peak_step(gen):
         assert max(peak) <= best + max(s + q for s, q in zip(step, refresh)), (world, peak, best)
 
 
+def _greedy_owners(step, refresh, offsets, world):
+    """The owner rule written out plainly: largest blocks first, each to the rank whose peak
+    step (every-step load plus its largest per-phase refresh load) would be lowest; ties to the
+    rank with less total work, then the lower rank."""
+    base, total = [0.0] * world, [0.0] * world
+    slots = [dict() for _ in range(world)]
+    peak = [0.0] * world
+    owners = [0] * len(step)
+    for i in sorted(range(len(step)), key=lambda i: (-(step[i] + refresh[i]), i)):
+        o = offsets[i]
+        r = min(range(world), key=lambda r: (base[r] + step[i] + max(peak[r], slots[r].get(o, 0.0) + refresh[i]),
+                                             base[r] + total[r], r))
+        owners[i] = r
+        base[r] += step[i]
+        slots[r][o] = slots[r].get(o, 0.0) + refresh[i]
+        peak[r] = max(peak[r], slots[r][o])
+        total[r] += refresh[i]
+    return owners
+
+
+def test_owners_follow_the_greedy_rule(gen):
+    """assign_owners (arrays over the ranks) picks exactly the plainly written rule's owners,
+    equal costs (ties) included."""
+    for _ in range(40):
+        n = int(torch.randint(0, 80, (), generator=gen))
+        world = int(torch.randint(2, 17, (), generator=gen))
+        if bool(torch.rand((), generator=gen) < 0.3):
+            step, refresh = [1.0] * n, [1.0] * n
+        else:
+            sizes = torch.randint(0, 48, (n, 2), generator=gen).tolist()
+            step, refresh = [step_cost(m, k) for m, k in sizes], [refresh_cost(m, k) for m, k in sizes]
+        offsets = torch.randint(0, 5, (n,), generator=gen).tolist()
+        assert assign_owners(step, refresh, offsets, world) == _greedy_owners(step, refresh, offsets, world)
+
+
 def test_identical_blocks_are_shared_evenly():
     owners = assign_owners([1.0] * 10, [1.0] * 10, [0] * 10, 4)
     assert sorted(owners.count(r) for r in range(4)) == [2, 2, 3, 3]

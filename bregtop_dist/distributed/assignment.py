@@ -72,27 +72,30 @@ def plan_blocks(
 def assign_owners(step: list[float], refresh: list[float], offsets: list[int], world: int) -> list[int]:
     """Greedy longest-processing-time: largest blocks first, each to the rank whose peak step
     (every-step load plus the largest per-offset refresh load) stays lowest; ties go to the
-    rank with less total work, then the lower rank."""
+    rank with less total work, then the lower rank. Each block weighs every rank at once
+    (arrays over the ranks), so a plan of B blocks costs O(B) array operations of length W."""
     if world == 1:
         return [0] * len(step)
-    base = [0.0] * world
-    slots: list[dict[int, float]] = [{} for _ in range(world)]
-    peak_refresh = [0.0] * world
-    total_refresh = [0.0] * world
+    import numpy as np
+
+    phases = max(offsets, default=0) + 1
+    base = np.zeros(world)
+    slots = np.zeros((world, phases))
+    peak_refresh = np.zeros(world)
+    total_refresh = np.zeros(world)
+    ranks = np.arange(world)
     owners = [0] * len(step)
     for i in sorted(range(len(step)), key=lambda i: (-(step[i] + refresh[i]), i)):
         o = offsets[i]
-        r = min(
-            range(world),
-            key=lambda r: (
-                base[r] + step[i] + max(peak_refresh[r], slots[r].get(o, 0.0) + refresh[i]),  # noqa: B023
-                base[r] + total_refresh[r],
-                r,
-            ),
-        )
+        peak = base + step[i] + np.maximum(peak_refresh, slots[:, o] + refresh[i])
+        tied = ranks[peak == peak.min()]
+        if len(tied) > 1:
+            work = (base + total_refresh)[tied]
+            tied = tied[work == work.min()]
+        r = int(tied[0])
         owners[i] = r
         base[r] += step[i]
-        slots[r][o] = slots[r].get(o, 0.0) + refresh[i]
-        peak_refresh[r] = max(peak_refresh[r], slots[r][o])
+        slots[r, o] += refresh[i]
+        peak_refresh[r] = max(peak_refresh[r], slots[r, o])
         total_refresh[r] += refresh[i]
     return owners
