@@ -30,6 +30,7 @@ from bregtop_dist.core.block_step import (
     noise_floor,
     refresh_due,
 )
+from bregtop_dist.core.precondition import SELECTION_BAND
 
 
 def _spd(gen, d):
@@ -77,7 +78,7 @@ def _close(got, want, tol=2e-4):
 def test_one_step_equals_algorithm1(gen, method, refresh):
     hyper = _hyper(method)
     bsz, m, n = 2, 7, 5
-    for _ in range(20):  # inputs whose top-set boundary is a near-tie are drawn again
+    for _ in range(20):  # inputs with an entry in the blending band are drawn again
         state = _random_state(gen, bsz, m, n)
         grad = torch.randn(bsz, m, n, generator=gen)
         refs = [
@@ -85,8 +86,10 @@ def test_one_step_equals_algorithm1(gen, method, refresh):
                            refresh, hyper.rho, hyper.q, hyper.c, hyper.eps)
             for k in range(bsz)
         ]
-        if all(boundary_gap(r[0]["lam_L"], r[0]["lam_R"], hyper.rho) > 1e-3 for r in refs):
+        if all(boundary_gap(r[0]["lam_L"], r[0]["lam_R"], hyper.rho) > 2 * SELECTION_BAND for r in refs):
             break
+    else:
+        pytest.fail("setup: no state with a top-set boundary clear of the blending band in 20 draws")
     offset = torch.full((bsz,), 3 if refresh else 1, dtype=torch.int64)  # step 6 -> 7; 7-3 = 4 = T
     before = {k: v.clone() for k, v in state.tensors().items()}
     result = kron_block_step(state, grad, hyper, Schedule.at(state.step + 1, offset, hyper.frequency, "cpu"))
@@ -245,14 +248,16 @@ def test_eig_floor_damps_the_eigenvalues_used_in_S(gen, method):
         return (torch.clamp(ref["lam_L"], min=floor * ref["lam_L"].max()),
                 torch.clamp(ref["lam_R"], min=floor * ref["lam_R"].max()))
 
-    for _ in range(20):  # inputs whose top-set boundary is a near-tie are drawn again
+    for _ in range(20):  # inputs with an entry in the blending band are drawn again
         state = _random_state(gen, bsz, m, n)
         grad = torch.randn(bsz, m, n, generator=gen)
         refs = [algorithm1_ref(_as_ref(state, k), grad[k].double(), hyper.stats, hyper.beta1, hyper.beta2, False,
                                hyper.rho, hyper.q, hyper.c, hyper.eps)[0] for k in range(bsz)]
         binds = any(bool((floored(r)[0] > r["lam_L"]).any()) for r in refs)
-        if binds and all(boundary_gap(*floored(r), hyper.rho) > 1e-3 for r in refs):
+        if binds and all(boundary_gap(*floored(r), hyper.rho) > 2 * SELECTION_BAND for r in refs):
             break
+    else:
+        pytest.fail("setup: no state with a binding floor and a clear top-set boundary in 20 draws")
     result = kron_block_step(state, grad, hyper, Schedule.at(state.step + 1, torch.ones(bsz, dtype=torch.int64), hyper.frequency, "cpu"))
     update, state = result.update, result.state
     bound = 0
@@ -288,8 +293,11 @@ def test_kl_methods_step_preconditions_with_the_previous_estimates(gen, method, 
                                       refresh, hyper.rho, hyper.q, hyper.c, hyper.eps)
             for k in range(bsz)
         ]
-        if all(boundary_gap(state.lam_L[k].double(), state.lam_R[k].double(), hyper.rho) > 1e-3 for k in range(bsz)):
+        if all(boundary_gap(state.lam_L[k].double(), state.lam_R[k].double(), hyper.rho) > 2 * SELECTION_BAND
+               for k in range(bsz)):
             break
+    else:
+        pytest.fail("setup: no state with a top-set boundary clear of the blending band in 20 draws")
     offset = torch.full((bsz,), 3 if refresh else 1, dtype=torch.int64)
     result = kron_block_step(state, grad, hyper, Schedule.at(state.step + 1, offset, hyper.frequency, "cpu"))
     for k, (ref_state, ref_update) in enumerate(refs):
