@@ -40,28 +40,30 @@ def check_placements(param_group: dict[str, Any], index: int) -> None:
     group is added; it names the parameter, its mesh and its placements."""
     from bregtop_dist.distributed.mesh import mesh_boxes, mesh_pg
 
+    for name, p in _named(param_group, index):
+        if is_dtensor(p):
+            name = name if name in (param_group.get("param_names") or []) else f"{name} (shape {tuple(p.shape)})"
+            mesh_boxes(p, name, mesh_pg(p, name))
+
+
+def _named(param_group: dict[str, Any], index: int) -> list[tuple[str, Tensor]]:
+    """(name, tensor) of each tensor of a group being added: its ``param_names`` entry, else its
+    position."""
     tensors = param_group.get("params")
     tensors = [tensors] if isinstance(tensors, Tensor) else list(tensors or [])
     names = param_group.get("param_names") or []
-    for i, p in enumerate(tensors):
-        if is_dtensor(p):
-            name = str(names[i]) if i < len(names) else f"param_groups[{index}]['params'][{i}] (shape {tuple(p.shape)})"
-            mesh_boxes(p, name, mesh_pg(p, name))
+    return [(str(names[i]) if i < len(names) else f"param_groups[{index}]['params'][{i}]", p) for i, p in enumerate(tensors)]
 
 
 def check_parts(cfg: BregTopConfig, param_group: dict[str, Any], index: int) -> None:
     """A ValueError naming a matrix of the group whose ``parts_dim`` side ``parts`` does not divide."""
     if not cfg.bregtop or cfg.parts == 1:
         return
-    tensors = param_group.get("params")
-    tensors = [tensors] if isinstance(tensors, Tensor) else list(tensors or [])
-    names = param_group.get("param_names") or []
-    for i, p in enumerate(tensors):
+    for name, p in _named(param_group, index):
         shape = global_shape(p)
         if is_kron_shape(shape, True):
             side = shape[0] if cfg.parts_dim == 0 else math.prod(shape[1:])
             if side % cfg.parts:
-                name = str(names[i]) if i < len(names) else f"param_groups[{index}]['params'][{i}]"
                 raise ValueError(
                     f"{name} (shape {shape}) cannot be cut into parts={cfg.parts} equal parts along parts_dim="
                     f"{cfg.parts_dim} ({'rows' if cfg.parts_dim == 0 else 'columns'}: {side}); give it a group "

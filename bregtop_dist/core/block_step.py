@@ -125,13 +125,17 @@ class Schedule:
         """The staggered schedule: the blocks whose count of taken steps after this one
         (``taken``, host) is their refresh phase modulo ``frequency`` (:func:`refresh_due`)."""
         due = refresh_due(taken, phases, frequency)
-        rows = due.nonzero().flatten().to(device) if bool(due.any()) else None
-        return cls(due, rows, every_ready)
+        return cls(due, _due_rows(due, device), every_ready)
 
     def select(self, idx: Tensor, device: torch.device | str) -> Schedule:
         """The schedule of the rows ``idx`` (host) of the stack."""
         due = self.due.index_select(0, idx)
-        return Schedule(due, due.nonzero().flatten().to(device) if bool(due.any()) else None)
+        return Schedule(due, _due_rows(due, device))
+
+
+def _due_rows(due: Tensor, device: torch.device | str) -> Tensor | None:
+    """The rows of the host mask ``due`` on ``device``, or None when none is due."""
+    return due.nonzero().flatten().to(device) if bool(due.any()) else None
 
 
 @dataclass
