@@ -11,7 +11,13 @@ import torch
 from torch import Tensor
 
 from bregtop_dist.core.block_state import KronBlockState
-from bregtop_dist.core.block_step import BlockHyper, BlockStepResult, Schedule, kron_block_step
+from bregtop_dist.core.block_step import (
+    BlockHyper,
+    BlockStepResult,
+    Schedule,
+    kron_block_step,
+    with_graft_moment,
+)
 from bregtop_dist.distributed.assignment import Block, plan_blocks
 from bregtop_dist.distributed.exchange import Exchange
 from bregtop_dist.distributed.layout import Piece
@@ -67,7 +73,7 @@ class BlockStack:
     def step(self, rows: list[int], grad: Tensor, hyper: BlockHyper) -> StackStep:
         """Algorithm 1 on the blocks ``rows`` of the stack (gradients ``grad``) with the
         refreshes of :meth:`schedule`, nothing committed."""
-        base = self.state if self.state is not None else self.empty_state(grad.device)
+        base = with_graft_moment(self.state if self.state is not None else self.empty_state(grad.device), hyper)
         whole = len(rows) == len(self.block_ids)
         schedule = self.schedule(base, rows, hyper.frequency, grad.device)
         result = kron_block_step(base if whole else base.select(torch.tensor(rows, dtype=torch.int64)), grad, hyper, schedule)
@@ -121,11 +127,12 @@ def is_kron_shape(shape: tuple[int, ...], bregtop_group: bool) -> bool:
 
 def build_plan(
     key: str, pieces: list[Piece], max_dim: int, frequency: int, stagger: bool,
-    rank: int, world: int, parts: tuple[int, int] = (1, 0),
+    rank: int, world: int, parts: tuple[int, int] = (1, 0), graft: bool = False,
 ) -> KronPlan:
     """Cut ``pieces``' parameters into blocks (``parts``: equal parts along a side first), pick
     owners, and stack this rank's owned blocks by shape (their state starts empty: no block is
-    ready before its first non-zero gradient)."""
+    ready before its first non-zero gradient; ``graft``: with the grafting's moments, so that a
+    checkpoint template made before the first step has them)."""
     blocks = plan_blocks([s.shape for s in pieces], max_dim, frequency, stagger, world, parts)
     replicated = all(s.everywhere for s in pieces)
     exchange = Exchange.build(blocks, [s.held for s in pieces], rank, world, replicated)
@@ -137,7 +144,7 @@ def build_plan(
     stacks = {
         shape: BlockStack(
             key, shape, ids, torch.tensor([blocks[i].phase for i in ids], dtype=torch.int64),
-            KronBlockState.empty(*shape, len(ids), device),
+            KronBlockState.empty(*shape, len(ids), device, graft),
         )
         for shape, ids in by_shape.items()
     }

@@ -212,7 +212,7 @@ class Checkpointing:
             except ValueError as err:
                 return None, LoadProblem((0, 1 + len(saved_groups)), "", str(err))
         pieces = {id(s.param): s for view in views for s in view.pieces}
-        stacks, problem = self._take_blocks(saved_state)
+        stacks, problem = self._take_blocks(saved_state, settings)
         if problem is not None:
             return None, problem
         adamw, problem = self._take_adamw(saved_state, list(key_to_param.values()), pieces, rank)
@@ -248,29 +248,32 @@ class Checkpointing:
         return out
 
     def _take_blocks(
-        self, saved_state: dict[int, Any]
+        self, saved_state: dict[int, Any], settings: list[dict[str, Any]]
     ) -> tuple[list[tuple[BlockStack, KronBlockState]], LoadProblem | None]:
         """A new state for every stack of this rank, built on its plan's device from the saved
         blocks (keyed by id of parameter, then block index), or the first block that is missing or
-        cannot be a block's state (see :meth:`KronBlockState.check_block`)."""
+        cannot be a block's state (see :meth:`KronBlockState.check_block`; a group that grafts
+        under the loaded ``settings`` needs its blocks' grafting moment)."""
         problems: list[LoadProblem] = []
-        rows: list[tuple[BlockStack, KronPlan, list[Mapping[str, Tensor]]]] = []
+        rows: list[tuple[BlockStack, KronPlan, list[Mapping[str, Tensor]], bool]] = []
         for pi, plan in enumerate(self._kron.plans.values()):
+            gi = int(plan.key.split(".")[0])
+            graft = BregTopConfig.from_group({**self.param_groups[gi], **settings[gi]}).graft != "none"
             for stack in plan.stacks.values():
                 taken: list[Mapping[str, Tensor]] = []
                 for bid in stack.block_ids:
                     blk = plan.blocks[bid]
                     block = saved_block(saved_state.get(id(plan.params[blk.param])), blk.index)
-                    why = "it is missing" if block is None else KronBlockState.check_block(block, *blk.shape)
+                    why = "it is missing" if block is None else KronBlockState.check_block(block, *blk.shape, graft)
                     if why is None:
                         taken.append(block)  # type: ignore[arg-type]
                     else:
                         where = describe_block(plan.names[blk.param], blk.index, blk.shape)
                         problems.append(LoadProblem((1 + pi, bid), where, why, missing_block=block is None))
-                rows.append((stack, plan, taken))
+                rows.append((stack, plan, taken, graft))
         if problems:
             return [], min(problems, key=lambda p: p.position)
-        return [(stack, KronBlockState.from_blocks(taken, plan.device)) for stack, plan, taken in rows], None
+        return [(stack, KronBlockState.from_blocks(taken, plan.device, graft)) for stack, plan, taken, graft in rows], None
 
     def _take_adamw(
         self, saved_state: dict[int, Any], params: list[Tensor], pieces: dict[int, Piece], rank: int,

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from bregtop_dist.core.block_step import INITS, BlockHyper
+from bregtop_dist.core.block_step import GRAFTS, INITS, BlockHyper
 from bregtop_dist.core.dispatch import BACKENDS
 from bregtop_dist.core.precondition import SELECTION_ALLOWED, check_selection
 from bregtop_dist.core.rotation import ROTATION_PRECISIONS
@@ -154,6 +154,13 @@ class BregTopConfig:
     AdamW side too, as it drives torch's AdamW."""
     adam_eps: float = 1e-8
     """Epsilon of the AdamW side (> 0: 0 divides 0 by 0 on a zero gradient)."""
+    graft: str = "none"
+    """``adamw`` rescales each Kronecker block's update to the norm AdamW's update would have
+    for that block (``m_hat / (sqrt(v_hat) + adam_eps)``, m the method's momentum, v an EMA of
+    G^2 with the AdamW side's beta2): the direction is the method's, the size AdamW's, so a
+    learning rate tuned for AdamW carries over (Distributed Shampoo's AdamW grafting; AdamW's
+    two parameter-sized float32 moments as more state). ``none`` (default) is the paper's algorithm. Set
+    it when the group is created: a group that has stepped cannot start grafting."""
     stagger_refresh: bool = True
     """Spread basis refreshes over the T steps (each block its own offset) instead of all
     blocks refreshing on the same step; False is the paper's schedule."""
@@ -203,6 +210,8 @@ class BregTopConfig:
                              f"{', '.join(ROTATION_PRECISIONS)}")
         if not 0.0 <= self.eig_floor < 1.0:
             raise ValueError(f"eig_floor={self.eig_floor!r} is not allowed: {_REALS['eig_floor']}")
+        if self.graft not in GRAFTS:
+            raise ValueError(f"graft={self.graft!r} is unknown; allowed: {', '.join(GRAFTS)}")
         if self.init not in INITS:
             raise ValueError(f"init={self.init!r} is unknown; allowed: {', '.join(INITS)}")
         if not (0.0 < self.init_factor and math.isfinite(self.init_factor)):
@@ -230,6 +239,7 @@ class BregTopConfig:
         for name, allowed in (
             ("method", f"method must be one of {', '.join(METHODS)}"),
             ("init", f"init must be one of {', '.join(INITS)}"),
+            ("graft", f"graft must be one of {', '.join(GRAFTS)}"),
             ("backend", f"backend must be one of {', '.join(BACKENDS)}"),
             ("rotation_precision", f"rotation_precision must be one of {', '.join(ROTATION_PRECISIONS)}"),
         ):
@@ -313,6 +323,7 @@ class BregTopConfig:
             beta1=self.betas[0], beta2=self.betas[1], eps=self.eps, frequency=self.precondition_frequency,
             backend=self.backend, eig_floor=self.eig_floor, exponent=self.resolved_exponent, init=self.init,
             init_factor=self.init_factor, rotation_precision=self.rotation_precision,
+            graft=self.graft, graft_beta2=self.resolved_adam_betas[1], graft_eps=self.adam_eps,
         )
 
     def with_lr(self, lr: Any) -> BregTopConfig:

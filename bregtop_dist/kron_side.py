@@ -63,7 +63,7 @@ class KronSide:
         plan = self.plans.get(view.key)
         if plan is None:
             plan = build_plan(view.key, pieces, cfg.max_precond_dim, cfg.precondition_frequency, cfg.stagger_refresh,
-                              rank, world, (cfg.parts, cfg.parts_dim))
+                              rank, world, (cfg.parts, cfg.parts_dim), cfg.graft != "none")
             self.plans[view.key] = plan
             register_blocks(plan, state)
         return plan

@@ -21,9 +21,12 @@ Optimizers, all with weight decay 0 and every other setting their library's defa
   parameters, as the reference code is used: betas (0.95, 0.95), precondition_frequency 10,
   max_precondition_dim 10000 (so the tied 50257 x dim embedding/head is preconditioned on its
   dim side only), 1-D tensors (norms, biases) get Adam;
+- ``soap-heavyball``: ``heavyball.SOAP`` on all parameters, its defaults (betas (0.9, 0.95),
+  shampoo_beta 0.95, max_precond_dim 2048) but precondition_frequency 10;
 - BregTop methods (``bregtop-vn-v2``, ``kl``, ...): ``bregtop_dist.BregTop`` on
   ``bregtop_dist.param_groups(model)``: the matrices of the blocks are BregTop's, the tied
-  embedding/head, norms and biases go to its AdamW side at the same lr; precondition_frequency 10.
+  embedding/head, norms and biases go to its AdamW side at the same lr; precondition_frequency 10;
+  ``METHOD+graft`` runs it with ``graft="adamw"`` (each block's update at AdamW's norm).
 
 Writes ``OUT/results.json`` (every curve, the sweep, the tables' numbers), ``OUT/curves.png``
 (validation loss against step and against training seconds) and prints the tables as markdown.
@@ -57,7 +60,10 @@ PRESETS = {name: LM_PRESETS[name] for name in ("tiny", "small")}
 
 BASELINE = "adamw"
 PEER = "soap"
-ALL_METHODS = (BASELINE, PEER, *METHODS)
+PEER_HEAVYBALL = "soap-heavyball"
+GRAFTED = "+graft"
+"""Suffix of a BregTop method run with ``graft="adamw"`` (``kl+graft``)."""
+ALL_METHODS = (BASELINE, PEER, PEER_HEAVYBALL, *METHODS, *(m + GRAFTED for m in METHODS))
 DEFAULT_METHODS = (BASELINE, PEER, "bregtop-vn-v2", "kl")
 DEFAULT_LRS = (1e-3, 3e-3, 1e-2)
 CLIP = 1.0
@@ -193,9 +199,16 @@ def make_optimizer(method: str, model: nn.Module, lr: float) -> torch.optim.Opti
 
         return pytorch_optimizer.SOAP(model.parameters(), lr=lr, weight_decay=0.0,
                                       precondition_frequency=PRECONDITION_FREQUENCY)
+    if method == PEER_HEAVYBALL:
+        import heavyball
+
+        opt: torch.optim.Optimizer = heavyball.SOAP(model.parameters(), lr=lr, weight_decay=0.0,
+                                                    precondition_frequency=PRECONDITION_FREQUENCY)
+        return opt
+    graft = "adamw" if method.endswith(GRAFTED) else "none"
     # fused q/k/v kept whole, as docs/results/lm.md was measured (issue 28 re-measures it split)
-    return BregTop(param_groups(model, split_fused=False), lr=lr, method=method, weight_decay=0.0,
-                   precondition_frequency=PRECONDITION_FREQUENCY)
+    return BregTop(param_groups(model, split_fused=False), lr=lr, method=method.removesuffix(GRAFTED),
+                   weight_decay=0.0, precondition_frequency=PRECONDITION_FREQUENCY, graft=graft)
 
 
 def optimizer_settings(method: str) -> dict[str, Any]:
@@ -210,7 +223,7 @@ def optimizer_settings(method: str) -> dict[str, Any]:
     cls = type(opt)
     return {"class": f"{cls.__module__}.{cls.__qualname__}", "settings": settings,
             "params": "param_groups(model): matrices BregTop, embedding/head/norms/biases AdamW side"
-            if method not in (BASELINE, PEER) else "model.parameters() (all)"}
+            if method not in (BASELINE, PEER, PEER_HEAVYBALL) else "model.parameters() (all)"}
 
 
 @dataclass(frozen=True)
@@ -424,7 +437,8 @@ class CompareConfig:
 
     HELP: ClassVar[dict[str, str]] = {
         "methods": "optimizers to compare: adamw (torch.optim.AdamW; its final loss is the target), soap "
-                   "(pytorch_optimizer.SOAP) or any BregTop method: " + ", ".join(METHODS),
+                   "(pytorch_optimizer.SOAP), soap-heavyball (heavyball.SOAP) or any BregTop method: "
+                   + ", ".join(METHODS) + f" (with {GRAFTED}: graft='adamw')",
         "lrs": "comma-separated learning rates swept for every method without its own --method-lrs",
         "method_lrs": "a method's own sweep list, METHOD=LR[,LR...] (one or more), e.g. soap=1e-3,3e-3",
         "preset": "model size: tiny (2 layers, 2 heads, dim 64, block 64) or small (4, 4, 128, 128)",

@@ -418,6 +418,35 @@ def fused_parts_equal_single(rank: int, world: int, single: dist.ProcessGroup, w
 SCENARIOS[fused_parts_equal_single.__name__] = fused_parts_equal_single
 
 
+def graft_equal_single(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+    """graft='adamw' (each block's update at AdamW's norm, its moments owned with the block)
+    runs under DDP and FSDP2 as in one process; under FSDP2 saved with
+    torch.distributed.checkpoint half-way and resumed by a fresh model and optimizer."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.nn.parallel import DistributedDataParallel
+
+    settings = {**SETTINGS, "graft": "adamw"}
+    want = reference(single, graft="adamw")
+    model = Net()
+    train(DistributedDataParallel(model), BregTop(param_groups(model), **settings), range(STEPS))
+    assert_close(model, want, FP32_TOL)
+    sharded = fsdp2(Net(), world)
+    opt = BregTop(param_groups(sharded), **settings)
+    train(sharded, opt, range(3))
+    dcp.save(dict(zip(("model", "optim"), get_state_dict(sharded, opt))), checkpoint_id=str(workdir / "graft"))
+    resumed = fsdp2(Net(seed=5), world)
+    opt = BregTop(param_groups(resumed), **settings)
+    msd, osd = get_state_dict(resumed, opt)  # the template: made before any step, moments included
+    dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(workdir / "graft"))
+    set_state_dict(resumed, opt, model_state_dict=msd, optim_state_dict=osd)
+    train(resumed, opt, range(3, STEPS))
+    assert_close(resumed, want, FP32_TOL)
+
+
+SCENARIOS[graft_equal_single.__name__] = graft_equal_single
+
+
 # ---------------------------------------------------------------------------- DeepSpeed
 def _ds_config(stage: int, params: dict[str, Any] | None = None, micro_batch: int = 4, **extra: Any) -> dict[str, Any]:
     return {

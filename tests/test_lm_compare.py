@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from launch import lm_compare
 from launch.lm_compare import (
@@ -107,3 +108,17 @@ def test_bad_lr_list_is_refused(capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("python -m launch.lm_compare: error: --lrs='fast'") and "comma-separated" in err
     assert "\n" not in err
+
+
+def test_grafted_rows_and_heavyballs_soap_are_the_optimizers_they_name():
+    """``kl+graft`` is BregTop's kl with graft='adamw', ``soap-heavyball`` heavyball's SOAP,
+    as results.json records them."""
+    grafted, plain = lm_compare.optimizer_settings("kl+graft"), lm_compare.optimizer_settings("kl")
+    assert grafted["class"].endswith("BregTop") and grafted["settings"]["method"] == "kl"
+    assert grafted["settings"]["graft"] == "adamw" and plain["settings"]["graft"] == "none"
+    heavy = lm_compare.optimizer_settings("soap-heavyball")
+    assert heavy["class"].startswith("heavyball") and heavy["class"].endswith("SOAP"), heavy["class"]
+    opt = lm_compare.make_optimizer("soap-heavyball", torch.nn.Linear(3, 3), 1e-3)
+    assert opt.precond_schedule == 1 / lm_compare.PRECONDITION_FREQUENCY  # heavyball keeps it off the groups
+    with pytest.raises(ValueError, match=r"use one or more of"):
+        lm_compare.CompareConfig(methods=("adamw+graft",))

@@ -28,6 +28,7 @@ class FieldSpec:
     dims: tuple[str, ...]  # "m" and "n"; () for a per-block scalar
     dtype: torch.dtype
     on_host: bool = False
+    optional: bool = False  # present only in some states (the grafting's moments: only where the group grafts)
 
     def shape(self, m: int, n: int) -> tuple[int, ...]:
         return tuple(m if d == "m" else n for d in self.dims)
@@ -43,6 +44,8 @@ SCHEMA: tuple[FieldSpec, ...] = (
     FieldSpec("lam_R", ("n",), torch.float32),
     FieldSpec("step", (), torch.int64, on_host=True),
     FieldSpec("ready", (), torch.bool, on_host=True),
+    FieldSpec("graft_m", ("m", "n"), torch.float32, optional=True),
+    FieldSpec("graft_v", ("m", "n"), torch.float32, optional=True),
 )
 HOST_FIELDS = tuple(f.name for f in SCHEMA if f.on_host)
 
@@ -60,20 +63,25 @@ class KronBlockState:
     lam_R: Tensor  # (B, n)
     step: Tensor  # (B,) int64 steps taken, on the CPU whatever the device
     ready: Tensor  # (B,) bool, on the CPU: the block has seen a non-zero gradient and has state
+    graft_m: Tensor | None = None  # (B, m, n): AdamW's moments of G in the parameter's basis,
+    graft_v: Tensor | None = None  # only where the group grafts
 
     # ------------------------------------------------------------------ schema
     @staticmethod
-    def shapes(m: int, n: int, count: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """(shape, dtype) of every field of ``count`` stacked m x n blocks."""
-        return {f.name: ((count, *f.shape(m, n)), f.dtype) for f in SCHEMA}
+    def shapes(m: int, n: int, count: int, graft: bool = False) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """(shape, dtype) of every field of ``count`` stacked m x n blocks (``graft``: with the
+        grafting's moments)."""
+        return {f.name: ((count, *f.shape(m, n)), f.dtype) for f in SCHEMA if graft or not f.optional}
 
     @classmethod
-    def empty(cls, m: int, n: int, count: int, device: torch.device | str = "cpu") -> KronBlockState:
+    def empty(cls, m: int, n: int, count: int, device: torch.device | str = "cpu", graft: bool = False) -> KronBlockState:
         """``count`` blocks none of which is ready (each is initialised by its first non-zero
-        gradient): zero factors and momentum, identity bases, unit eigenvalue estimates."""
+        gradient): zero factors and momentum, identity bases, unit eigenvalue estimates (and
+        zero grafting moments with ``graft``)."""
         out = {
             f.name: torch.zeros((count, *f.shape(m, n)), dtype=f.dtype, device="cpu" if f.on_host else device)
             for f in SCHEMA
+            if graft or not f.optional
         }
         out["U_L"] += torch.eye(m, device=device)
         out["U_R"] += torch.eye(n, device=device)
@@ -82,30 +90,36 @@ class KronBlockState:
         return cls(**out)
 
     @staticmethod
-    def check_block(block: Mapping[str, Tensor], m: int, n: int) -> str | None:
+    def check_block(block: Mapping[str, Tensor], m: int, n: int, graft: bool = False) -> str | None:
         """Why ``block`` (one block's fields, as :meth:`block` writes them) cannot be an m x n
         block's state, or None when it can: every field a plain tensor of the schema's dtype and
         shape, holding values (not on the meta device; any other device is fine, the fields are
         copied to the plan's), the float fields finite and ``step`` >= 0. A block saved before
-        ``ready`` existed may lack it (see :meth:`from_blocks`)."""
+        ``ready`` existed may lack it (see :meth:`from_blocks`); the grafting's moments are read
+        only where the group grafts (``graft``)."""
         if not isinstance(block, Mapping):
             return f"expected a dict of the fields {[f.name for f in SCHEMA]}, got {describe_type(block)}"
         for f in SCHEMA:
             got = block.get(f.name)
             if f.name == "ready" and got is None and "step" in block:
                 continue  # saved before the field existed: see from_blocks
+            if f.optional and not graft:
+                continue
             why = _field_problem(f, got, m, n)
             if why is not None:
                 return f"field {f.name!r} {why}"
         return None
 
     @classmethod
-    def from_blocks(cls, blocks: list[Mapping[str, Tensor]], device: torch.device | str) -> KronBlockState:
+    def from_blocks(cls, blocks: list[Mapping[str, Tensor]], device: torch.device | str, graft: bool = False) -> KronBlockState:
         """Stack blocks written by :meth:`block` (checked with :meth:`check_block`) into a new
         state on ``device`` (host fields on the CPU), sharing no memory with ``blocks``. A
-        block saved before ``ready`` existed was ready once it had stepped."""
+        block saved before ``ready`` existed was ready once it had stepped. The grafting's
+        moments are taken only with ``graft``."""
         out = {}
         for f in SCHEMA:
+            if f.optional and not graft:
+                continue
             rows = [b["step"] > 0 if f.name == "ready" and "ready" not in b else b[f.name] for b in blocks]
             out[f.name] = torch.stack([r.detach().to("cpu" if f.on_host else device, f.dtype) for r in rows])
         return cls(**out)
@@ -113,10 +127,11 @@ class KronBlockState:
     # --------------------------------------------------------------- per block
     def block(self, row: int) -> dict[str, Tensor]:
         """The fields of block ``row`` (views, not copies): one block as a checkpoint holds it."""
-        return {f.name: getattr(self, f.name)[row] for f in SCHEMA}
+        return {f.name: getattr(self, f.name)[row] for f in SCHEMA if getattr(self, f.name) is not None}
 
     def tensors(self) -> dict[str, Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """Every field that is there (an optional field that is not is left out)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
     def select(self, idx: Tensor) -> KronBlockState:
         """A copy holding the blocks ``idx``."""
@@ -157,13 +172,15 @@ class KronBlockState:
         """The float fields a step writes (the bases only on a refresh): what its finiteness
         check has to look at, the rest being as finite as before."""
         out = [self.momentum, self.L, self.R, self.lam_L, self.lam_R]
+        out += [t for t in (self.graft_m, self.graft_v) if t is not None]
         return out + [self.U_L, self.U_R] if refreshed else out
 
     def finite_blocks(self) -> Tensor:
         """(B,) bool on the state's device: every float field of the block is finite."""
         ok = finite_rows(self.momentum)
-        for t in (self.L, self.R, self.lam_L, self.lam_R):
-            ok &= finite_rows(t)
+        for t in (self.L, self.R, self.lam_L, self.lam_R, self.graft_m, self.graft_v):
+            if t is not None:
+                ok &= finite_rows(t)
         return ok
 
 

@@ -58,6 +58,7 @@ Inputs real training produces and the paper's algorithm does not anticipate:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +83,7 @@ FIRST_EIG_FLOOR = 1.0
 NOISE_FLOOR = torch.finfo(torch.float32).eps ** 2
 """Estimates used in the weights and in S are at least this fraction of the factor's largest."""
 INITS = ("first-gradient", "kl-methods")
+GRAFTS = ("none", "adamw")
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,9 @@ class BlockHyper:
     init: str = "first-gradient"
     init_factor: float = 0.1  # kl-methods: the constant first estimate
     rotation_precision: str = "fp32"  # products with the eigenbases: fp32, tf32 or bf16
-
+    graft: str = "none"  # "adamw": each block's update takes the norm of AdamW's (see graft_to_adamw)
+    graft_beta2: float = 0.999  # the AdamW side's beta2 and eps, which the grafted norm follows
+    graft_eps: float = 1e-8
 
 
 @dataclass(frozen=True)
@@ -201,6 +205,8 @@ def init_block_state(hyper: BlockHyper, grad: Tensor) -> tuple[KronBlockState, T
         lam_R=lam_r,
         step=torch.zeros(bsz, dtype=torch.int64),
         ready=torch.ones(bsz, dtype=torch.bool),
+        graft_m=None if hyper.graft == "none" else torch.zeros_like(grad),
+        graft_v=None if hyper.graft == "none" else torch.zeros_like(grad),
     )
     return state, failed_l | failed_r
 
@@ -265,9 +271,13 @@ def _accumulate(s: KronBlockState, grad: Tensor, hyper: BlockHyper, observed: Te
     new_lam_r = s.lam_R * decay[:, None] + (1.0 - b2) * diag_r
     if hyper.init == "kl-methods":
         new_lam_l, new_lam_r = kl_methods_clamp(new_lam_l), kl_methods_clamp(new_lam_r)
+    graft_m = graft_v = None
+    if s.graft_m is not None and s.graft_v is not None:
+        graft_m = torch.lerp(s.graft_m, grad, 1.0 - b1)
+        graft_v = torch.lerp(s.graft_v, grad.square(), 1.0 - hyper.graft_beta2)
     return KronBlockState(
         momentum=momentum, L=big_l, R=big_r, U_L=s.U_L, U_R=s.U_R, lam_L=new_lam_l, lam_R=new_lam_r,
-        step=s.step + 1, ready=s.ready,
+        step=s.step + 1, ready=s.ready, graft_m=graft_m, graft_v=graft_v,
     )
 
 
@@ -325,7 +335,51 @@ def _step_initialised(
         failed[refresh] = qr_failed
     if update is None:
         update = _precondition(new.momentum, new.lam_L, new.lam_R, new.U_L, new.U_R, hyper)
+    if hyper.graft == "adamw":
+        update = graft_to_adamw(update, new, hyper)
     return BlockStepResult(new, update, failed)
+
+
+def graft_to_adamw(update: Tensor, s: KronBlockState, hyper: BlockHyper) -> Tensor:
+    """Each block's ``update`` (B, m, n) rescaled to the Frobenius norm of AdamW's update,
+    ``m_hat / (sqrt(v_hat) + eps)`` (bias-corrected by the block's step count): the direction
+    stays the Kronecker method's, the size per block is AdamW's, so a learning rate tuned for
+    AdamW carries over (Distributed Shampoo's AdamW grafting). ``s`` is the state after the
+    step. AdamW's m is the method's momentum M, kept a second time in the parameter's basis:
+    M rotated back from the eigenbasis carries rounding of ~1e-7 |M| into entries whose v is
+    zero (a feature never seen), where ``/ eps`` would blow it up."""
+    assert s.graft_m is not None and s.graft_v is not None  # the step adds them where the group grafts
+    taken = s.step.to(torch.float64)  # host: the bias corrections cost no device read
+    bc1 = (1.0 - hyper.beta1**taken).to(update.device, torch.float32)[:, None, None]
+    bc2 = (1.0 - hyper.graft_beta2**taken).to(update.device, torch.float32)[:, None, None]
+    adamw = (s.graft_m / bc1) / ((s.graft_v / bc2).sqrt() + hyper.graft_eps)
+    own = block_norms(update)
+    ratio = torch.where(own > 0, block_norms(adamw) / own.clamp_min(torch.finfo(own.dtype).tiny), 0.0)
+    return update * ratio[:, None, None]
+
+
+def block_norms(x: Tensor) -> Tensor:
+    """(B,) Frobenius norms of x (B, m, n), formed from ``x / max|x|`` so that entries whose
+    squares leave the float range still give their norm."""
+    amax = x.abs().amax(dim=(-2, -1))
+    unit = x / amax.clamp_min(torch.finfo(x.dtype).tiny)[:, None, None]
+    return amax * torch.linalg.vector_norm(unit, dim=(-2, -1))
+
+
+def with_graft_moment(state: KronBlockState, hyper: BlockHyper) -> KronBlockState:
+    """``state`` with the grafting's moments where the group grafts and without them where it
+    does not. Moments cannot start on blocks that have stepped without them: AdamW's bias
+    correction counts the block's steps, so a late zero moment would blow up the size."""
+    if hyper.graft == "none":
+        return state if state.graft_v is None else dataclasses.replace(state, graft_m=None, graft_v=None)
+    if state.graft_m is not None and state.graft_v is not None:
+        return state
+    if bool(state.ready.any()):
+        raise ValueError(
+            f"graft={hyper.graft!r} was set on a param group whose blocks have already stepped without "
+            "grafting; set graft when the group is created (or load a checkpoint saved with it)"
+        )
+    return dataclasses.replace(state, graft_m=torch.zeros_like(state.momentum), graft_v=torch.zeros_like(state.momentum))
 
 
 def kron_block_step(state: KronBlockState, grad: Tensor, hyper: BlockHyper, schedule: Schedule) -> BlockStepResult:
@@ -336,6 +390,7 @@ def kron_block_step(state: KronBlockState, grad: Tensor, hyper: BlockHyper, sche
     (update zero); a schedule whose caller knows every block ready skips the host read of the
     readiness that decides that.
     """
+    state = with_graft_moment(state, hyper)
     observed = nonzero_rows(grad)  # (B,) on the device
     if schedule.every_ready or bool(state.ready.all()):  # the usual case: no host read of the device
         return _step_initialised(state, grad, hyper, observed, schedule.rows)
