@@ -88,8 +88,10 @@ def commit_step(work: StepWork, kron: KronSide, state: dict[Tensor, Any]) -> Non
         if group.pending is not None:
             pairs = kron.commit(group.pending, work.pg, work.world)
             decaying, views, updates = pairs.pieces, pairs.views, pairs.updates
-        side = [s for s in group.pieces
-                if s.grad is not None and not is_kron_shape(s.shape, cfg.bregtop) and s.value.numel() > 0]
+        # an empty piece (a rank whose FSDP2 shard of a short parameter has no rows) steps too, as
+        # torch's AdamW steps it: its step count then agrees across ranks, which DCP needs (it
+        # saves a plain tensor such as ``step`` from one rank, any rank, and loads it on all)
+        side = [s for s in group.pieces if s.grad is not None and not is_kron_shape(s.shape, cfg.bregtop)]
         grads: list[Tensor] = [s.grad for s in side if s.grad is not None]
         if cfg.maximize and grads:
             grads = list(torch._foreach_neg(grads))
