@@ -125,8 +125,10 @@ class BregTopConfig:
     set it, to 0.25 or 0.5."""
     init: str = "first-gradient"
     """How a block's state starts (see :mod:`bregtop_dist.core.block_step`): ``first-gradient``
-    (factors, bases and eigenvalue estimates from the first non-zero gradient, which also
-    updates the parameters) or ``kl-methods`` (Lin et al.'s public code, the paper's [11]:
+    (factors, bases and eigenvalue estimates from the first non-zero gradient, taken from the
+    isotropic state at the gradient's scale, which also updates the parameters),
+    ``first-gradient-unit`` (the same from the unit state: the first estimates at ``|G|^2``, so
+    the first steps depend on the loss's units; the state before ed21fa1) or ``kl-methods`` (Lin et al.'s public code, the paper's [11]:
     constant estimates ``init_factor``, a first step that only initialises, precondition
     with the previous estimates then update them, and their absolute clamp)."""
     init_factor: float = 0.1

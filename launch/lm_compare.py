@@ -26,7 +26,9 @@ Optimizers, all with weight decay 0 and every other setting their library's defa
 - BregTop methods (``bregtop-vn-v2``, ``kl``, ...): ``bregtop_dist.BregTop`` on
   ``bregtop_dist.param_groups(model)``: the matrices of the blocks are BregTop's, the tied
   embedding/head, norms and biases go to its AdamW side at the same lr; precondition_frequency 10;
-  ``METHOD+graft`` runs it with ``graft="adamw"`` (each block's update at AdamW's norm).
+  ``METHOD+graft`` runs it with ``graft="adamw"`` (each block's update at AdamW's norm),
+  ``METHOD+unit`` with ``init="first-gradient-unit"``. Fused q/k/v projections are
+  preconditioned as three blocks, ``param_groups``' default (``--no-split-qkv``: one).
 
 Writes ``OUT/results.json`` (every curve, the sweep, the tables' numbers), ``OUT/curves.png``
 (validation loss against step and against training seconds) and prints the tables as markdown.
@@ -61,9 +63,11 @@ PRESETS = {name: LM_PRESETS[name] for name in ("tiny", "small")}
 BASELINE = "adamw"
 PEER = "soap"
 PEER_HEAVYBALL = "soap-heavyball"
-GRAFTED = "+graft"
-"""Suffix of a BregTop method run with ``graft="adamw"`` (``kl+graft``)."""
-ALL_METHODS = (BASELINE, PEER, PEER_HEAVYBALL, *METHODS, *(m + GRAFTED for m in METHODS))
+VARIANTS: dict[str, dict[str, Any]] = {"+graft": {"graft": "adamw"}, "+unit": {"init": "first-gradient-unit"}}
+"""Suffixes of a BregTop method and the settings they add: ``kl+graft`` grafts each block's
+update onto AdamW's norm, ``kl+unit`` starts from the unit state (issue 28's first-state
+candidates)."""
+ALL_METHODS = (BASELINE, PEER, PEER_HEAVYBALL, *METHODS, *(m + s for s in VARIANTS for m in METHODS))
 DEFAULT_METHODS = (BASELINE, PEER, "bregtop-vn-v2", "kl")
 DEFAULT_LRS = (1e-3, 3e-3, 1e-2)
 CLIP = 1.0
@@ -190,8 +194,9 @@ def load_data(text: Path, cache_dir: Path) -> Data:
     return Data(ids[:cut], ids[cut:], tokenizer.get_vocab_size())
 
 
-def make_optimizer(method: str, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    """The optimizer of ``method`` at ``lr`` with the settings :func:`optimizer_settings` lists."""
+def make_optimizer(method: str, model: nn.Module, lr: float, split_qkv: bool = True) -> torch.optim.Optimizer:
+    """The optimizer of ``method`` at ``lr`` with the settings :func:`optimizer_settings` lists
+    (``split_qkv``: fused q/k/v projections as three Kronecker blocks, else one)."""
     if method == BASELINE:
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     if method == PEER:
@@ -205,10 +210,17 @@ def make_optimizer(method: str, model: nn.Module, lr: float) -> torch.optim.Opti
         opt: torch.optim.Optimizer = heavyball.SOAP(model.parameters(), lr=lr, weight_decay=0.0,
                                                     precondition_frequency=PRECONDITION_FREQUENCY)
         return opt
-    graft = "adamw" if method.endswith(GRAFTED) else "none"
-    # fused q/k/v kept whole, as docs/results/lm.md was measured (issue 28 re-measures it split)
-    return BregTop(param_groups(model, split_fused=False), lr=lr, method=method.removesuffix(GRAFTED),
-                   weight_decay=0.0, precondition_frequency=PRECONDITION_FREQUENCY, graft=graft)
+    base, extra = bregtop_method(method)
+    return BregTop(param_groups(model, split_fused=split_qkv), lr=lr, method=base, weight_decay=0.0,
+                   precondition_frequency=PRECONDITION_FREQUENCY, **extra)
+
+
+def bregtop_method(method: str) -> tuple[str, dict[str, Any]]:
+    """A BregTop method name (``kl+graft``) as its base method and the settings its suffix adds."""
+    for suffix, extra in VARIANTS.items():
+        if method.endswith(suffix):
+            return method.removesuffix(suffix), extra
+    return method, {}
 
 
 def optimizer_settings(method: str) -> dict[str, Any]:
@@ -237,6 +249,7 @@ class Setup:
     warmup_fraction: float
     seed: int
     device: torch.device
+    split_qkv: bool = True
 
 
 @torch.no_grad()
@@ -262,7 +275,7 @@ class Trainer:
         self.method, self.lr, self.steps, self.data, self.setup = method, lr, steps, data, setup
         torch.manual_seed(setup.seed)
         self.model = GPT(data.vocab, layers, heads, dim, block).to(setup.device)
-        self.opt = make_optimizer(method, self.model, lr)
+        self.opt = make_optimizer(method, self.model, lr, setup.split_qkv)
         warmup = max(1, round(setup.warmup_fraction * steps))  # ramps from lr / warmup (launch.lm: lr / (warmup + 1))
         self.schedule = make_scheduler(self.opt, "cosine", warmup, steps, MIN_LR_RATIO, start_factor=1.0 / warmup)
         self.curve = Curve([0], [0.0], [evaluate(self.model, data, setup)], [None])
@@ -438,7 +451,7 @@ class CompareConfig:
     HELP: ClassVar[dict[str, str]] = {
         "methods": "optimizers to compare: adamw (torch.optim.AdamW; its final loss is the target), soap "
                    "(pytorch_optimizer.SOAP), soap-heavyball (heavyball.SOAP) or any BregTop method: "
-                   + ", ".join(METHODS) + f" (with {GRAFTED}: graft='adamw')",
+                   + ", ".join(METHODS) + " (with +graft: graft='adamw'; with +unit: init='first-gradient-unit')",
         "lrs": "comma-separated learning rates swept for every method without its own --method-lrs",
         "method_lrs": "a method's own sweep list, METHOD=LR[,LR...] (one or more), e.g. soap=1e-3,3e-3",
         "preset": "model size: tiny (2 layers, 2 heads, dim 64, block 64) or small (4, 4, 128, 128)",
@@ -454,6 +467,8 @@ class CompareConfig:
         "data": "the training text file (the last tenth is validation)",
         "cache_dir": "where the tokenised text is cached",
         "out": "output folder for results.json and curves.png",
+        "split_qkv": "precondition fused q/k/v projections as three Kronecker blocks (param_groups' default); "
+                     "--no-split-qkv keeps each one block, as docs/results/lm.md's earlier runs",
     }
 
     methods: tuple[str, ...] = DEFAULT_METHODS
@@ -471,6 +486,7 @@ class CompareConfig:
     data: Path = DEFAULT_TEXT
     cache_dir: Path = Path("runs/cache")
     out: Path = Path("runs/lm-compare")
+    split_qkv: bool = True
 
     def __post_init__(self) -> None:
         check_positive(self, ("steps", "sweep_steps", "eval_every", "eval_batches", "batch_size"))
@@ -520,7 +536,7 @@ def run(cfg: CompareConfig) -> int:
     device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     setup = Setup(PRESETS[cfg.preset], cfg.batch_size, cfg.eval_every, cfg.eval_batches, cfg.warmup_fraction,
-                  cfg.seed, device)
+                  cfg.seed, device, cfg.split_qkv)
     begin, version = time.perf_counter(), code_version()  # the code as the run starts
     data = load_data(cfg.data, cfg.cache_dir)
     layers, heads, dim, block = setup.dims

@@ -108,18 +108,20 @@ def test_one_step_equals_algorithm1(gen, method, refresh):
         _close(update[k], ref_update)
 
 
+@pytest.mark.parametrize("init", ["first-gradient", "first-gradient-unit"])
 @pytest.mark.parametrize("method", list(PRESETS))
-def test_first_state_comes_from_the_first_gradient(gen, method):
+def test_first_state_comes_from_the_first_gradient(gen, method, init):
     stats = PRESETS[method].stats
     m, n = 6, 4  # m > n: the first L is rank deficient
-    grad = torch.randn(2, m, n, generator=gen)
-    state, failed = init_block_state(_hyper(method), grad)
+    grad = torch.randn(2, m, n, generator=gen) * 10.0 ** float(torch.empty(()).uniform_(-3, 1, generator=gen))
+    state, failed = init_block_state(_hyper(method, init=init), grad)
     assert not failed.any() and state.step.tolist() == [0, 0]
     assert torch.count_nonzero(state.momentum) == 0
     for k in range(2):
         G = grad[k].double()
-        # the isotropic state at the gradient's scale (rms); Shampoo's statistics ignore the state
-        c = 1.0 if stats == "shampoo" else float(G.square().mean().sqrt())
+        # the isotropic state at the gradient's scale (rms), or the unit state; Shampoo's
+        # statistics ignore the state
+        c = 1.0 if stats == "shampoo" or init == "first-gradient-unit" else float(G.square().mean().sqrt())
         eye_l, eye_r = torch.eye(m, dtype=torch.float64), torch.eye(n, dtype=torch.float64)
         dL, dR = kron_stats_ref(stats, G, eye_l, eye_r, c * torch.ones(m, dtype=torch.float64),
                                 c * torch.ones(n, dtype=torch.float64), c * eye_l, c * eye_r)
@@ -333,7 +335,7 @@ def test_kl_methods_first_state_only_initialises(gen, method):
         _close(rotated, torch.diag(torch.diagonal(rotated)), 1e-4)
 
 
-@pytest.mark.parametrize("init", ["first-gradient", "kl-methods"])
+@pytest.mark.parametrize("init", INITS)
 def test_zero_gradient_leaves_a_block_uninitialised_then_the_first_real_one_starts_it(gen, init):
     hyper = _hyper("bregtop-vn-v2", init=init)
     m, n = 5, 4
@@ -350,7 +352,7 @@ def test_zero_gradient_leaves_a_block_uninitialised_then_the_first_real_one_star
     again = kron_block_step(result.state, grad, hyper, Schedule.at(result.state.step + 1, torch.zeros(2, dtype=torch.int64), hyper.frequency, "cpu"))
     assert again.state.ready.tolist() == [True, True]
     moved = torch.count_nonzero(again.update[1]) > 0
-    assert moved if init == "first-gradient" else not moved  # kl-methods: the first step only initialises
+    assert moved if init != "kl-methods" else not moved  # kl-methods: the first step only initialises
 
 
 @pytest.mark.parametrize("method", list(PRESETS))

@@ -122,3 +122,18 @@ def test_grafted_rows_and_heavyballs_soap_are_the_optimizers_they_name():
     assert opt.precond_schedule == 1 / lm_compare.PRECONDITION_FREQUENCY  # heavyball keeps it off the groups
     with pytest.raises(ValueError, match=r"use one or more of"):
         lm_compare.CompareConfig(methods=("adamw+graft",))
+
+
+def test_unit_state_rows_and_the_split_of_fused_projections():
+    """``bregtop-vn-v2+unit`` is bregtop-vn-v2 from the unit first state; BregTop rows
+    precondition a fused q/k/v as three blocks unless ``split_qkv`` is off."""
+    unit = lm_compare.optimizer_settings("bregtop-vn-v2+unit")
+    assert unit["settings"]["method"] == "bregtop-vn-v2" and unit["settings"]["init"] == "first-gradient-unit"
+    assert lm_compare.optimizer_settings("kl")["settings"]["init"] == "first-gradient"
+    model = lm_compare.GPT(50, 1, 1, 12, 8)
+    for split, parts in ((True, 3), (False, 1)):
+        opt = lm_compare.make_optimizer("kl", model, 1e-3, split_qkv=split)
+        qkv = [g for g in opt.param_groups if any(p is model.blocks[0].attn.qkv.weight for p in g["params"])]
+        assert len(qkv) == 1 and qkv[0]["parts"] == parts, (split, qkv[0]["parts"])
+    with pytest.raises(ValueError, match=r"use one or more of"):
+        lm_compare.CompareConfig(methods=("kl+unit+graft",))

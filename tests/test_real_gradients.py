@@ -21,10 +21,11 @@ from reference import boundary_gap
 from torch import Tensor, nn
 
 from bregtop_dist import METHODS, BregTop, NonFiniteGradientError, NonFiniteStepError, kron_precondition
+from bregtop_dist.core.block_step import INITS as LIB_INITS
 from bregtop_dist.core.precondition import SELECTION_BAND
 
 ERRORS = (NonFiniteStepError, NonFiniteGradientError)
-INITS = ["first-gradient", "kl-methods"]
+INITS = list(LIB_INITS)
 DTYPES = [pytest.param(torch.float32, id="float32"), pytest.param(torch.bfloat16, id="bfloat16")]
 SETTINGS = dict(lr=1e-2, precondition_frequency=5)
 SHAPE = (6, 5)

@@ -20,7 +20,7 @@ eigenvalue statistics anyway, so ``Mt <- (1-b1) Gt + b1 Mt`` saves the two produ
 rotate M every step; on a refresh ``Mt`` is carried into the new basis. This is Algorithm 1
 exactly (the bases are orthogonal), up to rounding.
 
-Two initialisations (``BlockHyper.init``):
+Three initialisations (``BlockHyper.init``):
 
 - ``first-gradient``: the factors start from one application of STATS to the first gradient,
   taken from the isotropic state at the gradient's scale (U = I, lam = rms(G), L = R = rms(G) I;
@@ -30,6 +30,10 @@ Two initialisations (``BlockHyper.init``):
   eigenvalues (Rayleigh quotients) raised to at least ``FIRST_EIG_FLOOR`` times their mean (one
   gradient gives rank-deficient factors whose zero eigenvalues would make ``S^-1/2`` explode).
   The same step then runs Algorithm 1, so the first gradient already moves the parameters.
+- ``first-gradient-unit``: the same, from the unit state (U = I, lam = 1, L = R = I) for every
+  divergence, as before the state at the gradient's scale: the first estimates are then of the
+  scale of ``|G|^2`` rather than the fixed point's ``|G|``, so the first steps' size depends on
+  the loss's units (a candidate kept for issue 28's comparison, see docs/optimizer.md).
 - ``kl-methods``: what Lin et al.'s public KL-Shampoo code does (the paper's [11]). The first
   step only initialises: ``L = (1-b2) STATS(G)`` from the identity state, its eigenbasis,
   and constant estimates ``lam = init_factor``; no update. Every later step preconditions
@@ -59,6 +63,7 @@ Inputs real training produces and the paper's algorithm does not anticipate:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -82,7 +87,7 @@ FIRST_EIG_FLOOR = 1.0
 """``first-gradient``: first eigenvalue estimates are at least this multiple of their mean."""
 NOISE_FLOOR = torch.finfo(torch.float32).eps ** 2
 """Estimates used in the weights and in S are at least this fraction of the factor's largest."""
-INITS = ("first-gradient", "kl-methods")
+INITS = ("first-gradient", "first-gradient-unit", "kl-methods")
 GRAFTS = ("none", "adamw")
 
 
@@ -213,19 +218,18 @@ def init_block_state(hyper: BlockHyper, grad: Tensor) -> tuple[KronBlockState, T
 
 def _first_state_scale(hyper: BlockHyper, grad: Tensor) -> Tensor | float:
     """The scale of the isotropic state STATS is first taken from: 1 (the identity state) for
-    ``kl-methods``, as [11] does, and for Shampoo, whose statistics do not depend on the state
-    (``G G^T``, whose eigenvalues are the fixed point's scale). Every other divergence's
-    statistics are homogeneous of degree 1 in (G, state), so their fixed point has estimates of
-    the scale of ``|G|``; from the unit state they would start at ``|G|^2``, which makes the
-    first steps' size depend on the gradient's scale (tiny gradients hardly move, and on SST-2
-    the F rows collapse onto their top directions). For those ``first-gradient`` starts at the
-    gradient's root mean square (B, 1, 1), formed from ``G / max|G|`` so that it neither
-    overflows nor underflows."""
-    if hyper.init == "kl-methods" or hyper.stats == "shampoo":
+    ``kl-methods``, as [11] does, for ``first-gradient-unit``, and for Shampoo, whose statistics
+    do not depend on the state (``G G^T``, whose eigenvalues are the fixed point's scale). Every
+    other divergence's statistics are homogeneous of degree 1 in (G, state), so their fixed
+    point has estimates of the scale of ``|G|``; from the unit state they would start at
+    ``|G|^2``, which makes the first steps' size depend on the gradient's scale (tiny gradients
+    hardly move, and on SST-2 the F rows collapse onto their top directions). For those
+    ``first-gradient`` starts at the gradient's root mean square (B, 1, 1)."""
+    if hyper.init != "first-gradient" or hyper.stats == "shampoo":
         return 1.0
-    tiny = torch.finfo(grad.dtype).tiny
-    amax = grad.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(tiny)
-    return (amax * (grad / amax).square().mean(dim=(-2, -1), keepdim=True).sqrt()).clamp_min(tiny)
+    _, m, n = grad.shape
+    rms = block_norms(grad) / math.sqrt(m * n)
+    return rms.clamp_min(torch.finfo(grad.dtype).tiny)[:, None, None]
 
 
 def _first_floor(lam: Tensor) -> Tensor:
@@ -403,7 +407,7 @@ def kron_block_step(state: KronBlockState, grad: Tensor, hyper: BlockHyper, sche
         new = state.with_rows(idx, init)
         failed = torch.zeros(grad.shape[0], dtype=torch.bool, device=grad.device)
         failed[idx.to(grad.device)] = init_failed
-    live = state.ready | starting if hyper.init == "first-gradient" else state.ready
+    live = state.ready if hyper.init == "kl-methods" else state.ready | starting
     update = torch.zeros_like(grad)
     if bool(live.any()):
         idx = live.nonzero().flatten()
