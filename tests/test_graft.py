@@ -65,6 +65,40 @@ def test_each_block_moves_by_adamws_norm_in_its_methods_direction(gen, method, i
                 assert err <= 1e-5, f"step {k + 1}, block rows {rows} cols {cols}: off by {err:.3g}"
 
 
+def test_blocks_that_started_later_correct_by_their_own_step_counts(gen):
+    """The first rows' blocks see no gradient for three steps (a layer the loss reaches only
+    later), so blocks of one stack have taken different numbers of steps: each grafted change
+    is AdamW's norm bias-corrected by that block's own count, to 1e-5."""
+    settings = dict(method="kl", lr=LR, betas=(BETA1, 0.98), max_precond_dim=MAX_DIM, precondition_frequency=3)
+    grafted, plain = torch.nn.Parameter(torch.zeros(SHAPE)), torch.nn.Parameter(torch.zeros(SHAPE))
+    opt_g, opt_p = BregTop([grafted], graft="adamw", **settings), BregTop([plain], **settings)
+    m = torch.zeros(SHAPE, dtype=torch.float64)
+    v = torch.zeros_like(m)
+    taken = torch.zeros(SHAPE, dtype=torch.float64)  # each entry: its block's step count
+    started = torch.zeros(SHAPE, dtype=torch.bool)
+    for k, grad in enumerate(_gradients(gen, 8)):
+        if k < 3:
+            grad[ROWS[0]] = 0.0
+        started |= grad != 0  # every block of a started row range has non-zero entries
+        got, direction = _moved(opt_g, grafted, grad), _moved(opt_p, plain, grad)
+        g64 = grad.double()
+        m = torch.where(started, BETA1 * m + (1 - BETA1) * g64, m)
+        v = torch.where(started, BETA2 * v + (1 - BETA2) * g64.square(), v)
+        taken = torch.where(started, taken + 1, taken)
+        for rows in ROWS:
+            for cols in COLS:
+                if not bool(started[rows, cols].all()):
+                    assert float(got[rows, cols].abs().max()) == 0.0, f"step {k + 1}: a block without state moved"
+                    continue
+                t = float(taken[rows, cols][0, 0])
+                adamw = (m[rows, cols] / (1 - BETA1**t)) / ((v[rows, cols] / (1 - BETA2**t)).sqrt() + EPS)
+                own = direction[rows, cols]
+                want = own * (LR * adamw.norm() / own.norm())
+                err = float((got[rows, cols] - want).abs().max() / want.abs().max())
+                assert err <= 1e-5, f"step {k + 1}, block rows {rows} cols {cols} ({t:g} steps): off by {err:.3g}"
+    assert float(taken[ROWS[0]][0, 0]) < float(taken[ROWS[1]][0, 0]), "setup: the stack's counts never differed"
+
+
 def test_a_block_without_gradient_is_not_moved_and_an_adamw_lr_carries_over(gen):
     """A zero-initialised layer's block gets no update (no 0/0); with AdamW's lr a grafted
     block moves as far as AdamW moves it (the size is AdamW's whatever the method)."""

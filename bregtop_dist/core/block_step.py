@@ -353,13 +353,22 @@ def graft_to_adamw(update: Tensor, s: KronBlockState, hyper: BlockHyper) -> Tens
     M rotated back from the eigenbasis carries rounding of ~1e-7 |M| into entries whose v is
     zero (a feature never seen), where ``/ eps`` would blow it up."""
     assert s.graft_m is not None and s.graft_v is not None  # the step adds them where the group grafts
-    taken = s.step.to(torch.float64)  # host: the bias corrections cost no device read
-    bc1 = (1.0 - hyper.beta1**taken).to(update.device, torch.float32)[:, None, None]
-    bc2 = (1.0 - hyper.graft_beta2**taken).to(update.device, torch.float32)[:, None, None]
+    bc1, bc2 = _bias_corrections(s.step, (hyper.beta1, hyper.graft_beta2), update.device)
     adamw = (s.graft_m / bc1) / ((s.graft_v / bc2).sqrt() + hyper.graft_eps)
     own = block_norms(update)
     ratio = torch.where(own > 0, block_norms(adamw) / own.clamp_min(torch.finfo(own.dtype).tiny), 0.0)
     return update * ratio[:, None, None]
+
+
+def _bias_corrections(step: Tensor, betas: tuple[float, ...], device: torch.device) -> list[Tensor | float]:
+    """``1 - beta^t`` for each beta, t the blocks' step counts (B,) on the host: Python numbers
+    when every block has taken the same steps (the usual case, nothing to upload), else
+    (B, 1, 1) float32 tensors on ``device``."""
+    first = int(step[0]) if step.numel() else 0
+    if bool((step == first).all()):
+        return [1.0 - beta**first for beta in betas]
+    taken = step.to(torch.float64)
+    return [(1.0 - beta**taken).to(device, torch.float32)[:, None, None] for beta in betas]
 
 
 def block_norms(x: Tensor) -> Tensor:
