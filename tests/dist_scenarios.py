@@ -422,8 +422,6 @@ def graft_equal_single(rank: int, world: int, single: dist.ProcessGroup, workdir
     """graft='adamw' (each block's update at AdamW's norm, its moments owned with the block)
     runs under DDP and FSDP2 as in one process; under FSDP2 saved with
     torch.distributed.checkpoint half-way and resumed by a fresh model and optimizer."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.nn.parallel import DistributedDataParallel
 
     settings = {**SETTINGS, "graft": "adamw"}
@@ -431,17 +429,7 @@ def graft_equal_single(rank: int, world: int, single: dist.ProcessGroup, workdir
     model = Net()
     train(DistributedDataParallel(model), BregTop(param_groups(model), **settings), range(STEPS))
     assert_close(model, want, FP32_TOL)
-    sharded = fsdp2(Net(), world)
-    opt = BregTop(param_groups(sharded), **settings)
-    train(sharded, opt, range(3))
-    dcp.save(dict(zip(("model", "optim"), get_state_dict(sharded, opt))), checkpoint_id=str(workdir / "graft"))
-    resumed = fsdp2(Net(seed=5), world)
-    opt = BregTop(param_groups(resumed), **settings)
-    msd, osd = get_state_dict(resumed, opt)  # the template: made before any step, moments included
-    dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(workdir / "graft"))
-    set_state_dict(resumed, opt, model_state_dict=msd, optim_state_dict=osd)
-    train(resumed, opt, range(3, STEPS))
-    assert_close(resumed, want, FP32_TOL)
+    assert_close(_fsdp2_dcp_resumed(world, settings, workdir / "graft"), want, FP32_TOL)
 
 
 SCENARIOS[graft_equal_single.__name__] = graft_equal_single
@@ -454,27 +442,42 @@ def fsdp2_dcp_resume_at_the_same_world_equals_single(rank: int, world: int, sing
     step counts agree across ranks (DCP saves a plain tensor from one rank, any rank), so the
     resume equals the uninterrupted run. Empty shards once kept step 0, and 4 ranks resumed
     0.04-9% off."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    sharded = fsdp2(Net(), world)
-    opt = BregTop(param_groups(sharded), **SETTINGS)
-    train(sharded, opt, range(3))
-    steps = [float(entry["step"]) for entry in opt.state_dict()["state"].values() if "step" in entry]
-    every = [None] * world
-    dist.all_gather_object(every, steps)
-    assert all(s == steps for s in every), f"AdamW-side step counts differ across ranks: {every}"
-    dcp.save(dict(zip(("model", "optim"), get_state_dict(sharded, opt))), checkpoint_id=str(workdir / "same-world"))
-    resumed = fsdp2(Net(seed=5), world)
-    opt = BregTop(param_groups(resumed), **SETTINGS)
-    msd, osd = get_state_dict(resumed, opt)
-    dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(workdir / "same-world"))
-    set_state_dict(resumed, opt, model_state_dict=msd, optim_state_dict=osd)
-    train(resumed, opt, range(3, STEPS))
+    def steps_agree(opt: BregTop) -> None:
+        steps = [float(entry["step"]) for entry in opt.state_dict()["state"].values() if "step" in entry]
+        every = [None] * world
+        dist.all_gather_object(every, steps)
+        assert all(s == steps for s in every), f"AdamW-side step counts differ across ranks: {every}"
+
+    resumed = _fsdp2_dcp_resumed(world, SETTINGS, workdir / "same-world", before_save=steps_agree)
     assert_close(resumed, reference(single), FP32_TOL)
 
 
 SCENARIOS[fsdp2_dcp_resume_at_the_same_world_equals_single.__name__] = fsdp2_dcp_resume_at_the_same_world_equals_single
+
+
+def _fsdp2_dcp_resumed(world: int, settings: dict[str, Any], checkpoint: Path,
+                       before_save: Callable[[BregTop], None] | None = None) -> nn.Module:
+    """The user's resume under FSDP2: Net trained 3 steps, saved with torch.distributed.checkpoint
+    to ``checkpoint`` (``before_save`` sees the optimizer first), loaded into a fresh,
+    differently initialised model and optimizer through their state-dict templates (made
+    before any step), trained on to STEPS."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    sharded = fsdp2(Net(), world)
+    opt = BregTop(param_groups(sharded), **settings)
+    train(sharded, opt, range(3))
+    if before_save is not None:
+        before_save(opt)
+    dcp.save(dict(zip(("model", "optim"), get_state_dict(sharded, opt))), checkpoint_id=str(checkpoint))
+    resumed = fsdp2(Net(seed=5), world)
+    opt = BregTop(param_groups(resumed), **settings)
+    msd, osd = get_state_dict(resumed, opt)
+    dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(checkpoint))
+    set_state_dict(resumed, opt, model_state_dict=msd, optim_state_dict=osd)
+    train(resumed, opt, range(3, STEPS))
+    return resumed
 
 
 # ---------------------------------------------------------------------------- DeepSpeed
