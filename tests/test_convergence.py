@@ -7,35 +7,14 @@ Fixed seeds: this is a behavioural check, not a numerical identity.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from bregtop_dist import BregTop
-
-LRS = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
-
-
-def _sqrt_spd(gen, d, cond):
-    Q = torch.linalg.qr(torch.randn(d, d, generator=gen)).Q
-    return Q @ torch.diag(torch.logspace(0, -math.log10(cond), d).sqrt()) @ Q.T
+from launch.kron_regression import LRS, final_loss
 
 
-def _final_loss(make_opt, seed, steps=300, m=24, n=32, batch=64, loss_scale=1.0):
-    gen = torch.Generator().manual_seed(seed)
-    a_half, b_half = _sqrt_spd(gen, n, 1e3), _sqrt_spd(gen, m, 1e3)
-    w_star = torch.randn(m, n, generator=gen)
-    w = torch.nn.Parameter(torch.zeros(m, n))
-    opt = make_opt([w])
-    for _ in range(steps):
-        x = a_half @ torch.randn(n, batch, generator=gen)
-        noise = 0.01 * torch.randn(m, batch, generator=gen)
-        loss = loss_scale * 0.5 * (b_half @ ((w - w_star) @ x) + noise).pow(2).sum() / batch
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        return float(0.5 * (b_half @ (w - w_star) @ a_half).pow(2).sum())
+def _final_loss(make_opt, seed, loss_scale=1.0):
+    return final_loss(lambda params, _lr: make_opt(params), 0.0, seed, loss_scale)
 
 
 def test_bregtop_beats_tuned_adamw_on_kronecker_regression():
