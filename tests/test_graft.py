@@ -119,6 +119,25 @@ def test_a_block_without_gradient_is_not_moved_and_an_adamw_lr_carries_over(gen)
     assert torch.equal(dead.detach(), before)
 
 
+@pytest.mark.parametrize("method", ["kl", "bregtop-vn-v2"])
+def test_bf16_parameters_graft_as_float32_ones_up_to_bf16_rounding(gen, method):
+    """A bf16 parameter keeps float32 grafting moments and moves as its float32 twin fed the
+    same (bf16-representable) gradients moves, up to rounding the change to bf16."""
+    settings = dict(method=method, lr=LR, graft="adamw", max_precond_dim=MAX_DIM, precondition_frequency=3)
+    half, full = torch.nn.Parameter(torch.zeros(SHAPE, dtype=torch.bfloat16)), torch.nn.Parameter(torch.zeros(SHAPE))
+    opt_h, opt_f = BregTop([half], **settings), BregTop([full], **settings)
+    for k, grad in enumerate(_gradients(gen, 7)):
+        grad = grad.to(torch.bfloat16)
+        got, want = _moved(opt_h, half, grad), _moved(opt_f, full, grad.float())
+        assert half.dtype == torch.bfloat16
+        if k == 4:  # the all-zero gradient: momentum alone moves the weights
+            assert float(want.abs().max()) > 0.0
+        err = float((got - want).abs().max() / want.abs().max())
+        assert err <= 2.0**-8, f"step {k + 1}: off by {err:.3g}"
+    block = opt_h.state_dict()["state"][0]["kron"]["0"]
+    assert block["graft_m"].dtype == block["graft_v"].dtype == torch.float32
+
+
 def test_unknown_graft_is_refused_naming_it_and_the_allowed_values():
     p = torch.nn.Parameter(torch.randn(4, 3))
     with pytest.raises(ValueError, match=r"graft='sgd' is unknown; allowed: none, adamw"):
