@@ -127,8 +127,11 @@ class BregTopConfig:
     """How a block's state starts (see :mod:`bregtop_dist.core.block_step`): ``first-gradient``
     (factors, bases and eigenvalue estimates from the first non-zero gradient, taken from the
     isotropic state at the gradient's scale, which also updates the parameters),
-    ``first-gradient-unit`` (the same from the unit state: the first estimates at ``|G|^2``, so
-    the first steps depend on the loss's units; the state before ed21fa1) or ``kl-methods`` (Lin et al.'s public code, the paper's [11]:
+    ``first-gradient-averaged`` (the same start, then factor and estimate EMAs that average
+    the block's statistics so far, bias-corrected as Adam's second moment, so the first
+    gradient does not dominate them for ``1/(1-beta2)`` steps), ``first-gradient-unit`` (from
+    the unit state: the first estimates at ``|G|^2``, so the first steps depend on the loss's
+    units; the state before ed21fa1) or ``kl-methods`` (Lin et al.'s public code, the paper's [11]:
     constant estimates ``init_factor``, a first step that only initialises, precondition
     with the previous estimates then update them, and their absolute clamp)."""
     init_factor: float = 0.1

@@ -121,14 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/kron-regression"))
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
-    begin = time.perf_counter()
+    begin, version = time.perf_counter(), code_version()  # the code as the run starts
     losses = measure(optimizers(args.methods.split(","), args.inits.split(",")), seeds)
     table = ratios(losses)
     text = markdown(table, seeds)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(
         {"losses": losses, "ratios": table, "lrs": list(LRS), "scales": list(SCALES), "seeds": seeds,
-         "machine": machine_info(), "code_version": code_version(), "wall_s": time.perf_counter() - begin},
+         "machine": machine_info(), "code_version": version, "wall_s": time.perf_counter() - begin},
         indent=1) + "\n")
     (args.out / "table.md").write_text(text)
     print(text)

@@ -27,7 +27,8 @@ Optimizers, all with weight decay 0 and every other setting their library's defa
   ``bregtop_dist.param_groups(model)``: the matrices of the blocks are BregTop's, the tied
   embedding/head, norms and biases go to its AdamW side at the same lr; precondition_frequency 10;
   ``METHOD+graft`` runs it with ``graft="adamw"`` (each block's update at AdamW's norm),
-  ``METHOD+unit`` with ``init="first-gradient-unit"``. Fused q/k/v projections are
+  ``METHOD+unit`` with ``init="first-gradient-unit"``, ``METHOD+avg`` with
+  ``init="first-gradient-averaged"``. Fused q/k/v projections are
   preconditioned as three blocks, ``param_groups``' default (``--no-split-qkv``: one).
 
 Writes ``OUT/results.json`` (every curve, the sweep, the tables' numbers), ``OUT/curves.png``
@@ -63,10 +64,14 @@ PRESETS = {name: LM_PRESETS[name] for name in ("tiny", "small")}
 BASELINE = "adamw"
 PEER = "soap"
 PEER_HEAVYBALL = "soap-heavyball"
-VARIANTS: dict[str, dict[str, Any]] = {"+graft": {"graft": "adamw"}, "+unit": {"init": "first-gradient-unit"}}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "+graft": {"graft": "adamw"},
+    "+unit": {"init": "first-gradient-unit"},
+    "+avg": {"init": "first-gradient-averaged"},
+}
 """Suffixes of a BregTop method and the settings they add: ``kl+graft`` grafts each block's
-update onto AdamW's norm, ``kl+unit`` starts from the unit state (issue 28's first-state
-candidates)."""
+update onto AdamW's norm; ``kl+unit`` and ``kl+avg`` are issue 28's other first-state
+candidates (the unit state; running-average EMAs)."""
 ALL_METHODS = (BASELINE, PEER, PEER_HEAVYBALL, *METHODS, *(m + s for s in VARIANTS for m in METHODS))
 DEFAULT_METHODS = (BASELINE, PEER, "bregtop-vn-v2", "kl")
 DEFAULT_LRS = (1e-3, 3e-3, 1e-2)
@@ -451,7 +456,8 @@ class CompareConfig:
     HELP: ClassVar[dict[str, str]] = {
         "methods": "optimizers to compare: adamw (torch.optim.AdamW; its final loss is the target), soap "
                    "(pytorch_optimizer.SOAP), soap-heavyball (heavyball.SOAP) or any BregTop method: "
-                   + ", ".join(METHODS) + " (with +graft: graft='adamw'; with +unit: init='first-gradient-unit')",
+                   + ", ".join(METHODS) + " (with +graft: graft='adamw'; +unit: init='first-gradient-unit'; "
+                   "+avg: init='first-gradient-averaged')",
         "lrs": "comma-separated learning rates swept for every method without its own --method-lrs",
         "method_lrs": "a method's own sweep list, METHOD=LR[,LR...] (one or more), e.g. soap=1e-3,3e-3",
         "preset": "model size: tiny (2 layers, 2 heads, dim 64, block 64) or small (4, 4, 128, 128)",

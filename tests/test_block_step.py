@@ -108,7 +108,39 @@ def test_one_step_equals_algorithm1(gen, method, refresh):
         _close(update[k], ref_update)
 
 
-@pytest.mark.parametrize("init", ["first-gradient", "first-gradient-unit"])
+@pytest.mark.parametrize("method", list(PRESETS))
+@pytest.mark.parametrize("steps", [(6, 6), (0, 3)], ids=["same-counts", "own-counts"])
+def test_averaged_emas_are_algorithm1_with_the_running_average_weight(gen, method, steps):
+    """``first-gradient-averaged``: a block's step after t taken is Algorithm 1 with ``b2``
+    replaced by ``1 - (1-b2)/(1-b2^(t+2))`` (the first state is the first term of a running
+    average, each step's statistics averaged in as Adam's bias-corrected second moment
+    averages), each block of a stack by its own count."""
+    hyper = _hyper(method, init="first-gradient-averaged")
+    bsz, m, n = 2, 7, 5
+    b2 = [1.0 - (1.0 - hyper.beta2) / (1.0 - hyper.beta2 ** (t + 2)) for t in steps]
+    for _ in range(20):  # inputs with an entry in the blending band are drawn again
+        state = _random_state(gen, bsz, m, n)
+        state.step = torch.tensor(steps, dtype=torch.int64)
+        grad = torch.randn(bsz, m, n, generator=gen)
+        refs = [
+            algorithm1_ref(_as_ref(state, k), grad[k].double(), hyper.stats, hyper.beta1, b2[k],
+                           False, hyper.rho, hyper.q, hyper.c, hyper.eps)
+            for k in range(bsz)
+        ]
+        if all(boundary_gap(r[0]["lam_L"], r[0]["lam_R"], hyper.rho) > 2 * SELECTION_BAND for r in refs):
+            break
+    else:
+        pytest.fail("setup: no state with a top-set boundary clear of the blending band in 20 draws")
+    offset = torch.full((bsz,), 2, dtype=torch.int64)  # steps 1, 4 and 7: none refreshes
+    result = kron_block_step(state, grad, hyper, Schedule.at(state.step + 1, offset, hyper.frequency, "cpu"))
+    assert result.failed is None and result.state.step.tolist() == [t + 1 for t in steps]
+    for k, (ref_state, ref_update) in enumerate(refs):
+        for name in ("L", "R", "lam_L", "lam_R"):
+            _close(getattr(result.state, name)[k], ref_state[name])
+        _close(result.update[k], ref_update)
+
+
+@pytest.mark.parametrize("init", ["first-gradient", "first-gradient-averaged", "first-gradient-unit"])
 @pytest.mark.parametrize("method", list(PRESETS))
 def test_first_state_comes_from_the_first_gradient(gen, method, init):
     stats = PRESETS[method].stats
@@ -138,14 +170,15 @@ def test_first_state_comes_from_the_first_gradient(gen, method, init):
             assert float(lam.min()) >= float(floor) * (1 - 1e-5)
 
 
+@pytest.mark.parametrize("init", ["first-gradient", "first-gradient-averaged"])
 @pytest.mark.parametrize("method", list(PRESETS))
-def test_first_steps_do_not_depend_on_the_gradient_scale(gen, method):
+def test_first_steps_do_not_depend_on_the_gradient_scale(gen, method, init):
     """The fixed point of every divergence's EMA makes its steps scale-free (Adam-like): the
     first state must start at that scale too, or tiny gradients hardly move the weights and
     huge ones take giant steps. Three steps of gradients scaled by 1e-10 .. 1e30 give the same
     updates, with eps = 0 and each method's default exponent (Shampoo's p = 1/4; p = 1/2 on
     its unnormalised factors scales as 1/|G|)."""
-    hyper = dataclasses.replace(_hyper(method), eps=0.0, exponent=BregTopConfig(method=method).resolved_exponent)
+    hyper = dataclasses.replace(_hyper(method, init=init), eps=0.0, exponent=BregTopConfig(method=method).resolved_exponent)
     bsz, m, n = 2, 5, 5  # full-rank first factors: a null space's basis would be rounding's choice
     grads = [torch.randn(bsz, m, n, generator=gen) for _ in range(3)]
     offset = torch.zeros(bsz, dtype=torch.int64)

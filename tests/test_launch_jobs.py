@@ -84,7 +84,7 @@ def test_sst2_stops_at_the_target_and_runs_all_rows(tmp_path):
         (["--seed", "3", "--seeds", "0,1"], "seed=3 and seeds='0,1': set one of them, not both"),
         (["--method", "kl", "--exponent", "0.5"], "exponent=0.5 applies to the shampoo row only"),
         (["--method", "shampoo", "--exponent", "0.3"], "exponent=0.3 is not allowed for method='shampoo'"),
-        (["--init", "zeros"], "init='zeros' is unknown; allowed: first-gradient, first-gradient-unit, kl-methods"),
+        (["--init", "zeros"], "init='zeros' is unknown; allowed: first-gradient, first-gradient-averaged, first-gradient-unit, kl-methods"),
         (["--init-factor", "0"], "init_factor=0.0 is not allowed"),
     ],
 )

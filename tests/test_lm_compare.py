@@ -130,6 +130,7 @@ def test_unit_state_rows_and_the_split_of_fused_projections():
     unit = lm_compare.optimizer_settings("bregtop-vn-v2+unit")
     assert unit["settings"]["method"] == "bregtop-vn-v2" and unit["settings"]["init"] == "first-gradient-unit"
     assert lm_compare.optimizer_settings("kl")["settings"]["init"] == "first-gradient"
+    assert lm_compare.optimizer_settings("kl+avg")["settings"]["init"] == "first-gradient-averaged"
     model = lm_compare.GPT(50, 1, 1, 12, 8)
     for split, parts in ((True, 3), (False, 1)):
         opt = lm_compare.make_optimizer("kl", model, 1e-3, split_qkv=split)

@@ -59,7 +59,7 @@ WRONG_TYPES = [
     (dict(method=3), "method=3 is not allowed: method must be one of shampoo, kl, vn-v1, vn-v2, f-v1, f-v2, "
                      "bregtop-vn-v1, bregtop-vn-v2, bregtop-f-v1, bregtop-f-v2 (got an int)"),
     (dict(method=["kl"]), "method=['kl'] is not allowed: method must be one of shampoo, kl"),
-    (dict(init=3), "init=3 is not allowed: init must be one of first-gradient, first-gradient-unit, kl-methods (got an int)"),
+    (dict(init=3), "init=3 is not allowed: init must be one of first-gradient, first-gradient-averaged, first-gradient-unit, kl-methods (got an int)"),
     (dict(backend=3), "backend=3 is not allowed: backend must be one of auto, torch, triton (got an int)"),
     (dict(stagger_refresh="False"),
      "stagger_refresh='False' is not allowed: stagger_refresh must be True or False (got a str)"),

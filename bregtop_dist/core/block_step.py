@@ -20,7 +20,7 @@ eigenvalue statistics anyway, so ``Mt <- (1-b1) Gt + b1 Mt`` saves the two produ
 rotate M every step; on a refresh ``Mt`` is carried into the new basis. This is Algorithm 1
 exactly (the bases are orthogonal), up to rounding.
 
-Three initialisations (``BlockHyper.init``):
+Four initialisations (``BlockHyper.init``):
 
 - ``first-gradient``: the factors start from one application of STATS to the first gradient,
   taken from the isotropic state at the gradient's scale (U = I, lam = rms(G), L = R = rms(G) I;
@@ -30,6 +30,13 @@ Three initialisations (``BlockHyper.init``):
   eigenvalues (Rayleigh quotients) raised to at least ``FIRST_EIG_FLOOR`` times their mean (one
   gradient gives rank-deficient factors whose zero eigenvalues would make ``S^-1/2`` explode).
   The same step then runs Algorithm 1, so the first gradient already moves the parameters.
+- ``first-gradient-averaged``: the ``first-gradient`` state, then factor and estimate EMAs
+  that average the block's statistics so far as Adam's bias-corrected second moment does
+  (the first state the first term, then ``add = (1-b2)/(1-b2^(t+1))`` at the block's t-th step
+  instead of ``1-b2``): the first gradient's weight falls as 1/t instead of staying near
+  ``b2^t``, so the estimates follow gradients that shrink (or grow) over the first
+  ``1/(1-b2)`` steps; scale-free as ``first-gradient`` (issue 28's third first-state
+  candidate).
 - ``first-gradient-unit``: the same, from the unit state (U = I, lam = 1, L = R = I) for every
   divergence, as before the state at the gradient's scale: the first estimates are then of the
   scale of ``|G|^2`` rather than the fixed point's ``|G|``, so the first steps' size depends on
@@ -87,7 +94,7 @@ FIRST_EIG_FLOOR = 1.0
 """``first-gradient``: first eigenvalue estimates are at least this multiple of their mean."""
 NOISE_FLOOR = torch.finfo(torch.float32).eps ** 2
 """Estimates used in the weights and in S are at least this fraction of the factor's largest."""
-INITS = ("first-gradient", "first-gradient-unit", "kl-methods")
+INITS = ("first-gradient", "first-gradient-averaged", "first-gradient-unit", "kl-methods")
 GRAFTS = ("none", "adamw")
 
 
@@ -225,7 +232,7 @@ def _first_state_scale(hyper: BlockHyper, grad: Tensor) -> Tensor | float:
     ``|G|^2``, which makes the first steps' size depend on the gradient's scale (tiny gradients
     hardly move, and on SST-2 the F rows collapse onto their top directions). For those
     ``first-gradient`` starts at the gradient's root mean square (B, 1, 1)."""
-    if hyper.init != "first-gradient" or hyper.stats == "shampoo":
+    if hyper.init in ("kl-methods", "first-gradient-unit") or hyper.stats == "shampoo":
         return 1.0
     _, m, n = grad.shape
     rms = block_norms(grad) / math.sqrt(m * n)
@@ -245,16 +252,17 @@ def refresh_due(step: Tensor, offset: Tensor, frequency: int) -> Tensor:
 def _accumulate(s: KronBlockState, grad: Tensor, hyper: BlockHyper, observed: Tensor) -> KronBlockState:
     """Lines 1-5 of Algorithm 1 but the refresh, into a new state: momentum, factor and
     eigenvalue EMAs. Blocks whose gradient is zero (``observed`` False) keep their statistics."""
-    b1, b2 = hyper.beta1, hyper.beta2
+    b1 = hyper.beta1
     prec = hyper.rotation_precision
-    decay = torch.where(observed, b2, 1.0).to(grad.dtype)  # zero gradient: no observation, no decay
+    keep, add = _ema_weights(s.step, hyper, grad.device)
+    decay = torch.where(observed, keep, 1.0).to(grad.dtype)  # zero gradient: no observation, no decay
     lam_l, lam_r = noise_floor(s.lam_L), noise_floor(s.lam_R)
     if hyper.stats == "f-v1":
         gt = rotate(rotate(s.U_L.mT, grad, prec), s.U_R, prec)  # (B, m, n), the gradient in the current eigenbasis
         d_l, d_r = stats_increments("f-v1", grad, s.U_L, s.U_R, lam_l, lam_r, s.L, s.R)
         diag_l, diag_r = rotated_diagonals("f-v1", gt, lam_l, lam_r, s.L, s.R, d_l, d_r, s.U_L, s.U_R, G=grad)
-        big_l = s.L * decay[:, None, None] + (1.0 - b2) * d_l
-        big_r = s.R * decay[:, None, None] + (1.0 - b2) * d_r
+        big_l = s.L * decay[:, None, None] + _per_block(add, 2) * d_l
+        big_r = s.R * decay[:, None, None] + _per_block(add, 2) * d_r
         momentum = torch.lerp(s.momentum, gt, 1.0 - b1)
     else:
         # dL = X_L diag(w_L) X_L^T: the factor EMA is one fused product of pre-scaled X.
@@ -268,11 +276,15 @@ def _accumulate(s: KronBlockState, grad: Tensor, hyper: BlockHyper, observed: Te
             gt = rotate(rotate(s.U_L.mT, grad, prec), s.U_R, prec)
         scaled_l = x_l * w_l.sqrt()[:, None, :]
         scaled_r = x_r * w_r.sqrt()[:, :, None]
-        big_l = torch.baddbmm(s.L * decay[:, None, None], scaled_l, scaled_l.mT, alpha=1.0 - b2)
-        big_r = torch.baddbmm(s.R * decay[:, None, None], scaled_r.mT, scaled_r, alpha=1.0 - b2)
+        if isinstance(add, float):
+            big_l = torch.baddbmm(s.L * decay[:, None, None], scaled_l, scaled_l.mT, alpha=add)
+            big_r = torch.baddbmm(s.R * decay[:, None, None], scaled_r.mT, scaled_r, alpha=add)
+        else:
+            big_l = s.L * decay[:, None, None] + add[:, None, None] * (scaled_l @ scaled_l.mT)
+            big_r = s.R * decay[:, None, None] + add[:, None, None] * (scaled_r.mT @ scaled_r)
         diag_l, diag_r, momentum = _weighted_sums_and_momentum(s.momentum, gt, w_l, w_r, b1, hyper.backend)
-    new_lam_l = s.lam_L * decay[:, None] + (1.0 - b2) * diag_l
-    new_lam_r = s.lam_R * decay[:, None] + (1.0 - b2) * diag_r
+    new_lam_l = s.lam_L * decay[:, None] + _per_block(add, 1) * diag_l
+    new_lam_r = s.lam_R * decay[:, None] + _per_block(add, 1) * diag_r
     if hyper.init == "kl-methods":
         new_lam_l, new_lam_r = kl_methods_clamp(new_lam_l), kl_methods_clamp(new_lam_r)
     graft_m = graft_v = None
@@ -283,6 +295,32 @@ def _accumulate(s: KronBlockState, grad: Tensor, hyper: BlockHyper, observed: Te
         momentum=momentum, L=big_l, R=big_r, U_L=s.U_L, U_R=s.U_R, lam_L=new_lam_l, lam_R=new_lam_r,
         step=s.step + 1, ready=s.ready, graft_m=graft_m, graft_v=graft_v,
     )
+
+
+def _ema_weights(step: Tensor, hyper: BlockHyper, device: torch.device) -> tuple[float | Tensor, float | Tensor]:
+    """(keep, add) of the factor and estimate EMAs, ``X <- keep X + add dX``: ``(b2, 1 - b2)``,
+    Algorithm 1's; under ``first-gradient-averaged`` the running average that Adam's
+    bias-corrected second moment is, ``X = sum_s b2^(t-s) dX_s / sum_s b2^(t-s)``, with the
+    first state (floored, so of full rank) as the first term: ``add = (1 - b2) / (1 - b2^(k+2))``
+    at a block's step k (k = 0 first). Without that prior the statistics of fewer gradients
+    than the block's side are rank-deficient and KL's ``1/lam`` weights collapse the block
+    (updates of 1e-7 after a few steps, measured). Python numbers when
+    every block of the stack has taken the same steps, else (B,) float32 tensors on ``device``."""
+    b2 = hyper.beta2
+    if hyper.init != "first-gradient-averaged":
+        return b2, 1.0 - b2
+    first = int(step[0]) if step.numel() else 0
+    if bool((step == first).all()):
+        add = (1.0 - b2) / (1.0 - b2 ** (first + 2))
+        return 1.0 - add, add
+    taken = step.to(torch.float64)
+    add_t = ((1.0 - b2) / (1.0 - b2 ** (taken + 2))).to(device, torch.float32)
+    return 1.0 - add_t, add_t
+
+
+def _per_block(weight: float | Tensor, dims: int) -> float | Tensor:
+    """A weight of :func:`_ema_weights` broadcast over ``dims`` trailing dimensions."""
+    return weight if isinstance(weight, float) else weight.reshape(-1, *([1] * dims))
 
 
 def _weighted_sums_and_momentum(
