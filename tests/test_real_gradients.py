@@ -162,8 +162,14 @@ ZERO_PHASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype,zero_steps", ZERO_PHASES)
-@pytest.mark.parametrize("init", INITS)
+# The long float32 phase runs for the two inits whose statistics differ there (Algorithm 1's
+# EMA, kl-methods' clamp); the other first-gradient variants differ only in their first state
+# and early weights, which the bf16 phase covers (it caught the averaged EMAs' collapse).
+ZERO_CASES = [pytest.param(init, *case.values, id=f"{init}-{case.id}") for init in INITS for case in ZERO_PHASES
+              if init in ("first-gradient", "kl-methods") or case.values[1] < 1000]
+
+
+@pytest.mark.parametrize("init,dtype,zero_steps", ZERO_CASES)
 def test_block_with_zero_gradient_for_thousands_of_steps(gen, init, dtype, zero_steps):
     """An unrouted expert: ``warm`` blocks get 20 real gradients, then ``zero_steps`` exactly
     zero ones, then real ones again; ``cold`` blocks get zeros from step 1. Twins in a second
