@@ -81,13 +81,14 @@ def test_gradients_one_ulp_apart_give_runs_a_rounding_apart(gen, method):
 def test_one_ulp_amplification_of_thin_blocks_is_bounded(gen, method):
     """``launch.sensitivity``'s amplification (relative change of the update over the next two
     refresh periods per relative change of what moved) on 1 x n and m x 1 blocks, n and m 9-39.
-    The first gradient moved: median of 5 seeds at most 1e4 (measured medians 1e2-2e3, single
-    seeds up to 2.8e4; 5c81eb4: about 1e6). A later gradient or the whole state moved: at most
+    The first gradient moved: median of 5 seeds at most 1e5 (measured medians 1e2-2e3, single
+    seeds up to 2.8e4; one CI draw of bregtop-vn-v2 on 1 x 34 had median 1.5e4, seeds 1e3-2.4e4,
+    so 1e4 was a flaky bound; 5c81eb4: about 1e6). A later gradient or the whole state moved: at most
     5e3 (measured at most 2.9e2 and 1.2e3 over 30 seeds; up to 8.6e5 and 1.1e6 before)."""
     for m, n in ((1, int(torch.randint(9, 40, (), generator=gen))), (int(torch.randint(9, 40, (), generator=gen)), 1)):
         seeds = torch.randint(2**31 - 1, (5,), generator=gen).tolist()
         first = sorted(amplification(method, m, n, 0, seed) for seed in seeds)
-        assert first[2] <= 1e4, (m, n, seeds, first)
+        assert first[2] <= 1e5, (m, n, seeds, first)
         for start in (1, 3):
             for what in ("gradient", "state"):
                 got = amplification(method, m, n, start, seeds[0], what)
