@@ -73,23 +73,28 @@ def _close(got, want, tol=2e-4):
     )
 
 
+def _draw_clear_of_the_band(gen, hyper, b2, refresh, steps=None, m=7, n=5):
+    """A random stack of len(b2) blocks (step counts ``steps``, else 6), a gradient, and each
+    block's float64 Algorithm 1 step with its own ``b2``; inputs with an entry in the
+    selection's blending band are drawn again (fails the test after 20 draws)."""
+    for _ in range(20):
+        state = _random_state(gen, len(b2), m, n)
+        if steps is not None:
+            state.step = torch.tensor(steps, dtype=torch.int64)
+        grad = torch.randn(len(b2), m, n, generator=gen)
+        refs = [algorithm1_ref(_as_ref(state, k), grad[k].double(), hyper.stats, hyper.beta1, b2[k],
+                               refresh, hyper.rho, hyper.q, hyper.c, hyper.eps) for k in range(len(b2))]
+        if all(boundary_gap(r[0]["lam_L"], r[0]["lam_R"], hyper.rho) > 2 * SELECTION_BAND for r in refs):
+            return state, grad, refs
+    pytest.fail("setup: no state with a top-set boundary clear of the blending band in 20 draws")
+
+
 @pytest.mark.parametrize("method", list(PRESETS))
 @pytest.mark.parametrize("refresh", [False, True])
 def test_one_step_equals_algorithm1(gen, method, refresh):
     hyper = _hyper(method)
-    bsz, m, n = 2, 7, 5
-    for _ in range(20):  # inputs with an entry in the blending band are drawn again
-        state = _random_state(gen, bsz, m, n)
-        grad = torch.randn(bsz, m, n, generator=gen)
-        refs = [
-            algorithm1_ref(_as_ref(state, k), grad[k].double(), hyper.stats, hyper.beta1, hyper.beta2,
-                           refresh, hyper.rho, hyper.q, hyper.c, hyper.eps)
-            for k in range(bsz)
-        ]
-        if all(boundary_gap(r[0]["lam_L"], r[0]["lam_R"], hyper.rho) > 2 * SELECTION_BAND for r in refs):
-            break
-    else:
-        pytest.fail("setup: no state with a top-set boundary clear of the blending band in 20 draws")
+    bsz = 2
+    state, grad, refs = _draw_clear_of_the_band(gen, hyper, [hyper.beta2] * bsz, refresh)
     offset = torch.full((bsz,), 3 if refresh else 1, dtype=torch.int64)  # step 6 -> 7; 7-3 = 4 = T
     before = {k: v.clone() for k, v in state.tensors().items()}
     result = kron_block_step(state, grad, hyper, Schedule.at(state.step + 1, offset, hyper.frequency, "cpu"))
@@ -116,21 +121,9 @@ def test_averaged_emas_are_algorithm1_with_the_running_average_weight(gen, metho
     average, each step's statistics averaged in as Adam's bias-corrected second moment
     averages), each block of a stack by its own count."""
     hyper = _hyper(method, init="first-gradient-averaged")
-    bsz, m, n = 2, 7, 5
+    bsz = len(steps)
     b2 = [1.0 - (1.0 - hyper.beta2) / (1.0 - hyper.beta2 ** (t + 2)) for t in steps]
-    for _ in range(20):  # inputs with an entry in the blending band are drawn again
-        state = _random_state(gen, bsz, m, n)
-        state.step = torch.tensor(steps, dtype=torch.int64)
-        grad = torch.randn(bsz, m, n, generator=gen)
-        refs = [
-            algorithm1_ref(_as_ref(state, k), grad[k].double(), hyper.stats, hyper.beta1, b2[k],
-                           False, hyper.rho, hyper.q, hyper.c, hyper.eps)
-            for k in range(bsz)
-        ]
-        if all(boundary_gap(r[0]["lam_L"], r[0]["lam_R"], hyper.rho) > 2 * SELECTION_BAND for r in refs):
-            break
-    else:
-        pytest.fail("setup: no state with a top-set boundary clear of the blending band in 20 draws")
+    state, grad, refs = _draw_clear_of_the_band(gen, hyper, b2, False, steps)
     offset = torch.full((bsz,), 2, dtype=torch.int64)  # steps 1, 4 and 7: none refreshes
     result = kron_block_step(state, grad, hyper, Schedule.at(state.step + 1, offset, hyper.frequency, "cpu"))
     assert result.failed is None and result.state.step.tolist() == [t + 1 for t in steps]

@@ -309,9 +309,9 @@ def _ema_weights(step: Tensor, hyper: BlockHyper, device: torch.device) -> tuple
     b2 = hyper.beta2
     if hyper.init != "first-gradient-averaged":
         return b2, 1.0 - b2
-    first = int(step[0]) if step.numel() else 0
-    if bool((step == first).all()):
-        add = (1.0 - b2) / (1.0 - b2 ** (first + 2))
+    common = _common_count(step)
+    if common is not None:
+        add = (1.0 - b2) / (1.0 - b2 ** (common + 2))
         return 1.0 - add, add
     taken = step.to(torch.float64)
     add_t = ((1.0 - b2) / (1.0 - b2 ** (taken + 2))).to(device, torch.float32)
@@ -402,11 +402,18 @@ def _bias_corrections(step: Tensor, betas: tuple[float, ...], device: torch.devi
     """``1 - beta^t`` for each beta, t the blocks' step counts (B,) on the host: Python numbers
     when every block has taken the same steps (the usual case, nothing to upload), else
     (B, 1, 1) float32 tensors on ``device``."""
-    first = int(step[0]) if step.numel() else 0
-    if bool((step == first).all()):
-        return [1.0 - beta**first for beta in betas]
+    common = _common_count(step)
+    if common is not None:
+        return [1.0 - beta**common for beta in betas]
     taken = step.to(torch.float64)
     return [(1.0 - beta**taken).to(device, torch.float32)[:, None, None] for beta in betas]
+
+
+def _common_count(step: Tensor) -> int | None:
+    """The step count every block of a stack has taken (host tensor (B,)), or None when they
+    differ (0 for an empty stack)."""
+    first = int(step[0]) if step.numel() else 0
+    return first if bool((step == first).all()) else None
 
 
 def block_norms(x: Tensor) -> Tensor:
