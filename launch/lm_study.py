@@ -244,6 +244,7 @@ def train(job: Job, cfg: StudyConfig, out: Path, device: torch.device, cache_dir
               "optimizer": optimizer_settings(job.method), "machine": machine_info(), "code_version": version,
               "threads": torch.get_num_threads(), "wall_s": time.perf_counter() - begin}
     path = job.path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1) + "\n")
     tmp.replace(path)
