@@ -79,8 +79,8 @@ AdamW's grid, since grafting is meant to carry AdamW's lr over; other BregTop ro
 :data:`KRONECKER_GRID` (kl was best at the top of AdamW's grid on WikiText-2)."""
 
 SWEEP_SEED = 0
-PRIORITY = ("adamw", "kl", "kl+avg", "bregtop-vn-v2", "soap", "kl+graft", "vn-v2", "soap-heavyball",
-            "bregtop-vn-v2+avg", "kl+unit", "bregtop-vn-v2+graft", "bregtop-vn-v2+unit")
+PRIORITY = ("adamw", "kl", "kl+avg", "bregtop-vn-v2", "soap", "kl+graft", "kl+unit", "vn-v2",
+            "bregtop-vn-v2+avg", "soap-heavyball", "bregtop-vn-v2+graft", "bregtop-vn-v2+unit")
 """The default methods, in the order they are trained."""
 
 
