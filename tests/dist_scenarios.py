@@ -501,15 +501,18 @@ def _ds_config(stage: int, params: dict[str, Any] | None = None, micro_batch: in
     }
 
 
-def _zero_equals_single(stage: int, rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+def _zero_equals_single(stage: int, rank: int, world: int, single: dist.ProcessGroup, workdir: Path,
+                        **settings: Any) -> None:
+    """ZeRO-``stage`` from a DeepSpeed JSON whose optimizer params are SETTINGS with ``settings``
+    on top, against the one-process run of the same settings."""
     from bregtop_dist.integrations.deepspeed import initialize
 
     model = Net()
-    config = workdir / f"ds_zero{stage}.json"
+    config = workdir / f"ds_zero{stage}{''.join(f'_{k}' for k in settings)}.json"
     if rank == 0:
         import json
 
-        config.write_text(json.dumps(_ds_config(stage)))
+        config.write_text(json.dumps(_ds_config(stage, {**SETTINGS, **settings})))
     dist.barrier()
     engine, _, _, _ = initialize(model=model, config=config)
     for step in range(STEPS):
@@ -523,10 +526,10 @@ def _zero_equals_single(stage: int, rank: int, world: int, single: dist.ProcessG
             got = {k: v.detach().clone() for k, v in model.named_parameters()}
     else:
         got = {k: v.detach().clone() for k, v in model.named_parameters()}
-    want = reference(single)
+    want = reference(single, **settings)
     for name, value in got.items():
         rel = float((value - want[name]).abs().max() / want[name].abs().max())
-        assert rel <= FP32_TOL, f"ZeRO-{stage} {name}: max relative difference {rel:.3g}"
+        assert rel <= FP32_TOL, f"ZeRO-{stage} {settings} {name}: max relative difference {rel:.3g}"
 
 
 def zero0_equals_single(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
@@ -547,6 +550,16 @@ def zero3_equals_single(rank: int, world: int, single: dist.ProcessGroup, workdi
 
 
 SCENARIOS.update({f.__name__: f for f in (zero0_equals_single, zero1_equals_single, zero2_equals_single, zero3_equals_single)})
+
+
+def zero_graft_equals_single(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
+    """graft='adamw' declared in the DeepSpeed JSON: ZeRO-2 (flat fragments) and ZeRO-3
+    (partitioned parameters) each run as one process does."""
+    for stage in (2, 3):
+        _zero_equals_single(stage, rank, world, single, workdir, graft="adamw")
+
+
+SCENARIOS[zero_graft_equals_single.__name__] = zero_graft_equals_single
 
 
 def deepspeed_json_runs_the_job_s_optimizer(rank: int, world: int, single: dist.ProcessGroup, workdir: Path) -> None:
