@@ -314,6 +314,30 @@ def _method_row(method: str, best: float, seeds: dict[int, Run], base: dict[int,
             f"{_fmt(speed, '.2f')} | {_fmt(clock)} |")
 
 
+PAIRS = (("kl+avg", "kl"), ("kl+unit", "kl"), ("bregtop-vn-v2+avg", "bregtop-vn-v2"),
+         ("bregtop-vn-v2+unit", "bregtop-vn-v2"), ("bregtop-vn-v2", "vn-v2"), ("bregtop-vn-v2", "kl"),
+         ("vn-v2", "kl"), ("kl+graft", "kl"), ("soap-heavyball", "soap"), ("kl", "soap"))
+"""(method, other): the questions the study answers, each read as the final validation loss of
+``method`` minus ``other``'s on the same seed, each at its own best lr."""
+
+
+def _pair_rows(rows: list[tuple[str, float, dict[int, Run]]], seeds: tuple[int, ...]) -> list[str]:
+    by_method = {m: s for m, _, s in rows}
+    lines = []
+    for a, b in PAIRS:
+        if a not in by_method or b not in by_method:
+            continue
+        diffs = {s: ra.final_val_loss - rb.final_val_loss for s in seeds
+                 if (ra := by_method[a].get(s)) is not None and (rb := by_method[b].get(s)) is not None
+                 and ra.final_val_loss is not None and rb.final_val_loss is not None}
+        if diffs:
+            per_seed = " | ".join(f"{diffs[s]:+.3f}" if s in diffs else "-" for s in seeds)
+            wins = sum(d < 0 for d in diffs.values())
+            lines.append(f"| {a} minus {b} | {per_seed} | {statistics.fmean(diffs.values()):+.3f} | "
+                         f"{wins} of {len(diffs)} |")
+    return lines
+
+
 def report(done: dict[Job, Run], cfg: StudyConfig) -> str:
     """Markdown tables of every data set in ``done``."""
     lines: list[str] = []
@@ -339,6 +363,11 @@ def report(done: dict[Job, Run], cfg: StudyConfig) -> str:
                   f"val loss at {BASELINE}'s final wall-clock |", "|---|---|---|---|---|---|---|---|---|---|"]
         for method, best, seeds in rows:
             lines.append(_method_row(method, best, seeds, base, quarter))
+        pairs = _pair_rows(rows, cfg.seeds)
+        if pairs:
+            lines += ["", f"### {data}: paired final validation loss differences (same seed, each at its best lr)",
+                      "", "| difference | " + " | ".join(f"seed {s}" for s in cfg.seeds) + " | mean | first lower |",
+                      "|---|" + "---|" * (len(cfg.seeds) + 2), *pairs]
         lines.append("")
     return "\n".join(lines)
 

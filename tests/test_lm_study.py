@@ -205,3 +205,12 @@ def test_the_report_pairs_each_seed_with_adamws(tmp_path):
     assert cells[8] == "2.00 (2.00 to 2.00)"  # s/step over adamw's
     # adamw's 4 steps take 4 s; kl's curve at 4 s is its step-2 evaluation, adamw's final
     assert cells[9] == "5.500 (5.000 to 6.000)"
+
+
+def test_the_report_pairs_the_studys_questions_seed_by_seed():
+    cfg = StudyConfig(steps=4, eval_every=2, seeds=(0, 1, 2))
+    done = {Job("tiny-shakespeare", "kl", 1e-2, s): made_up("kl", 1e-2, f) for s, f in enumerate((5.0, 5.2, 5.1))}
+    done |= {Job("tiny-shakespeare", "kl+avg", 3e-2, s): made_up("kl+avg", 3e-2, f) for s, f in ((0, 4.9), (2, 5.15))}
+    text = report(done, cfg)
+    assert "| kl+avg minus kl | -0.100 | - | +0.050 | -0.025 | 1 of 2 |" in text  # seed 1 not run: left out
+    assert "kl+unit minus kl" not in text  # a pair with a method not run is not printed
