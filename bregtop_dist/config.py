@@ -123,13 +123,15 @@ class BregTopConfig:
     """p of the preconditioner S^-p. None takes the method's: 1/4 for shampoo (the standard
     L^-1/4 G R^-1/4), 1/2 for every other row (their divergences fix it). Only shampoo may
     set it, to 0.25 or 0.5."""
-    init: str = "first-gradient"
-    """How a block's state starts (see :mod:`bregtop_dist.core.block_step`): ``first-gradient``
+    init: str = "first-gradient-averaged"
+    """How a block's state starts (see :mod:`bregtop_dist.core.block_step`):
+    ``first-gradient-averaged``, the default (the ``first-gradient`` start, then factor and
+    estimate EMAs that average the block's statistics so far, bias-corrected as Adam's second
+    moment, so the first gradient does not dominate them for ``1/(1-beta2)`` steps; chosen by
+    issue 28's measurements, docs/results/first-state.md), ``first-gradient``
     (factors, bases and eigenvalue estimates from the first non-zero gradient, taken from the
-    isotropic state at the gradient's scale, which also updates the parameters),
-    ``first-gradient-averaged`` (the same start, then factor and estimate EMAs that average
-    the block's statistics so far, bias-corrected as Adam's second moment, so the first
-    gradient does not dominate them for ``1/(1-beta2)`` steps), ``first-gradient-unit`` (from
+    isotropic state at the gradient's scale, which also updates the parameters; the default
+    until 2026-12-07), ``first-gradient-unit`` (from
     the unit state: the first estimates at ``|G|^2``, so the first steps depend on the loss's
     units; the state before ed21fa1) or ``kl-methods`` (Lin et al.'s public code, the paper's [11]:
     constant estimates ``init_factor``, a first step that only initialises, precondition

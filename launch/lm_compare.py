@@ -72,6 +72,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
 """Suffixes of a BregTop method and the settings they add: ``kl+graft`` grafts each block's
 update onto AdamW's norm; ``kl+unit`` and ``kl+avg`` are issue 28's other first-state
 candidates (the unit state; running-average EMAs)."""
+ROW_INIT = "first-gradient"
+"""The first state of a BregTop row without a first-state suffix: pinned, so that ``kl`` names
+the same optimizer in every results file, before and after the library's default moved to
+``first-gradient-averaged`` (``kl+avg``) on 2026-12-07."""
 ALL_METHODS = (BASELINE, PEER, PEER_HEAVYBALL, *METHODS, *(m + s for s in VARIANTS for m in METHODS))
 DEFAULT_METHODS = (BASELINE, PEER, "bregtop-vn-v2", "kl")
 DEFAULT_LRS = (1e-3, 3e-3, 1e-2)
@@ -217,7 +221,7 @@ def make_optimizer(method: str, model: nn.Module, lr: float, split_qkv: bool = T
         return opt
     base, extra = bregtop_method(method)
     return BregTop(param_groups(model, split_fused=split_qkv), lr=lr, method=base, weight_decay=0.0,
-                   precondition_frequency=PRECONDITION_FREQUENCY, **extra)
+                   precondition_frequency=PRECONDITION_FREQUENCY, **{"init": ROW_INIT, **extra})
 
 
 def bregtop_method(method: str) -> tuple[str, dict[str, Any]]:

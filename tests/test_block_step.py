@@ -63,7 +63,9 @@ def _as_ref(state: KronBlockState, k: int) -> dict:
 
 
 def _hyper(method: str, **kw) -> BlockHyper:
+    """``method``'s block settings; ``init`` first-gradient (Algorithm 1's plain EMAs) unless given."""
     p = PRESETS[method]
+    kw.setdefault("init", "first-gradient")
     return BlockHyper(stats=p.stats, rho=p.rho, q=p.q, c=p.c, beta1=0.9, beta2=0.95, eps=1e-8, frequency=4, **kw)
 
 

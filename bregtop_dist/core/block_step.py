@@ -35,8 +35,8 @@ Four initialisations (``BlockHyper.init``):
   (the first state the first term, then ``add = (1-b2)/(1-b2^(t+1))`` at the block's t-th step
   instead of ``1-b2``): the first gradient's weight falls as 1/t instead of staying near
   ``b2^t``, so the estimates follow gradients that shrink (or grow) over the first
-  ``1/(1-b2)`` steps; scale-free as ``first-gradient`` (issue 28's third first-state
-  candidate).
+  ``1/(1-b2)`` steps; scale-free as ``first-gradient``. The default (issue 28's
+  measurements: docs/results/first-state.md).
 - ``first-gradient-unit``: the same, from the unit state (U = I, lam = 1, L = R = I) for every
   divergence, as before the state at the gradient's scale: the first estimates are then of the
   scale of ``|G|^2`` rather than the fixed point's ``|G|``, so the first steps' size depends on
@@ -114,7 +114,7 @@ class BlockHyper:
     backend: str = "auto"
     eig_floor: float = 0.0  # eigenvalues used in S are at least eig_floor x the factor's largest
     exponent: float = 0.5  # p of S^-p (Shampoo: 1/4 by default)
-    init: str = "first-gradient"
+    init: str = "first-gradient-averaged"
     init_factor: float = 0.1  # kl-methods: the constant first estimate
     rotation_precision: str = "fp32"  # products with the eigenbases: fp32, tf32 or bf16
     graft: str = "none"  # "adamw": each block's update takes the norm of AdamW's (see graft_to_adamw)
