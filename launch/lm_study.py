@@ -344,16 +344,19 @@ def report(done: dict[Job, Run], cfg: StudyConfig) -> str:
     for data in [d for d in DATA_SETS if any(j.data == d for j in done)]:
         swept = {(j.method, j.lr): r for j, r in done.items() if j.data == data and j.seed == SWEEP_SEED}
         lrs = sorted({lr for _, lr in swept})
-        rows = list(_rows(done, data))
+        every = list(_rows(done, data))
+        settled = {m for m, _, _ in every if sweep_jobs(data, m, done)[1] is not None}
+        rows = [row for row in every if row[0] in settled]  # the tables below: settled lrs only
         lines += [f"### {data}: lr sweep, seed {SWEEP_SEED}, final validation loss after {cfg.steps} steps", "",
                   "| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
-        for method, best, _ in rows:
+        for method, best, _ in every:
             cells = []
             for lr in lrs:
                 r = swept.get((method, lr))
                 text = "-" if r is None else "diverged" if r.diverged else f"{r.final_val_loss:.3f}"
                 cells.append(f"**{text}**" if lr == best else text)
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            unfinished = "" if method in settled else " (sweep unfinished)"
+            lines.append(f"| {method}{unfinished} | " + " | ".join(cells) + " |")
         base = dict(next(((b, s) for m, b, s in rows if m == BASELINE), (None, {}))[1])
         quarter = [round(f * cfg.steps / cfg.eval_every) * cfg.eval_every for f in (0.25, 0.5)]
         lines += ["", f"### {data}: each method at its best lr, over seeds {', '.join(map(str, cfg.seeds))} "

@@ -192,10 +192,10 @@ def test_the_report_pairs_each_seed_with_adamws(tmp_path):
     for seed, (a, k) in enumerate(((5.0, 4.5), (6.0, 5.9))):
         done[Job("wikitext-2", "adamw", 3e-3, seed)] = made_up("adamw", 3e-3, a, losses=(10.0, 7.0, a))
         done[Job("wikitext-2", "kl", 1e-2, seed)] = made_up("kl", 1e-2, k, per_step=2.0, losses=(10.0, a, k))
-    done[Job("wikitext-2", "adamw", 1e-2, 0)] = made_up("adamw", 1e-2, 5.5)
-    done[Job("wikitext-2", "kl", 3e-3, 0)] = made_up("kl", 3e-3, None, diverged=True)
+    done |= sweep("wikitext-2", "adamw", {1e-3: 5.7, 1e-2: 5.5})
+    done |= sweep("wikitext-2", "kl", {3e-3: None, 3e-2: 4.6})  # 3e-3 diverged
     text = report(done, cfg)
-    assert "| adamw | **5.000** | 5.500 |" in text and "| kl | diverged | **4.500** |" in text
+    assert "| adamw | 5.700 | **5.000** | 5.500 | - |" in text and "| kl | - | diverged | **4.500** | 4.600 |" in text
     kl = next(line for line in text.splitlines() if line.startswith("| kl | 0.01 |"))
     cells = [c.strip() for c in kl.strip("|").split("|")]
     assert cells[2] == "2"  # seeds
@@ -210,7 +210,10 @@ def test_the_report_pairs_each_seed_with_adamws(tmp_path):
 def test_the_report_pairs_the_studys_questions_seed_by_seed():
     cfg = StudyConfig(steps=4, eval_every=2, seeds=(0, 1, 2))
     done = {Job("tiny-shakespeare", "kl", 1e-2, s): made_up("kl", 1e-2, f) for s, f in enumerate((5.0, 5.2, 5.1))}
-    done |= {Job("tiny-shakespeare", "kl+avg", 3e-2, s): made_up("kl+avg", 3e-2, f) for s, f in ((0, 4.9), (2, 5.15))}
+    done |= {Job("tiny-shakespeare", "kl+avg", 1e-2, s): made_up("kl+avg", 1e-2, f) for s, f in ((0, 4.9), (2, 5.15))}
+    done |= sweep("tiny-shakespeare", "kl", {3e-3: 5.5, 3e-2: 5.6}) | sweep("tiny-shakespeare", "kl+avg", {3e-3: 5.5, 3e-2: 5.6})
+    done |= sweep("tiny-shakespeare", "kl+unit", {3e-3: 4.0})  # swept at one lr of three: not settled
     text = report(done, cfg)
     assert "| kl+avg minus kl | -0.100 | - | +0.050 | -0.025 | 1 of 2 |" in text  # seed 1 not run: left out
-    assert "kl+unit minus kl" not in text  # a pair with a method not run is not printed
+    assert "| kl+unit (sweep unfinished) | **4.000** | - | - |" in text
+    assert "kl+unit minus kl" not in text and "| kl+unit | 0.003 |" not in text  # its lr is not settled yet
