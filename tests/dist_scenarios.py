@@ -306,6 +306,14 @@ which entries torch's vectorised kernels treat in their FMA body or scalar tail)
 are allowed there so that the check still catches any real difference."""
 
 
+END_ROUNDING = {"zero1": 1e-4, "zero2": 1e-4}
+"""Relative difference allowed after the last step (others: FP32_TOL). ZeRO-1/2's step-0 ulp
+(STEP0_ROUNDING) grows over the run, more under the averaged first state (the default since
+2026-12-07, whose early estimates weigh the latest gradients more): 3.2e-5 after 10 steps
+(f-v2, seed 0, 2 ranks), where DDP, FSDP2 and ZeRO-3 stay within FP32_TOL. Still 100x below
+what a wrong update gives."""
+
+
 def _random_run(engine: str, seed: int, world: int, single: dist.ProcessGroup | None) -> list[dict[str, torch.Tensor]]:
     """The parameters after step 0 and after the last step of the run drawn from ``seed`` on
     ``engine`` (``single``: one process)."""
@@ -375,7 +383,7 @@ def random_models_equal_single(rank: int, world: int, single: dist.ProcessGroup,
             failures.append(f"{engine}: after step 0 not bit-identical (relative differences {differ})")
         for name, value in last.items():
             rel = float((value - want[1][name]).abs().max() / want[1][name].abs().max())
-            if rel > FP32_TOL:
+            if rel > END_ROUNDING.get(engine, FP32_TOL):
                 failures.append(f"{engine}: {name} after {REPRO_STEPS} steps: relative difference {rel:.3g}")
     assert not failures, f"{described} on {world} ranks:\n" + "\n".join(failures)
 

@@ -70,6 +70,7 @@ Inputs real training produces and the paper's algorithm does not anticipate:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -322,8 +323,21 @@ def _ema_weights(step: Tensor, hyper: BlockHyper, device: torch.device) -> tuple
         return b2, 1.0 - b2
     # always tensors: a Python number would need the counts read back, a host read per stack
     # per step (tests/test_launch_budget.py allows one read per step in all)
-    add_t = ((1.0 - b2) / (1.0 - torch.pow(b2, step + 2))).to(device)  # float32; pow(b2, int) exact enough
+    table = _averaging_weights(b2)
+    add_t = table[step.clamp(max=len(table) - 1)].to(device)
     return 1.0 - add_t, add_t
+
+
+@functools.lru_cache(maxsize=8)
+def _averaging_weights(b2: float) -> Tensor:
+    """``(1 - b2) / (1 - b2^(k+2))`` for k = 0, 1, ... as float32, computed once in float64
+    on the host, until ``b2^(k+2)`` is below 2^-30 (the last entry, ``1 - b2`` to float32
+    precision, serves every later step). A table rather than ``torch.pow`` on the counts:
+    a vectorised pow may round a lane differently from the scalar tail, which made a block's
+    weight depend on its place in a stack (distributed runs then differed from one process)."""
+    steps = max(1, math.ceil(30 * math.log(2) / -math.log(b2))) if 0.0 < b2 < 1.0 else 1
+    return torch.tensor([(1.0 - b2) / (1.0 - b2 ** (k + 2)) for k in range(steps)] + [1.0 - b2],
+                        dtype=torch.float32)
 
 
 def _weighted_sums_and_momentum(
