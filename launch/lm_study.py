@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from launch.bench import code_version, machine_info
+from launch.jobconfig import check_positive
 from launch.lm_compare import (
     ALL_METHODS,
     BASELINE,
@@ -107,9 +108,7 @@ class StudyConfig:
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"preset={self.preset!r} is not allowed; use one of {', '.join(PRESETS)}")
-        for name in ("steps", "eval_every", "eval_batches", "batch_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
+        check_positive(self, ("steps", "eval_every", "eval_batches", "batch_size"))
         if SWEEP_SEED not in self.seeds:
             raise ValueError(f"seeds={list(self.seeds)} must include the sweep seed {SWEEP_SEED}")
 

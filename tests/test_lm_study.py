@@ -138,7 +138,7 @@ def test_run_files_read_back_and_wrong_ones_are_refused_by_name(tmp_path):
 def test_a_bad_study_config_is_refused_by_name():
     with pytest.raises(ValueError, match="preset='huge' is not allowed; use one of"):
         StudyConfig(preset="huge")
-    with pytest.raises(ValueError, match="steps=0 must be > 0"):
+    with pytest.raises(ValueError, match="steps=0 must be an integer >= 1"):
         StudyConfig(steps=0)
     with pytest.raises(ValueError, match=r"seeds=\[1, 2\] must include the sweep seed 0"):
         StudyConfig(seeds=(1, 2))
