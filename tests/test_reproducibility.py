@@ -20,13 +20,20 @@ from launch.sensitivity import amplification, one_ulp
 
 STEPS = 10  # refresh period 3: more than three periods
 LR = 0.005
-TRAJECTORY_TOL = 1e-4
-"""The six rows that precondition every entry. Measured for kl on whole blocks (25 seeds): at
-most 2.4e-6, median 7e-7; before issue 25 the median was 2.8e-3, up to 1e-2."""
-BREGTOP_TRAJECTORY_TOL = 1e-3
-"""The BregTop rows, whose chi accelerates the bottom set, remain more sensitive on whole 1 x n
-blocks: at most 7.6e-5, median 4.4e-6 (25 seeds each, vn-v1 and vn-v2); before issue 25 the
-median was 4.8e-2 (at lr 0.02: at most 1e-3, median 1.7e-5, against 5e-2 before)."""
+SEEDS = 5
+MEDIAN_TOL = 1e-4
+"""Median over SEEDS drawn runs of the relative difference, for the six rows that precondition
+every entry. Measured under the default first state, first-gradient-averaged (80 seeds per
+row, 2026-12-07): medians 6.9e-7 - 3.4e-6, at most 2.5 % of seeds above 1e-4 (so a median of
+5 above it about once in 7,000), largest single seed 8.9e-4 (f-v2, 120 seeds); under
+first-gradient about ten times smaller (medians 1.7e-7 - 4.6e-7, none above 1e-4). Before
+issue 25 the median for kl was 2.8e-3. A median, because single seeds have a heavy tail: a
+bound of 1e-4 on each seed failed CI on one kl draw (2.3e-4) once the default moved."""
+BREGTOP_MEDIAN_TOL = 1e-3
+"""The same for the BregTop rows, whose chi accelerates the bottom set: medians 1.8e-6 -
+4.9e-6, none of 320 seeds above 1e-3 (largest 4.6e-4); before issue 25 the median was 4.8e-2."""
+EACH_TOL = 1e-2
+"""Every single seed, every row: below what the one-ulp change used to make typical."""
 
 
 class ThinNet(nn.Module):
@@ -63,18 +70,21 @@ def _run(seed: int, method: str, max_dim: int, moved: bool) -> dict[str, torch.T
 @pytest.mark.parametrize("method", METHODS)
 def test_gradients_one_ulp_apart_give_runs_a_rounding_apart(gen, method):
     """Every gradient of one run moved by one ulp: after more than three refresh periods the
-    Kronecker weights of the two runs differ by at most TRAJECTORY_TOL (BREGTOP_TRAJECTORY_TOL
-    for the BregTop rows), relative."""
-    tol = BREGTOP_TRAJECTORY_TOL if method.startswith("bregtop") else TRAJECTORY_TOL
-    for _ in range(2):
+    Kronecker weights of the two runs differ, relative, by at most MEDIAN_TOL
+    (BREGTOP_MEDIAN_TOL for the BregTop rows) in the median over SEEDS drawn models, and by
+    at most EACH_TOL on every one."""
+    tol = BREGTOP_MEDIAN_TOL if method.startswith("bregtop") else MEDIAN_TOL
+    found = []
+    for _ in range(SEEDS):
         seed = int(torch.randint(2**31 - 2, (), generator=gen))
         max_dim = (8, 64)[int(torch.randint(2, (), generator=gen))]
         want, got = _run(seed, method, max_dim, False), _run(seed, method, max_dim, True)
-        for name, value in want.items():
-            if value.ndim < 2:
-                continue
-            rel = float((got[name] - value).abs().max() / value.abs().max())
-            assert rel <= tol, (seed, max_dim, name, rel)
+        rel = max(float((got[name] - value).abs().max() / value.abs().max())
+                  for name, value in want.items() if value.ndim >= 2)
+        found.append((rel, seed, max_dim))
+    found.sort()
+    assert found[-1][0] <= EACH_TOL, found
+    assert found[SEEDS // 2][0] <= tol, found
 
 
 @pytest.mark.parametrize("method", METHODS)
