@@ -37,26 +37,28 @@ def _model(vocab):
     return transformers.BertForSequenceClassification(cfg)
 
 
-def _trainer(model, ds, out, **extra):
+def _trainer(model, ds, out, graft="none", **extra):
     args = transformers.TrainingArguments(
         output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=16, save_strategy="steps",
         save_steps=SAVE_AT, report_to=[], use_cpu=True, seed=0, data_seed=0, logging_steps=1,
         disable_tqdm=True, learning_rate=3e-3, **extra,
     )
-    kwargs = bregtop_for_trainer(model, args, method="bregtop-vn-v2", precondition_frequency=2)
+    kwargs = bregtop_for_trainer(model, args, method="bregtop-vn-v2", precondition_frequency=2, graft=graft)
     return transformers.Trainer(model=model, args=args, train_dataset=ds, optimizer_cls_and_kwargs=kwargs)
 
 
-def test_trainer_trains_with_the_paper_grouping_and_resumes_exactly(sst2_small, tmp_path):
+@pytest.mark.parametrize("graft", ["none", "adamw"])
+def test_trainer_trains_with_the_paper_grouping_and_resumes_exactly(sst2_small, tmp_path, graft):
+    """Also with graft='adamw' (its AdamW moments travel in the Trainer's checkpoint)."""
     ds, vocab = sst2_small
     model = _model(vocab)
-    trainer = _trainer(model, ds, tmp_path)
+    trainer = _trainer(model, ds, tmp_path, graft)
     trainer.train()
     opt = trainer.optimizer
     while not isinstance(opt, BregTop):
         opt = opt.optimizer
     kron, adam = opt.param_groups
-    assert kron["bregtop"] and not adam["bregtop"]
+    assert kron["bregtop"] and not adam["bregtop"] and kron["graft"] == graft
     assert "bert.embeddings.word_embeddings.weight" in adam["param_names"]
     assert "classifier.weight" in adam["param_names"]
     assert "bert.encoder.layer.0.attention.self.query.weight" in kron["param_names"]
@@ -66,7 +68,7 @@ def test_trainer_trains_with_the_paper_grouping_and_resumes_exactly(sst2_small, 
     want = {k: v.detach().clone() for k, v in model.named_parameters()}
 
     resumed = _model(vocab)
-    trainer2 = _trainer(resumed, ds, tmp_path / "again")
+    trainer2 = _trainer(resumed, ds, tmp_path / "again", graft)
     trainer2.train(resume_from_checkpoint=str(tmp_path / f"checkpoint-{SAVE_AT}"))
     for name, p in resumed.named_parameters():
         assert torch.allclose(p.detach(), want[name], rtol=1e-6, atol=1e-7), name
