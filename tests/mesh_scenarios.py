@@ -138,9 +138,10 @@ def step_fed(reference: nn.Module, opt: torch.optim.Optimizer, gradients: dict[s
     opt.step()
 
 
-def lockstep(model: nn.Module, opt: torch.optim.Optimizer, reference: nn.Module, ref_opt: torch.optim.Optimizer,
-             steps: range, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Train ``model`` over ``steps`` and step ``reference`` on its gradients; the gradients fed."""
+def lockstep(model: nn.Module, opt: torch.optim.Optimizer, reference: nn.Module | None,
+             ref_opt: torch.optim.Optimizer | None, steps: range, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Train ``model`` over ``steps`` and step ``reference`` (if any) on its gradients; the
+    whole gradients, keyed "step/name"."""
     fed = {}
     for step in steps:
         x, y = batch(step, dtype)
@@ -148,7 +149,8 @@ def lockstep(model: nn.Module, opt: torch.optim.Optimizer, reference: nn.Module,
         (model(x).float() - y.float()).square().mean().backward()
         gradients = full_gradients(model)
         opt.step()
-        step_fed(reference, ref_opt, gradients)
+        if reference is not None and ref_opt is not None:
+            step_fed(reference, ref_opt, gradients)
         fed.update({f"{step}/{k}": g for k, g in gradients.items()})
     return fed
 
@@ -241,18 +243,6 @@ def _ckpt_optimizers() -> dict[str, Callable[[nn.Module, dist.ProcessGroup | Non
     return {"bregtop": _bregtop(CKPT_METHOD), "adamw": _adamw}
 
 
-def _steps(model: nn.Module, opt: torch.optim.Optimizer, steps: range) -> dict[str, torch.Tensor]:
-    """Train ``model`` over ``steps``; the whole gradients, keyed "step/name"."""
-    fed = {}
-    for step in steps:
-        x, y = batch(step, torch.float32)
-        opt.zero_grad(set_to_none=True)
-        (model(x) - y).square().mean().backward()
-        fed.update({f"{step}/{k}": g for k, g in full_gradients(model).items()})
-        opt.step()
-    return fed
-
-
 def _checkpoint(make_name: str, which: str, workdir: Path) -> Path:
     return workdir.parent / "ckpt" / f"{make_name}-{which}"
 
@@ -266,7 +256,7 @@ def _save(make: Callable[[nn.Module], nn.Module], workdir: Path) -> None:
     for which, optimizer in _ckpt_optimizers().items():
         model = make(Residual(torch.float32))
         opt = optimizer(model, None)
-        fed = _steps(model, opt, range(SAVE_AT))
+        fed = lockstep(model, opt, None, None, range(SAVE_AT), torch.float32)
         msd, osd = get_state_dict(model, opt)
         where = _checkpoint(make.__name__, which, workdir)
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(where))
