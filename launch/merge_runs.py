@@ -14,14 +14,13 @@ finished with different results are refused, naming the row and the RUNs.
 
 from __future__ import annotations
 
-import gzip
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from launch.cli import OneLineParser
-from launch.sst2 import row_key
+from launch.sst2 import metrics_lines, row_key
 
 PER_ROW_SETTINGS = ("seed", "exponent")  # settings that differ between the rows of one run
 
@@ -31,12 +30,10 @@ class MergeError(ValueError):
 
 
 def _metrics_lines(run: Path) -> list[str]:
-    plain, packed = run / "metrics.jsonl", run / "metrics.jsonl.gz"
-    if plain.is_file():
-        return plain.read_text().splitlines()
-    if packed.is_file():
-        return gzip.decompress(packed.read_bytes()).decode().splitlines()
-    raise MergeError(f"{str(run)!r} has neither metrics.jsonl nor metrics.jsonl.gz")
+    try:
+        return metrics_lines(run / "metrics.jsonl")
+    except FileNotFoundError:
+        raise MergeError(f"{str(run)!r} has neither metrics.jsonl nor metrics.jsonl.gz") from None
 
 
 def last_runs(lines: list[str]) -> dict[str, list[str]]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
 import json
 import math
 import sys
@@ -277,11 +278,22 @@ def ema_curves(metrics: Path, keys: list[str]) -> dict[str, list[tuple[int, floa
     return curves(metrics, keys, "ema")
 
 
+def metrics_lines(metrics: Path) -> list[str]:
+    """The lines of ``metrics`` (a run's metrics.jsonl), or of ``metrics.jsonl.gz`` beside it as
+    docs/results ships them."""
+    packed = metrics.with_name(metrics.name + ".gz")
+    if metrics.is_file():
+        return metrics.read_text().splitlines()
+    if packed.is_file():
+        return gzip.decompress(packed.read_bytes()).decode().splitlines()
+    raise FileNotFoundError(f"neither {str(metrics)!r} nor {str(packed)!r} exists")
+
+
 def curves(metrics: Path, keys: list[str], field: str) -> dict[str, list[tuple[int, float]]]:
     """(step, ``field``) of the last run of each summary row in ``keys``, as :func:`ema_curves`."""
     wanted = set(keys)
     out: dict[str, list[tuple[int, float]]] = {}
-    for line in metrics.read_text().splitlines():
+    for line in metrics_lines(metrics):
         row = json.loads(line)
         key = row_key(row["method"], row["seed"]) if "seed" in row else row["method"]
         if key in wanted:

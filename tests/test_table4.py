@@ -4,6 +4,7 @@ reports written before seeds."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import statistics
 from pathlib import Path
@@ -75,6 +76,19 @@ def test_missing_run_is_one_line(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "run launch.sst2 first" in err and "\n" not in err
+
+
+def test_report_reads_gzipped_metrics_as_docs_results_ships_them(tmp_path):
+    speed = {m: 1e-3 * (1 + i / 10) for i, m in enumerate(PAPER_TABLE4)}
+    _fake_run(tmp_path / "run", speed, cap=700)
+    (tmp_path / "plain").mkdir(), (tmp_path / "packed").mkdir()
+    plain, _ = _report(tmp_path / "plain", str(tmp_path / "run"))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    (tmp_path / "run" / "metrics.jsonl.gz").write_bytes(gzip.compress(metrics.read_bytes()))
+    metrics.unlink()
+    packed, _ = _report(tmp_path / "packed", str(tmp_path / "run"))
+    assert packed["per_seed"] == plain["per_seed"] and packed["common_threshold"] == plain["common_threshold"]
+    assert packed["steps_to_target"]["kl"] == first(speed["kl"])
 
 
 def test_budget_judges_every_row_on_its_first_steps(tmp_path):
