@@ -15,8 +15,8 @@ min-max ranges. A row that misses the threshold at some seed ranks behind every 
 reached it at more seeds; rows that reached it at equally few seeds are compared on their mean
 EMA at the last step compared.
 
-``--compare RUN2`` reports a second run (e.g. the other ``init``) the same way and side by
-side. RUN and RUN2 may each also be a ``table4.json`` this tool wrote, including the one-seed
+``--compare RUN2`` reports a second run (e.g. the other ``init``, or q/k/v split) the same way,
+side by side, and seed by seed where both have the seed. RUN and RUN2 may each also be a ``table4.json`` this tool wrote, including the one-seed
 reports written before seeds (they cannot be re-judged on fewer steps).
 """
 
@@ -335,6 +335,33 @@ def side_by_side(a: Measured, b: Measured) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _by_seed(run: Measured, method: str) -> dict[int, int | None]:
+    return {r["seed"]: r["steps_to_target"] for r in run.per_seed.get(method, [])}
+
+
+def _gap(x: int | None, y: int | None) -> str:
+    return "-" if x is None or y is None else f"{x - y:+d}"
+
+
+def paired(a: Measured, b: Measured) -> str:
+    """The seeds both runs have, seed by seed: each method's steps to the target in A and in B,
+    and each BregTop row's steps minus its baseline's in A and in B. Paired on the seed (the
+    same initialisation and data order), a change is read against that seed's own baseline
+    rather than against the spread over seeds."""
+    lines = [f"Per seed, where both have it: steps to EMA < {a.target:g}", "",
+             f"| method | seed | A: {a.label} | B: {b.label} | B - A |", "|---|---|---|---|---|"]
+    for m in PAPER_TABLE4:
+        sa, sb = _by_seed(a, m), _by_seed(b, m)
+        for seed in sorted(set(sa) & set(sb)):
+            lines.append(f"| {m} | {seed} | {_num(sa[seed])} | {_num(sb[seed])} | {_gap(sb[seed], sa[seed])} |")
+    lines += ["", f"| BregTop row minus its baseline | seed | A: {a.label} | B: {b.label} |", "|---|---|---|---|"]
+    for top, base in PAIRS:
+        ta, tb, ba, bb = _by_seed(a, top), _by_seed(b, top), _by_seed(a, base), _by_seed(b, base)
+        for seed in sorted(set(ta) & set(tb) & set(ba) & set(bb)):
+            lines.append(f"| {top} - {base} | {seed} | {_gap(ta[seed], ba[seed])} | {_gap(tb[seed], bb[seed])} |")
+    return "\n".join(lines) + "\n"
+
+
 def report(run: Path, budget: int | None = None, compare: Path | None = None,
            labels: tuple[str | None, str | None] = (None, None)) -> tuple[str, dict[str, Any]]:
     """The Markdown report and the data of table4.json for ``run`` (and ``compare``)."""
@@ -349,7 +376,7 @@ def report(run: Path, budget: int | None = None, compare: Path | None = None,
     data["claims"]["in the paper"] = dict(paper)
     if len(runs) == 2:
         other, data["compare"] = section(runs[1])
-        return "\n".join([text, other, side_by_side(*runs), *tail]), data
+        return "\n".join([text, other, side_by_side(*runs), paired(*runs), *tail]), data
     return "\n".join([text, *tail]), data
 
 

@@ -186,6 +186,27 @@ def test_compare_reports_two_runs_side_by_side(tmp_path):
     assert (data["label"], data["compare"]["label"]) == ("A", "B")
 
 
+def test_compare_pairs_the_seeds_both_runs_have(tmp_path):
+    fused = {"vn-v2": [1e-3, 1.1e-3, 1.2e-3], "bregtop-vn-v2": [0.9e-3, 1.0e-3, 1.3e-3], "kl": [1e-3]}
+    split = {"vn-v2": [1.05e-3, 1.1e-3], "bregtop-vn-v2": [1.2e-3, 0.95e-3]}
+    _fake_run(tmp_path / "fused", fused, cap=700)
+    _fake_run(tmp_path / "split", split, cap=700)
+    _, text = _report(tmp_path, str(tmp_path / "fused"), "--compare", str(tmp_path / "split"),
+                      "--label", "fused", "--compare-label", "split")
+    table = text[text.index("Per seed, where both have it"):text.index("Claims in the paper")]
+    for m in split:
+        for seed in (0, 1):
+            a, b = first(fused[m][seed]), first(split[m][seed])
+            assert f"| {m} | {seed} | {a} | {b} | {b - a:+d} |" in table
+        assert f"| {m} | 2 |" not in table  # only the fused run has seed 2
+    assert "| kl |" not in table
+    for seed in (0, 1):
+        gap_a = first(fused["bregtop-vn-v2"][seed]) - first(fused["vn-v2"][seed])
+        gap_b = first(split["bregtop-vn-v2"][seed]) - first(split["vn-v2"][seed])
+        assert f"| bregtop-vn-v2 - vn-v2 | {seed} | {gap_a:+d} | {gap_b:+d} |" in table
+    assert "bregtop-vn-v1 - vn-v1" not in table
+
+
 def test_a_report_json_is_read_back(tmp_path):
     _fake_run(tmp_path / "run", {m: [1e-3, 2e-3] for m in PAPER_TABLE4})
     data, _ = _report(tmp_path, str(tmp_path / "run"))
