@@ -314,8 +314,10 @@ def _method_row(method: str, best: float, seeds: dict[int, Run], base: dict[int,
 
 
 PAIRS = (("kl+avg", "kl"), ("kl+unit", "kl"), ("bregtop-vn-v2+avg", "bregtop-vn-v2"),
-         ("bregtop-vn-v2+unit", "bregtop-vn-v2"), ("bregtop-vn-v2", "vn-v2"), ("bregtop-vn-v2", "kl"),
-         ("vn-v2", "kl"), ("kl+graft", "kl"), ("soap-heavyball", "soap"), ("kl", "soap"))
+         ("bregtop-vn-v2+unit", "bregtop-vn-v2"), ("vn-v2+avg", "vn-v2"), ("bregtop-vn-v2", "vn-v2"),
+         ("bregtop-vn-v2+avg", "vn-v2+avg"), ("bregtop-vn-v2", "kl"), ("bregtop-vn-v2+avg", "kl+avg"),
+         ("vn-v2", "kl"), ("vn-v2+avg", "kl+avg"), ("kl+graft", "kl"), ("bregtop-vn-v2+graft", "bregtop-vn-v2"),
+         ("soap-heavyball", "soap"), ("kl", "soap"), ("kl+avg", "soap"))
 """(method, other): the questions the study answers, each read as the final validation loss of
 ``method`` minus ``other``'s on the same seed, each at its own best lr."""
 
