@@ -81,7 +81,7 @@ AdamW's grid, since grafting is meant to carry AdamW's lr over; other BregTop ro
 
 SWEEP_SEED = 0
 PRIORITY = ("adamw", "kl", "kl+avg", "bregtop-vn-v2", "soap", "kl+graft", "kl+unit", "vn-v2",
-            "bregtop-vn-v2+avg", "soap-heavyball", "bregtop-vn-v2+graft", "bregtop-vn-v2+unit")
+            "bregtop-vn-v2+avg", "soap-heavyball", "bregtop-vn-v2+graft", "bregtop-vn-v2+unit", "vn-v2+avg")
 """The default methods, in the order they are trained."""
 
 
