@@ -317,7 +317,7 @@ PAIRS = (("kl+avg", "kl"), ("kl+unit", "kl"), ("bregtop-vn-v2+avg", "bregtop-vn-
          ("bregtop-vn-v2+unit", "bregtop-vn-v2"), ("vn-v2+avg", "vn-v2"), ("bregtop-vn-v2", "vn-v2"),
          ("bregtop-vn-v2+avg", "vn-v2+avg"), ("bregtop-vn-v2", "kl"), ("bregtop-vn-v2+avg", "kl+avg"),
          ("vn-v2", "kl"), ("vn-v2+avg", "kl+avg"), ("kl+graft", "kl"), ("bregtop-vn-v2+graft", "bregtop-vn-v2"),
-         ("soap-heavyball", "soap"), ("kl", "soap"), ("kl+avg", "soap"))
+         ("soap-heavyball", "soap"), ("kl", "soap"), ("kl+avg", "soap"), ("kl+avg", "soap-heavyball"))
 """(method, other): the questions the study answers, each read as the final validation loss of
 ``method`` minus ``other``'s on the same seed, each at its own best lr."""
 
