@@ -16,8 +16,9 @@ reached it at more seeds; rows that reached it at equally few seeds are compared
 EMA at the last step compared.
 
 ``--compare RUN2`` reports a second run (e.g. the other ``init``, or q/k/v split) the same way,
-side by side, and seed by seed where both have the seed. RUN and RUN2 may each also be a ``table4.json`` this tool wrote, including the one-seed
-reports written before seeds (they cannot be re-judged on fewer steps).
+side by side, and seed by seed where both have the seed. RUN and RUN2 may each also be a
+``table4.json`` this tool wrote, including the one-seed reports written before seeds (they
+cannot be re-judged on fewer steps).
 """
 
 from __future__ import annotations

@@ -81,7 +81,8 @@ def test_missing_run_is_one_line(tmp_path, capsys):
 def test_report_reads_gzipped_metrics_as_docs_results_ships_them(tmp_path):
     speed = {m: 1e-3 * (1 + i / 10) for i, m in enumerate(PAPER_TABLE4)}
     _fake_run(tmp_path / "run", speed, cap=700)
-    (tmp_path / "plain").mkdir(), (tmp_path / "packed").mkdir()
+    for where in ("plain", "packed"):
+        (tmp_path / where).mkdir()
     plain, _ = _report(tmp_path / "plain", str(tmp_path / "run"))
     metrics = tmp_path / "run" / "metrics.jsonl"
     (tmp_path / "run" / "metrics.jsonl.gz").write_bytes(gzip.compress(metrics.read_bytes()))
