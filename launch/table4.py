@@ -38,6 +38,7 @@ from launch.sst2 import PAPER_TABLE4, ema_curves, row_method, row_seed
 PAIRS = [("bregtop-vn-v1", "vn-v1"), ("bregtop-vn-v2", "vn-v2"), ("bregtop-f-v1", "f-v1"), ("bregtop-f-v2", "f-v2")]
 HOLDS, FAILS, WITHIN = "holds", "does not hold", "within the seed spread"
 PAPER_TOLERANCE = 0.15  # the mean is "within" the paper's count when |mean / paper - 1| <= 15%
+EMA_CHECKPOINTS = (500, 1000)  # the per-seed comparison shows each row's EMA at these steps
 
 
 class ReportError(ValueError):
@@ -49,7 +50,8 @@ class ReportError(ValueError):
 class Measured:
     """One run: for each method, one record per seed (``steps_to_target``, ``steps_to_common``,
     ``final_ema`` and ``final_step`` on the steps compared, ``dev_accuracy``, ``wall_time_s``,
-    ``diverged_at``; None where the input does not have it)."""
+    ``diverged_at``; None where the input does not have it), and, read from a run directory (not
+    from a table4.json), each row's EMA curve on the steps compared."""
 
     label: str
     target: float
@@ -57,6 +59,7 @@ class Measured:
     common: float
     settings: dict[str, str]
     per_seed: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    curves: dict[tuple[str, int], list[tuple[int, float]]] = field(default_factory=dict)  # (method, seed)
 
     def values(self, name: str) -> dict[str, list[Any]]:
         return {m: [r[name] for r in rows] for m, rows in self.per_seed.items()}
@@ -95,6 +98,7 @@ def load_run(run: Path, budget: int | None) -> Measured:
     measured = Measured(_label(settings), target, budget, common, settings)
     for key, row in rows:
         curve = curves.get(key, [])
+        measured.curves[(row_method(key, row), row_seed(row))] = curve
         measured.per_seed.setdefault(row_method(key, row), []).append({
             "seed": row_seed(row),
             "steps_to_target": steps_below(curve, target),
@@ -336,30 +340,56 @@ def side_by_side(a: Measured, b: Measured) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _by_seed(run: Measured, method: str) -> dict[int, int | None]:
-    return {r["seed"]: r["steps_to_target"] for r in run.per_seed.get(method, [])}
+def _by_seed(run: Measured, method: str, name: str = "steps_to_target") -> dict[int, Any]:
+    return {r["seed"]: r.get(name) for r in run.per_seed.get(method, [])}
 
 
 def _gap(x: int | None, y: int | None) -> str:
     return "-" if x is None or y is None else f"{x - y:+d}"
 
 
+def ema_at(run: Measured, method: str, seed: int, step: int) -> float | None:
+    """The row's EMA at ``step``; None when its curve is not at hand or stops before."""
+    return dict(run.curves.get((method, seed), [])).get(step)
+
+
+def last_below(run: Measured, top: str, base: str, seed: int) -> str:
+    """The last step, of those both curves have, at which ``top``'s EMA is below ``base``'s
+    ("never" if at none); "-" without both curves. From the step after it on, ``top`` trails."""
+    a, b = run.curves.get((top, seed)), run.curves.get((base, seed))
+    if not a or not b:
+        return "-"
+    other = dict(b)
+    below = [step for step, ema in a if step in other and ema < other[step]]
+    return str(below[-1]) if below else "never"
+
+
 def paired(a: Measured, b: Measured) -> str:
-    """The seeds both runs have, seed by seed: each method's steps to the target in A and in B,
-    and each BregTop row's steps minus its baseline's in A and in B. Paired on the seed (the
-    same initialisation and data order), a change is read against that seed's own baseline
-    rather than against the spread over seeds."""
-    lines = [f"Per seed, where both have it: steps to EMA < {a.target:g}", "",
-             f"| method | seed | A: {a.label} | B: {b.label} | B - A |", "|---|---|---|---|---|"]
+    """The seeds both runs have, seed by seed: each method's steps to the target, its EMA at
+    :data:`EMA_CHECKPOINTS` and its dev accuracy in A and in B; and each BregTop row's steps minus
+    its baseline's, and the last step its EMA is below the baseline's, in A and in B. Paired on
+    the seed (the same initialisation and data order), a change is read against that seed's own
+    baseline rather than against the spread over seeds."""
+    ema_head = " | ".join(f"EMA at {s}: A | B" for s in EMA_CHECKPOINTS)
+    lines = [f"Per seed, where both have it: steps to EMA < {a.target:g}, EMA at steps "
+             f"{', '.join(map(str, EMA_CHECKPOINTS))} and dev accuracy (A: {a.label}, B: {b.label})", "",
+             f"| method | seed | A: {a.label} | B: {b.label} | B - A | {ema_head} | dev accuracy: A | B |",
+             "|---|---|---|---|---|" + "---|---|" * len(EMA_CHECKPOINTS) + "---|---|"]
     for m in PAPER_TABLE4:
         sa, sb = _by_seed(a, m), _by_seed(b, m)
+        da, db = _by_seed(a, m, "dev_accuracy"), _by_seed(b, m, "dev_accuracy")
         for seed in sorted(set(sa) & set(sb)):
-            lines.append(f"| {m} | {seed} | {_num(sa[seed])} | {_num(sb[seed])} | {_gap(sb[seed], sa[seed])} |")
-    lines += ["", f"| BregTop row minus its baseline | seed | A: {a.label} | B: {b.label} |", "|---|---|---|---|"]
+            emas = " | ".join(f"{_num(ema_at(a, m, seed, s), 4)} | {_num(ema_at(b, m, seed, s), 4)}"
+                              for s in EMA_CHECKPOINTS)
+            lines.append(f"| {m} | {seed} | {_num(sa[seed])} | {_num(sb[seed])} | {_gap(sb[seed], sa[seed])} | "
+                         f"{emas} | {_num(da[seed], 3)} | {_num(db[seed], 3)} |")
+    lines += ["", "| BregTop row minus its baseline | seed | steps: A | B | "
+              "last step its EMA is below the baseline's: A | B |", "|---|---|---|---|---|---|"]
     for top, base in PAIRS:
         ta, tb, ba, bb = _by_seed(a, top), _by_seed(b, top), _by_seed(a, base), _by_seed(b, base)
         for seed in sorted(set(ta) & set(tb) & set(ba) & set(bb)):
-            lines.append(f"| {top} - {base} | {seed} | {_gap(ta[seed], ba[seed])} | {_gap(tb[seed], bb[seed])} |")
+            lines.append(f"| {top} - {base} | {seed} | {_gap(ta[seed], ba[seed])} | {_gap(tb[seed], bb[seed])} | "
+                         f"{last_below(a, top, base, seed)} | {last_below(b, top, base, seed)} |")
     return "\n".join(lines) + "\n"
 
 

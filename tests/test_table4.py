@@ -206,6 +206,35 @@ def test_compare_pairs_the_seeds_both_runs_have(tmp_path):
         gap_b = first(split["bregtop-vn-v2"][seed]) - first(split["vn-v2"][seed])
         assert f"| bregtop-vn-v2 - vn-v2 | {seed} | {gap_a:+d} | {gap_b:+d} |" in table
     assert "bregtop-vn-v1 - vn-v1" not in table
+    # EMA at step 500 (every curve is there: 0.6 - rate * 500), none at 1000 (all stopped), dev accuracy
+    rate_a, rate_b = fused["vn-v2"][1], split["vn-v2"][1]
+    assert f"| {0.6 - rate_a * 500:.4f} | {0.6 - rate_b * 500:.4f} | - | - | 0.800 | 0.800 |" in table
+
+
+def _crossing_metrics(path: Path, cross: dict[int, int]) -> None:
+    """Rewrite ``path``'s metrics: vn-v2 falls as 0.6 - 1e-3 * step; bregtop-vn-v2 is 0.01 below
+    it up to step ``cross[seed]`` and 0.01 above after (never below when ``cross`` is 0)."""
+    lines = []
+    for seed, at in cross.items():
+        for s in range(1, 601):
+            base = 0.6 - 1e-3 * s
+            lines.append(json.dumps({"method": "vn-v2", "seed": seed, "step": s, "ema": base}))
+            lines.append(json.dumps({"method": "bregtop-vn-v2", "seed": seed, "step": s,
+                                     "ema": base - 0.01 if s <= at else base + 0.01}))
+    (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_compare_names_the_last_step_a_bregtop_row_is_ahead(tmp_path):
+    speed = {"vn-v2": [1e-3, 1e-3], "bregtop-vn-v2": [1e-3, 1e-3]}
+    _fake_run(tmp_path / "fused", speed, cap=700)
+    _fake_run(tmp_path / "split", speed, cap=700)
+    _crossing_metrics(tmp_path / "fused", {0: 250, 1: 0})
+    _crossing_metrics(tmp_path / "split", {0: 480, 1: 600})
+    _, text = _report(tmp_path, str(tmp_path / "fused"), "--compare", str(tmp_path / "split"))
+    table = text[text.index("| BregTop row minus its baseline"):text.index("Claims in the paper")]
+    # 0.01 above vn-v2 at the target (step 551) costs bregtop-vn-v2 10 steps; 0.01 below gains 10
+    assert "| bregtop-vn-v2 - vn-v2 | 0 | +10 | +10 | 250 | 480 |" in table
+    assert "| bregtop-vn-v2 - vn-v2 | 1 | +10 | -10 | never | 600 |" in table
 
 
 def test_a_report_json_is_read_back(tmp_path):
