@@ -348,6 +348,10 @@ def _gap(x: int | None, y: int | None) -> str:
     return "-" if x is None or y is None else f"{x - y:+d}"
 
 
+def _reached(steps: int | None) -> str:
+    return "not reached" if steps is None else str(steps)
+
+
 def ema_at(run: Measured, method: str, seed: int, step: int) -> float | None:
     """The row's EMA at ``step``; None when its curve is not at hand or stops before."""
     return dict(run.curves.get((method, seed), [])).get(step)
@@ -381,7 +385,7 @@ def paired(a: Measured, b: Measured) -> str:
         for seed in sorted(set(sa) & set(sb)):
             emas = " | ".join(f"{_num(ema_at(a, m, seed, s), 4)} | {_num(ema_at(b, m, seed, s), 4)}"
                               for s in EMA_CHECKPOINTS)
-            lines.append(f"| {m} | {seed} | {_num(sa[seed])} | {_num(sb[seed])} | {_gap(sb[seed], sa[seed])} | "
+            lines.append(f"| {m} | {seed} | {_reached(sa[seed])} | {_reached(sb[seed])} | {_gap(sb[seed], sa[seed])} | "
                          f"{emas} | {_num(da[seed], 3)} | {_num(db[seed], 3)} |")
     lines += ["", "| BregTop row minus its baseline | seed | steps: A | B | "
               "last step its EMA is below the baseline's: A | B |", "|---|---|---|---|---|---|"]
