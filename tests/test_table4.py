@@ -278,3 +278,26 @@ def test_the_shipped_one_seed_report_is_read_with_the_same_verdicts(tmp_path, ca
                  "--out", str(tmp_path / "docs")]) == 2
     err = capsys.readouterr().err.strip()
     assert "cannot be re-judged on --steps 1000" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("init, prefix", [("first-gradient", "fg"), ("kl-methods", "klm")])
+def test_table4_split_page_is_what_the_shipped_runs_give(tmp_path, init, prefix):
+    """docs/results/table4-split.md's per-seed tables are launch.table4's output on the shipped
+    runs, as the page's commands regenerate them: a figure edited by hand, or a run shipped
+    without updating the page, fails here."""
+    from launch.merge_runs import main as merge_main
+
+    shipped = sorted((ROOT / "docs/results/table4-split").glob(f"{prefix}-s*"))
+    assert shipped, f"no shipped {prefix}-* split runs"
+    assert merge_main([str(tmp_path / "split"), *map(str, shipped)]) == 0
+    _, text = _report(tmp_path, str(ROOT / "docs/results/issue12" / init), "--compare", str(tmp_path / "split"),
+                      "--steps", "2000", "--label", "fused", "--compare-label", "split")
+    page = (ROOT / "docs/results/table4-split.md").read_text()
+    section = page[page.index(f"## {init}"):]
+    section = section[:section.index("\n## ")]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| method")
+            and not line.startswith("| BregTop row")]
+    start = text.index("Per seed, where both have it")
+    expected = [line for line in text[start:text.index("Claims in the paper")].splitlines()
+                if line.startswith("| ") and not line.startswith(("| method", "| BregTop row"))]
+    assert expected == rows
