@@ -59,7 +59,7 @@ class Measured:
     common: float
     settings: dict[str, str]
     per_seed: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    curves: dict[tuple[str, int], list[tuple[int, float]]] = field(default_factory=dict)  # (method, seed)
+    curves: dict[tuple[str, int], dict[int, float]] = field(default_factory=dict)  # (method, seed): {step: EMA}
 
     def values(self, name: str) -> dict[str, list[Any]]:
         return {m: [r[name] for r in rows] for m, rows in self.per_seed.items()}
@@ -98,7 +98,7 @@ def load_run(run: Path, budget: int | None) -> Measured:
     measured = Measured(_label(settings), target, budget, common, settings)
     for key, row in rows:
         curve = curves.get(key, [])
-        measured.curves[(row_method(key, row), row_seed(row))] = curve
+        measured.curves[(row_method(key, row), row_seed(row))] = dict(curve)
         measured.per_seed.setdefault(row_method(key, row), []).append({
             "seed": row_seed(row),
             "steps_to_target": steps_below(curve, target),
@@ -354,7 +354,7 @@ def _reached(steps: int | None) -> str:
 
 def ema_at(run: Measured, method: str, seed: int, step: int) -> float | None:
     """The row's EMA at ``step``; None when its curve is not at hand or stops before."""
-    return dict(run.curves.get((method, seed), [])).get(step)
+    return run.curves.get((method, seed), {}).get(step)
 
 
 def last_below(run: Measured, top: str, base: str, seed: int) -> str:
@@ -363,8 +363,7 @@ def last_below(run: Measured, top: str, base: str, seed: int) -> str:
     a, b = run.curves.get((top, seed)), run.curves.get((base, seed))
     if not a or not b:
         return "-"
-    other = dict(b)
-    below = [step for step, ema in a if step in other and ema < other[step]]
+    below = [step for step, ema in a.items() if step in b and ema < b[step]]
     return str(below[-1]) if below else "never"
 
 
